@@ -1,0 +1,13 @@
+//! herald-core: the domain types, wire formats, configuration, the [`bus::Bus`] trait with its
+//! embedded implementation, the sqlx store and the metrics registry shared by every role.
+
+pub mod bus;
+pub mod config;
+pub mod domain;
+pub mod store;
+pub mod telemetry;
+pub mod template;
+pub mod wire;
+
+pub use domain::{Channel, MessageId, MsgType};
+pub use wire::{DeliveryEvent, MessageRecord, State};

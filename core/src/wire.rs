@@ -1,0 +1,210 @@
+//! Wire formats: the record on `herald.requests` and the delivery event on `herald.delivery`.
+//! Both are JSON, versioned by the `v` field, and public contracts (see the README).
+
+use crate::domain::{Channel, MessageId, MsgType};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Topic of send requests, keyed by receiver.
+pub const REQUESTS_TOPIC: &str = "herald.requests";
+/// Topic of delivery events, keyed by receiver so one message's events stay in order.
+pub const DELIVERY_TOPIC: &str = "herald.delivery";
+/// Topic of request records that could not be processed, with the reason in a header.
+pub const REQUESTS_DLQ_TOPIC: &str = "herald.requests.dlq";
+
+/// One message to one receiver, validated and rendered by ingest: everything dispatch needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MessageRecord {
+    /// Format version of this record.
+    pub v: u32,
+    pub message_id: MessageId,
+    /// One request (an HTTP call or a producer's record) may hold many messages.
+    pub request_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub biz_id: Option<String>,
+    pub app: String,
+    pub template_id: i64,
+    pub channel: Channel,
+    pub msg_type: MsgType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_id: Option<i64>,
+    pub receiver: String,
+    /// The template's content fields with every `{$name}` placeholder replaced.
+    pub content: serde_json::Value,
+    pub accepted_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_at: Option<DateTime<Utc>>,
+}
+
+/// A message's state; each change is one [`DeliveryEvent`]. Extends Austin's anchor states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Accepted,
+    Received,
+    Discarded,
+    Blocked,
+    Deferred,
+    Scheduled,
+    DedupContent,
+    DedupFrequency,
+    Filtered,
+    RateLimited,
+    Sending,
+    Sent,
+    SendFailed,
+    Retrying,
+    Delivered,
+    DeliveryFailed,
+    Recalled,
+    Expired,
+}
+
+impl State {
+    /// Every state, in pipeline order.
+    pub const ALL: [State; 18] = [
+        State::Accepted,
+        State::Received,
+        State::Discarded,
+        State::Blocked,
+        State::Deferred,
+        State::Scheduled,
+        State::DedupContent,
+        State::DedupFrequency,
+        State::Filtered,
+        State::RateLimited,
+        State::Sending,
+        State::Sent,
+        State::SendFailed,
+        State::Retrying,
+        State::Delivered,
+        State::DeliveryFailed,
+        State::Recalled,
+        State::Expired,
+    ];
+
+    /// The wire name, as in JSON and in the warehouse.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Accepted => "accepted",
+            State::Received => "received",
+            State::Discarded => "discarded",
+            State::Blocked => "blocked",
+            State::Deferred => "deferred",
+            State::Scheduled => "scheduled",
+            State::DedupContent => "dedup_content",
+            State::DedupFrequency => "dedup_frequency",
+            State::Filtered => "filtered",
+            State::RateLimited => "rate_limited",
+            State::Sending => "sending",
+            State::Sent => "sent",
+            State::SendFailed => "send_failed",
+            State::Retrying => "retrying",
+            State::Delivered => "delivered",
+            State::DeliveryFailed => "delivery_failed",
+            State::Recalled => "recalled",
+            State::Expired => "expired",
+        }
+    }
+}
+
+/// One state change of one message. Field names are the public warehouse contract.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeliveryEvent {
+    /// Deterministic: the same state change emitted twice (after a crash) has the same id, which
+    /// is how the warehouse sink drops the copy. See [`event_id`].
+    pub event_id: String,
+    pub ts: DateTime<Utc>,
+    pub message_id: MessageId,
+    pub request_id: String,
+    pub biz_id: Option<String>,
+    pub app: String,
+    pub template_id: i64,
+    pub channel: Channel,
+    pub msg_type: MsgType,
+    pub receiver: String,
+    pub state: State,
+    pub vendor: Option<String>,
+    pub account_id: Option<i64>,
+    pub vendor_message_id: Option<String>,
+    pub attempt: u32,
+    pub error_code: Option<String>,
+    pub error_detail: Option<String>,
+    pub latency_ms: Option<u64>,
+    pub billing_units: Option<u32>,
+    pub cost_micros: Option<i64>,
+    pub currency: Option<String>,
+    /// Set when dispatch emits an event again for a message the bus redelivered after a crash;
+    /// the sink then checks the event id against what it already wrote.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub redelivered: bool,
+}
+
+impl DeliveryEvent {
+    /// A bare event for `record` in `state`: vendor fields empty, ts now.
+    pub fn for_record(record: &MessageRecord, state: State, attempt: u32) -> Self {
+        DeliveryEvent {
+            event_id: event_id(&record.message_id, state, attempt),
+            ts: Utc::now(),
+            message_id: record.message_id,
+            request_id: record.request_id.clone(),
+            biz_id: record.biz_id.clone(),
+            app: record.app.clone(),
+            template_id: record.template_id,
+            channel: record.channel,
+            msg_type: record.msg_type,
+            receiver: record.receiver.clone(),
+            state,
+            vendor: None,
+            account_id: record.account_id,
+            vendor_message_id: None,
+            attempt,
+            error_code: None,
+            error_detail: None,
+            latency_ms: None,
+            billing_units: None,
+            cost_micros: None,
+            currency: None,
+            redelivered: false,
+        }
+    }
+}
+
+/// The event id of `message_id` reaching `state` on `attempt`: the first 16 bytes of a SHA-256,
+/// formatted as a UUID. Deterministic so that re-emission after a crash can be recognised.
+pub fn event_id(message_id: &MessageId, state: State, attempt: u32) -> String {
+    let mut h = Sha256::new();
+    h.update(message_id.0.as_bytes());
+    h.update(state.as_str().as_bytes());
+    h.update(attempt.to_be_bytes());
+    let d = h.finalize();
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&d[..16]);
+    // Mark it as a version-8 (custom) UUID with the RFC 4122 variant.
+    b[6] = (b[6] & 0x0f) | 0x80;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    uuid::Uuid::from_bytes(b).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_serialise_to_their_wire_names() {
+        for s in State::ALL {
+            let j = serde_json::to_string(&s).unwrap();
+            assert_eq!(j, format!("\"{}\"", s.as_str()));
+        }
+    }
+
+    #[test]
+    fn event_ids_are_deterministic_and_distinct() {
+        let m = MessageId::new();
+        assert_eq!(event_id(&m, State::Sent, 1), event_id(&m, State::Sent, 1));
+        assert_ne!(event_id(&m, State::Sent, 1), event_id(&m, State::Sent, 2));
+        assert_ne!(event_id(&m, State::Sent, 1), event_id(&m, State::Sending, 1));
+        assert_ne!(event_id(&m, State::Sent, 1), event_id(&MessageId::new(), State::Sent, 1));
+    }
+}

@@ -1,0 +1,3 @@
+//! herald-dispatch: the consumer loop, the send pipeline and the channels.
+
+pub mod channels;
