@@ -1,1 +1,127 @@
-fn main() {}
+//! The `herald` command: loads config, starts telemetry, and runs what the subcommand asks.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use herald::{Application, Roles};
+use herald_core::config::Config;
+use herald_core::store::Store;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "herald", version, about = "Unified message-push platform")]
+struct Cli {
+    /// TOML config file (then `HERALD_*` variables override it).
+    #[arg(long, short, global = true, env = "HERALD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (store, embedded bus, default warehouse).
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs every role in one process: HTTP API, dispatch, warehouse sink.
+    Serve {
+        /// Address to listen on (overrides `http.listen`).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Roles to run: `all`, or a comma-separated list of ingest, dispatch, analytics.
+        #[arg(long, default_value = "all")]
+        roles: String,
+    },
+    /// Manages apps (tenants) and their API keys.
+    Apps {
+        #[command(subcommand)]
+        command: AppsCommand,
+    },
+    /// Runs read-only SQL over the warehouse and prints the result.
+    Sql {
+        /// The query, e.g. "SELECT state, count(*) FROM delivery_events GROUP BY state".
+        query: String,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// Warehouse directory (overrides the configured one).
+        #[arg(long)]
+        warehouse: Option<PathBuf>,
+    },
+    /// Runs the benchmark harness and prints figures beside their baselines.
+    Bench(herald::bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum AppsCommand {
+    /// Creates an app and prints its API key (shown once; only its hash is stored).
+    Create { name: String },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Csv,
+    Json,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut config = Config::load(cli.config.as_deref(), std::env::vars())?;
+    if let Some(dir) = cli.data_dir {
+        config.data_dir = dir;
+    }
+    herald_core::telemetry::init_tracing(&config.log);
+    match cli.command {
+        Command::Serve { listen, roles } => {
+            let roles = Roles::parse(&roles)?;
+            if let Some(listen) = listen {
+                config.http.listen = listen;
+            }
+            let app = Application::build(config, roles).await?;
+            tracing::info!(address = %app.address(), "herald is serving");
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                tracing::info!("shutting down");
+                let _ = tx.send(true);
+            });
+            app.run(rx).await
+        }
+        Command::Apps { command: AppsCommand::Create { name } } => {
+            std::fs::create_dir_all(&config.data_dir)?;
+            let store = Store::open(&config.store_url()).await?;
+            let (app, key) = store.create_app(&name).await.context("cannot create the app")?;
+            println!("app:     {} (id {})", app.name, app.id);
+            println!("api key: {key}");
+            println!("Keep the key now: herald stores only its hash and cannot show it again.");
+            Ok(())
+        }
+        Command::Sql { query, format, warehouse } => {
+            let root = warehouse.unwrap_or_else(|| config.warehouse_dir());
+            let batches = herald_analytics::sql::query(&root, &query).await?;
+            let format = match format {
+                Format::Table => herald_analytics::sql::OutputFormat::Table,
+                Format::Csv => herald_analytics::sql::OutputFormat::Csv,
+                Format::Json => herald_analytics::sql::OutputFormat::Json,
+            };
+            print!("{}", herald_analytics::sql::format(&batches, format)?);
+            Ok(())
+        }
+        Command::Bench(args) => herald::bench::run(args).await,
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

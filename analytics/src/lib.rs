@@ -1,1 +1,20 @@
-//! herald-analytics
+//! herald-analytics: the delivery-log sink that streams `herald.delivery` into the Parquet
+//! warehouse exactly once ([`Sink`]), the warehouse layout ([`Warehouse`]), the
+//! `delivery_events` schema ([`schema()`]) and read-only SQL over the warehouse ([`sql`]).
+
+mod error;
+mod index;
+mod manifest;
+mod schema;
+mod sink;
+pub mod sql;
+mod warehouse;
+
+#[cfg(test)]
+mod testing;
+
+pub use error::AnalyticsError;
+pub use index::{EventIndex, NoIndex};
+pub use schema::{TABLE, events_to_batch, schema};
+pub use sink::{CONSUMER_GROUP, Sink, SinkConfig, SinkStats};
+pub use warehouse::Warehouse;

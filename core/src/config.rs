@@ -1,1 +1,295 @@
-//! config (being written)
+//! Configuration: one serde struct, loaded from defaults, then a TOML file, then `HERALD_*`
+//! environment variables (`HERALD_HTTP__LISTEN=0.0.0.0:8080` sets `http.listen`; a double
+//! underscore separates levels). Unknown keys are errors, so a typo never goes unnoticed.
+
+use crate::bus::embedded::EmbeddedBusConfig;
+use serde::{Deserialize, Deserializer, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The whole configuration of a herald process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Directory for the SQLite store, the embedded bus and (by default) the warehouse.
+    pub data_dir: PathBuf,
+    /// Warehouse root directory; defaults to `<data_dir>/warehouse`.
+    pub warehouse: Option<PathBuf>,
+    /// Store URL; defaults to `sqlite://<data_dir>/herald.db`.
+    pub store_url: Option<String>,
+    /// Log filter in `tracing` env-filter syntax.
+    pub log: String,
+    pub http: HttpConfig,
+    pub bus: EmbeddedBusConfig,
+    pub dispatch: DispatchConfig,
+    pub analytics: AnalyticsConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./data"),
+            warehouse: None,
+            store_url: None,
+            log: "info".into(),
+            http: HttpConfig::default(),
+            bus: EmbeddedBusConfig::default(),
+            dispatch: DispatchConfig::default(),
+            analytics: AnalyticsConfig::default(),
+        }
+    }
+}
+
+/// The HTTP API and its input limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address to listen on.
+    pub listen: String,
+    /// Largest request body accepted, in bytes (`body_too_large` above it).
+    pub max_body_bytes: usize,
+    /// Most receivers in one `/v1/send` request or one batch message (`too_many_receivers`).
+    pub max_receivers: usize,
+    /// Most messages in one `/v1/send/batch` request (`too_many_messages`).
+    pub max_batch_messages: usize,
+    /// Most receivers in a whole batch request (`too_many_receivers`).
+    pub max_batch_receivers: usize,
+    /// How long API keys and templates are cached before the store is asked again.
+    #[serde(deserialize_with = "duration")]
+    pub cache_ttl: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 4 * 1024 * 1024,
+            max_receivers: 1000,
+            max_batch_messages: 1000,
+            max_batch_receivers: 10_000,
+            cache_ttl: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The dispatch workers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DispatchConfig {
+    /// Most records taken from the bus and processed as one batch.
+    pub batch_size: usize,
+    /// Most vendor calls in flight at once per worker.
+    pub concurrency: usize,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        DispatchConfig {
+            batch_size: 1024,
+            concurrency: 64,
+        }
+    }
+}
+
+/// The warehouse sink.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AnalyticsConfig {
+    /// A Parquet file is written when this many events are buffered...
+    pub flush_rows: usize,
+    /// ...or when the oldest buffered event is this old.
+    #[serde(deserialize_with = "duration")]
+    pub flush_interval: Duration,
+}
+
+impl Default for AnalyticsConfig {
+    fn default() -> Self {
+        AnalyticsConfig {
+            flush_rows: 100_000,
+            flush_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Why configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Defaults, then `file` (when given), then `HERALD_*` variables from `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut merged = toml::Table::new();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            merged = text
+                .parse::<toml::Table>()
+                .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
+        }
+        for (key, value) in env {
+            let Some(rest) = key.strip_prefix("HERALD_") else {
+                continue;
+            };
+            let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+            set_path(&mut merged, &path, scalar(&value))
+                .map_err(|e| ConfigError::Invalid(format!("{key}: {e}")))?;
+        }
+        Config::deserialize(toml::Value::Table(merged))
+            .map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+
+    /// The warehouse root directory.
+    pub fn warehouse_dir(&self) -> PathBuf {
+        self.warehouse
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("warehouse"))
+    }
+
+    /// The store URL.
+    pub fn store_url(&self) -> String {
+        self.store_url.clone().unwrap_or_else(|| {
+            format!("sqlite://{}", self.data_dir.join("herald.db").display())
+        })
+    }
+
+    /// The embedded bus directory.
+    pub fn bus_dir(&self) -> PathBuf {
+        self.data_dir.join("bus")
+    }
+}
+
+/// An environment value as TOML: integers, floats and booleans keep their type; the rest are strings.
+fn scalar(v: &str) -> toml::Value {
+    if let Ok(i) = v.parse::<i64>() {
+        toml::Value::Integer(i)
+    } else if let Ok(b) = v.parse::<bool>() {
+        toml::Value::Boolean(b)
+    } else if let Ok(f) = v.parse::<f64>() {
+        toml::Value::Float(f)
+    } else {
+        toml::Value::String(v.to_string())
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    match path {
+        [] => Err("empty key".into()),
+        [last] => {
+            table.insert(last.clone(), value);
+            Ok(())
+        }
+        [first, rest @ ..] => {
+            let entry = table
+                .entry(first.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            match entry {
+                toml::Value::Table(t) => set_path(t, rest, value),
+                _ => Err(format!("`{first}` is not a section")),
+            }
+        }
+    }
+}
+
+/// Parses a human duration: `250ms`, `5s`, `10m`, `2h`, `1d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("`{s}` has no unit (use ms, s, m, h or d)"))?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration"))?;
+    let ms = match unit {
+        "ms" => n,
+        "s" => n * 1000,
+        "m" => n * 60_000,
+        "h" => n * 3_600_000,
+        "d" => n * 86_400_000,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use ms, s, m, h or d)")),
+    };
+    Ok(Duration::from_millis(ms))
+}
+
+/// Serde helper for human duration strings.
+pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+/// A secret string: never printed by `Debug` or `Display`.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_defaults_file_and_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("herald.toml");
+        std::fs::write(&file, "data_dir = \"/srv/h\"\n[http]\nmax_receivers = 5\ncache_ttl = \"2s\"\n").unwrap();
+        let env = vec![
+            ("HERALD_HTTP__LISTEN".to_string(), "0.0.0.0:9000".to_string()),
+            ("HERALD_HTTP__MAX_RECEIVERS".to_string(), "7".to_string()),
+            ("PATH".to_string(), "/bin".to_string()),
+        ];
+        let c = Config::load(Some(&file), env).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/srv/h"));
+        assert_eq!(c.http.listen, "0.0.0.0:9000");
+        assert_eq!(c.http.max_receivers, 7);
+        assert_eq!(c.http.cache_ttl, Duration::from_secs(2));
+        assert_eq!(c.dispatch.batch_size, DispatchConfig::default().batch_size);
+        assert_eq!(c.store_url(), "sqlite:///srv/h/herald.db");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let env = vec![("HERALD_HTTP__LISTN".to_string(), "x".to_string())];
+        let err = Config::load(None, env).unwrap_err().to_string();
+        assert!(err.contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5y").is_err());
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        assert_eq!(format!("{:?}", Secret::new("hunter2")), "***");
+    }
+}

@@ -1,1 +1,132 @@
-//! telemetry (being written)
+//! Telemetry: the `tracing` subscriber and every Prometheus metric, declared in one place with
+//! bounded labels (channel, state, vendor, topic — never a receiver or a message id).
+
+use crate::domain::Channel;
+use crate::wire::State;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+/// Labels of per-channel, per-state counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChannelState {
+    pub channel: &'static str,
+    pub state: &'static str,
+}
+
+/// Labels of bus gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicGroup {
+    pub topic: &'static str,
+    pub group: &'static str,
+}
+
+/// Every metric herald exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Send requests answered `202`.
+    pub requests_accepted: Counter,
+    /// Send requests refused, by error code.
+    pub requests_rejected: Family<ErrorCode, Counter>,
+    /// Messages accepted (one per receiver).
+    pub messages_accepted: Counter,
+    /// Delivery events emitted, by channel and state.
+    pub messages: Family<ChannelState, Counter>,
+    /// Records a consumer group has not committed yet.
+    pub queue_lag: Family<TopicGroup, Gauge>,
+    /// Redelivered messages the send ledger kept from being sent again.
+    pub redelivery_absorbed: Counter,
+    /// Messages sent again because a crash hit during the vendor call (possible duplicates).
+    pub possible_duplicates: Counter,
+    /// Delivery events written to the warehouse.
+    pub warehouse_events: Counter,
+    /// Re-emitted delivery events the warehouse sink dropped as copies.
+    pub warehouse_duplicates_dropped: Counter,
+}
+
+/// Label of an error code.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorCode {
+    pub code: &'static str,
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("herald");
+        let m = Metrics {
+            requests_accepted: Counter::default(),
+            requests_rejected: Family::default(),
+            messages_accepted: Counter::default(),
+            messages: Family::default(),
+            queue_lag: Family::default(),
+            redelivery_absorbed: Counter::default(),
+            possible_duplicates: Counter::default(),
+            warehouse_events: Counter::default(),
+            warehouse_duplicates_dropped: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register("requests_accepted", "Send requests answered 202", m.requests_accepted.clone());
+        registry.register("requests_rejected", "Send requests refused, by error code", m.requests_rejected.clone());
+        registry.register("messages_accepted", "Messages accepted (one per receiver)", m.messages_accepted.clone());
+        registry.register("messages", "Delivery events by channel and state", m.messages.clone());
+        registry.register("queue_lag", "Records not yet committed by a consumer group", m.queue_lag.clone());
+        registry.register(
+            "redelivery_absorbed",
+            "Redelivered messages the send ledger kept from being sent twice",
+            m.redelivery_absorbed.clone(),
+        );
+        registry.register(
+            "possible_duplicates",
+            "Messages sent again after a crash during the vendor call",
+            m.possible_duplicates.clone(),
+        );
+        registry.register("warehouse_events", "Delivery events written to Parquet", m.warehouse_events.clone());
+        registry.register(
+            "warehouse_duplicates_dropped",
+            "Re-emitted delivery events dropped by the warehouse sink",
+            m.warehouse_duplicates_dropped.clone(),
+        );
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    /// Counts one delivery event.
+    pub fn event(&self, channel: Channel, state: State) {
+        self.messages
+            .get_or_create(&ChannelState { channel: channel.as_str(), state: state.as_str() })
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Starts the `tracing` subscriber with `filter` (env-filter syntax; `RUST_LOG` wins when set).
+pub fn init_tracing(filter: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_labelled_counters() {
+        let m = Metrics::new();
+        m.event(Channel::Inbox, State::Sent);
+        m.requests_accepted.inc();
+        let text = m.render();
+        assert!(text.contains("herald_messages_total{channel=\"inbox\",state=\"sent\"} 1"), "{text}");
+        assert!(text.contains("herald_requests_accepted_total 1"), "{text}");
+    }
+}

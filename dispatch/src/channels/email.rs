@@ -1,0 +1,951 @@
+//! Email over SMTP, with lettre's async (Tokio, rustls) transport.
+//!
+//! An email channel account is an [`EmailAccount`] (JSON); an email template's rendered content
+//! is `{"subject", "html"?, "text"?}` with at least one of `html` and `text`:
+//! - both: a `multipart/alternative` message with the text and the HTML part;
+//! - only `html`: the same, with a text part derived by [`html_to_text`], because mail clients
+//!   and spam filters treat HTML-only mail worse;
+//! - only `text`: a single `text/plain` part.
+//!
+//! [`EmailSender`] keeps one pooled transport per account, so messages reuse open SMTP
+//! connections instead of paying a TCP (and TLS) handshake each. The `Message-ID` header is
+//! `<{message_id}@herald>`, deterministic so that a resend after a crash carries the same id and
+//! the vendor id on delivery events can be matched against bounces.
+//!
+//! How the security modes are tested: the tests run against a real SMTP server
+//! (`tests/support/smtp_sink.py`, aiosmtpd) without TLS, i.e. `security: "plain"`. The TLS modes
+//! are built with lettre's own `relay` (`tls`, implicit TLS) and `starttls_relay` (`starttls`,
+//! STARTTLS required, never a fallback to plaintext); the tests point both at the plaintext sink
+//! and check that each refuses to deliver in the clear, which shows the mode that was chosen.
+
+use super::{SendError, SendOutcome, Sender};
+use async_trait::async_trait;
+use herald_core::MessageRecord;
+use lettre::message::{Mailbox, MultiPart, SinglePart};
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::TlsParameters;
+use lettre::transport::smtp::{AsyncSmtpTransport, PoolConfig};
+use lettre::{Address, AsyncTransport, Message, Tokio1Executor};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+/// The vendor name on delivery events.
+const VENDOR: &str = "smtp";
+
+/// Most connections kept open to one account's server.
+const POOL_MAX_CONNECTIONS: u32 = 8;
+
+/// A credential read from an account's config: usable, but never printed.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a credential.
+    pub fn new(secret: impl Into<String>) -> Self {
+        Secret(secret.into())
+    }
+
+    /// The credential itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// How the connection to the SMTP server is secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Security {
+    /// Implicit TLS from the first byte (SMTPS, port 465). The default.
+    #[default]
+    Tls,
+    /// Plaintext, then a required `STARTTLS` upgrade (port 587); refuses servers without it.
+    Starttls,
+    /// No TLS at all (port 25): for local relays and tests only. Credentials are refused.
+    Plain,
+}
+
+impl Security {
+    /// The port used when the account does not give one.
+    pub fn default_port(self) -> u16 {
+        match self {
+            Security::Tls => 465,
+            Security::Starttls => 587,
+            Security::Plain => 25,
+        }
+    }
+}
+
+/// An email channel account: the JSON stored as the account's config.
+///
+/// ```json
+/// {"host": "smtp.example.com", "security": "starttls", "username": "apikey",
+///  "password": "…", "from": "Herald <noreply@example.com>"}
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailAccount {
+    /// The SMTP server's host name; with TLS, the name its certificate must carry.
+    pub host: String,
+    /// The server's port; by default 465 for `tls`, 587 for `starttls`, 25 for `plain`.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// `"tls"` (the default), `"starttls"` or `"plain"`.
+    #[serde(default)]
+    pub security: Security,
+    /// The SMTP AUTH user; given together with `password`, or not at all.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// The SMTP AUTH password.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// The sender's mailbox, `"Name <addr@example.com>"` or `"addr@example.com"`.
+    pub from: String,
+    /// Limit on one whole send (connect, handshake and SMTP dialogue), in milliseconds.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_timeout_ms() -> u64 {
+    10_000
+}
+
+impl EmailAccount {
+    /// Parses and checks an account's stored config; the error says what is wrong (and never
+    /// quotes a secret). Senders report it as a `Permanent` `bad_account`.
+    pub fn parse(config: &serde_json::Value) -> Result<Self, String> {
+        // serde quotes an ill-typed value in its error ("invalid type: integer `1234`"); check
+        // the password's type first so that no error can ever carry it.
+        if config.get("password").is_some_and(|p| !p.is_string()) {
+            return Err("`password` must be a string".into());
+        }
+        let account: EmailAccount =
+            serde_json::from_value(config.clone()).map_err(|e| e.to_string())?;
+        if account.host.trim().is_empty() {
+            return Err("`host` is empty".into());
+        }
+        if account.timeout_ms == 0 {
+            return Err("`timeout_ms` must be positive".into());
+        }
+        match (&account.username, &account.password) {
+            (Some(_), None) | (None, Some(_)) => {
+                return Err("`username` and `password` go together".into());
+            }
+            (Some(_), Some(_)) if account.security == Security::Plain => {
+                return Err(
+                    "credentials are not sent over `plain` (unencrypted) connections".into(),
+                );
+            }
+            _ => {}
+        }
+        if account.security != Security::Plain {
+            // The same check lettre makes when building the transport, made here so that a bad
+            // host is caught when the account is saved rather than on its first message.
+            TlsParameters::new(account.host.clone())
+                .map_err(|e| format!("`host` {:?} cannot be used with TLS: {e}", account.host))?;
+        }
+        account.from_mailbox()?;
+        Ok(account)
+    }
+
+    /// The port to connect to.
+    pub fn port(&self) -> u16 {
+        self.port.unwrap_or(self.security.default_port())
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    fn from_mailbox(&self) -> Result<Mailbox, String> {
+        self.from
+            .parse()
+            .map_err(|e| format!("`from` {:?} is not a mailbox: {e}", self.from))
+    }
+
+    /// A pooled transport for this account. It connects lazily, on the first send.
+    fn transport(&self) -> Result<AsyncSmtpTransport<Tokio1Executor>, SendError> {
+        type Transport = AsyncSmtpTransport<Tokio1Executor>;
+        let builder = match self.security {
+            Security::Tls => Transport::relay(&self.host),
+            Security::Starttls => Transport::starttls_relay(&self.host),
+            Security::Plain => Ok(Transport::builder_dangerous(&self.host)),
+        }
+        .map_err(|e| bad_account(format!("TLS setup for host {:?}: {e}", self.host)))?;
+        // lettre applies this to connecting only; `EmailSender::send` bounds the whole send.
+        let mut builder = builder
+            .port(self.port())
+            .timeout(Some(self.timeout()))
+            .pool_config(PoolConfig::new().max_size(POOL_MAX_CONNECTIONS));
+        if let (Some(user), Some(password)) = (&self.username, &self.password) {
+            builder =
+                builder.credentials(Credentials::new(user.clone(), password.expose().to_owned()));
+        }
+        Ok(builder.build())
+    }
+}
+
+/// The rendered content of an email template.
+#[derive(Deserialize)]
+struct EmailContent {
+    subject: String,
+    #[serde(default)]
+    html: Option<String>,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+/// Builds the message for `record` from `from`, with the given `Message-ID`.
+fn build_message(
+    record: &MessageRecord,
+    from: Mailbox,
+    message_id: String,
+) -> Result<Message, SendError> {
+    let content: EmailContent = serde_json::from_value(record.content.clone())
+        .map_err(|e| bad_content(format!("email content: {e}")))?;
+    if content.subject.trim().is_empty() {
+        return Err(bad_content("email content: `subject` is empty"));
+    }
+    let to: Address = record.receiver.parse().map_err(|e| SendError::Permanent {
+        code: "bad_receiver".into(),
+        detail: format!("{:?} is not an email address: {e}", record.receiver),
+    })?;
+    // An empty body field is a template that left it out, not a part to send.
+    let non_empty = |s: Option<String>| s.filter(|s| !s.trim().is_empty());
+    let builder = Message::builder()
+        .from(from)
+        .to(Mailbox::new(None, to))
+        .subject(content.subject)
+        .message_id(Some(message_id));
+    let built = match (non_empty(content.html), non_empty(content.text)) {
+        (Some(html), Some(text)) => {
+            builder.multipart(MultiPart::alternative_plain_html(text, html))
+        }
+        (Some(html), None) => {
+            let text = html_to_text(&html);
+            builder.multipart(MultiPart::alternative_plain_html(text, html))
+        }
+        (None, Some(text)) => builder.singlepart(SinglePart::plain(text)),
+        (None, None) => {
+            return Err(bad_content(
+                "email content needs a non-empty `html` or `text`",
+            ));
+        }
+    };
+    built.map_err(|e| bad_content(format!("email message: {e}")))
+}
+
+/// A plain-text rendering of an HTML body, used as the text part of HTML-only emails.
+///
+/// Deliberately simple, not an HTML parser: it drops `<script>`/`<style>` blocks, comments and
+/// every tag; turns `<br>`, `<hr>` and the edges of block elements (`p`, `div`, `li`, `tr`,
+/// headings, ...) into line breaks; decodes `&amp; &lt; &gt; &quot; &apos; &nbsp;` and numeric
+/// entities; and collapses white space, leaving one line per block and no blank lines.
+/// Templates that need a crafted text version should give `text` themselves.
+pub fn html_to_text(html: &str) -> String {
+    const BLOCKS: &[&str] = &[
+        "br",
+        "hr",
+        "p",
+        "div",
+        "li",
+        "tr",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "ul",
+        "ol",
+        "table",
+        "blockquote",
+        "pre",
+        "section",
+        "article",
+        "header",
+        "footer",
+    ];
+    // ASCII lowercasing keeps byte offsets, so indices found in `lower` are valid in `html`.
+    let lower = html.to_ascii_lowercase();
+    let mut out = String::with_capacity(html.len());
+    let mut i = 0;
+    while let Some(lt) = html[i..].find('<').map(|p| i + p) {
+        out.push_str(&decode_entities(&html[i..lt]));
+        if lower[lt..].starts_with("<!--") {
+            i = lower[lt..].find("-->").map_or(html.len(), |p| lt + p + 3);
+            continue;
+        }
+        let Some(gt) = html[lt..].find('>').map(|p| lt + p) else {
+            // A lone `<` is text.
+            out.push_str(&decode_entities(&html[lt..]));
+            i = html.len();
+            break;
+        };
+        let tag = lower[lt + 1..gt].trim_start_matches('/');
+        let name_end = tag
+            .find(|c: char| !c.is_ascii_alphanumeric())
+            .unwrap_or(tag.len());
+        let name = &tag[..name_end];
+        i = gt + 1;
+        if (name == "script" || name == "style") && !lower[lt + 1..].starts_with('/') {
+            let close = format!("</{name}");
+            i = lower[i..]
+                .find(&close)
+                .and_then(|p| lower[i + p..].find('>').map(|q| i + p + q + 1))
+                .unwrap_or(html.len());
+        } else if BLOCKS.contains(&name) {
+            out.push('\n');
+        }
+    }
+    out.push_str(&decode_entities(&html[i..]));
+
+    out.lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Decodes the few HTML entities that [`html_to_text`] handles; others stay as written.
+fn decode_entities(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(amp) = rest.find('&') {
+        out.push_str(&rest[..amp]);
+        rest = &rest[amp..];
+        let decoded = rest.find(';').filter(|&semi| semi <= 10).and_then(|semi| {
+            let entity = &rest[1..semi];
+            let c = match entity {
+                "amp" => Some('&'),
+                "lt" => Some('<'),
+                "gt" => Some('>'),
+                "quot" => Some('"'),
+                "apos" => Some('\''),
+                "nbsp" => Some(' '),
+                _ => entity.strip_prefix('#').and_then(|num| {
+                    match num.strip_prefix(['x', 'X']) {
+                        Some(hex) => u32::from_str_radix(hex, 16).ok(),
+                        None => num.parse().ok(),
+                    }
+                    .and_then(char::from_u32)
+                }),
+            };
+            c.map(|c| (c, semi))
+        });
+        match decoded {
+            Some((c, semi)) => {
+                out.push(c);
+                rest = &rest[semi + 1..];
+            }
+            None => {
+                out.push('&');
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// One account's transport, with the config it was built from.
+struct Pooled {
+    account: EmailAccount,
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+}
+
+/// The email channel client. Keeps one connection pool per account.
+///
+/// Build and use it inside a Tokio runtime, and drop it there: lettre's pools spawn their
+/// cleanup onto the current runtime.
+pub struct EmailSender {
+    /// By account id. An entry whose config no longer matches the account's is replaced (and
+    /// its pool closed), so an edited account takes effect on its next message.
+    pools: Mutex<HashMap<i64, Arc<Pooled>>>,
+}
+
+impl EmailSender {
+    /// A client with no connections yet; they are opened on first use.
+    pub fn new() -> Self {
+        EmailSender {
+            pools: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The pool for this account and config, built on first use.
+    fn pooled(&self, account_id: i64, account: EmailAccount) -> Result<Arc<Pooled>, SendError> {
+        // The map stays consistent even if a holder panicked: every change is one insert/remove.
+        let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(pooled) = pools.get(&account_id)
+            && pooled.account == account
+        {
+            return Ok(Arc::clone(pooled));
+        }
+        let pooled = Arc::new(Pooled {
+            transport: account.transport()?,
+            account,
+        });
+        pools.insert(account_id, Arc::clone(&pooled));
+        Ok(pooled)
+    }
+
+    /// Forgets `pooled` if it is still the account's current pool.
+    fn evict(&self, account_id: i64, pooled: &Arc<Pooled>) {
+        let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
+        if pools
+            .get(&account_id)
+            .is_some_and(|p| Arc::ptr_eq(p, pooled))
+        {
+            pools.remove(&account_id);
+        }
+    }
+}
+
+impl Default for EmailSender {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[async_trait]
+impl Sender for EmailSender {
+    async fn send(
+        &self,
+        record: &MessageRecord,
+        account_id: i64,
+        account: &serde_json::Value,
+    ) -> Result<SendOutcome, SendError> {
+        let account = EmailAccount::parse(account).map_err(bad_account)?;
+        let message_id = format!("<{}@herald>", record.message_id);
+        let message = build_message(
+            record,
+            account.from_mailbox().map_err(bad_account)?,
+            message_id.clone(),
+        )?;
+        let pooled = self.pooled(account_id, account)?;
+        match tokio::time::timeout(pooled.account.timeout(), pooled.transport.send(message)).await {
+            Ok(Ok(_)) => Ok(SendOutcome {
+                vendor: VENDOR.into(),
+                vendor_message_id: Some(message_id),
+                billing_units: None,
+            }),
+            Ok(Err(e)) => Err(smtp_error(&e)),
+            Err(_) => {
+                // The cancelled send leaves its connection mid-dialogue, and lettre's pool would
+                // take it back and reuse it out of step with the server. Dropping the whole pool
+                // closes it (and the idle ones, which is a small price after a timeout).
+                self.evict(account_id, &pooled);
+                Err(SendError::Retryable {
+                    code: "smtp_timeout".into(),
+                    detail: format!(
+                        "no answer from {}:{} within {} ms",
+                        pooled.account.host,
+                        pooled.account.port(),
+                        pooled.account.timeout_ms
+                    ),
+                    retry_after: None,
+                })
+            }
+        }
+    }
+}
+
+/// Maps a lettre SMTP error. Its text holds the server's reply or the I/O error, never the
+/// credentials.
+fn smtp_error(e: &lettre::transport::smtp::Error) -> SendError {
+    let detail = e.to_string();
+    let retryable = |code: &str| SendError::Retryable {
+        code: code.into(),
+        detail: detail.clone(),
+        retry_after: None,
+    };
+    if e.is_transient() {
+        retryable("smtp_4xx")
+    } else if e.is_permanent() {
+        SendError::Permanent {
+            code: "smtp_5xx".into(),
+            detail,
+        }
+    } else if e.is_timeout() {
+        retryable("smtp_timeout")
+    } else if e.is_client() {
+        // lettre refused before sending: no STARTTLS on a `starttls` account, or an address or
+        // body the server cannot take (no SMTPUTF8 / 8BITMIME). Sending again changes nothing.
+        SendError::Permanent {
+            code: "smtp_client".into(),
+            detail,
+        }
+    } else if e.is_tls() {
+        retryable("smtp_tls")
+    } else {
+        retryable("smtp_connect")
+    }
+}
+
+fn bad_account(detail: impl Into<String>) -> SendError {
+    SendError::Permanent {
+        code: "bad_account".into(),
+        detail: detail.into(),
+    }
+}
+
+fn bad_content(detail: impl Into<String>) -> SendError {
+    SendError::Permanent {
+        code: "bad_content".into(),
+        detail: detail.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_core::{Channel, MessageId, MsgType};
+    use serde_json::{Value, json};
+    use std::io::{BufRead, BufReader};
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, ChildStdin, Command, Stdio};
+
+    /// `tests/support/smtp_sink.py` running as a child process, with its mail directory.
+    struct SmtpSink {
+        child: Child,
+        // Held open: the sink runs with --exit-on-eof, so it dies with the test process.
+        _stdin: ChildStdin,
+        port: u16,
+        dir: tempfile::TempDir,
+    }
+
+    impl SmtpSink {
+        fn start(extra_args: &[&str]) -> SmtpSink {
+            let script =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/support/smtp_sink.py");
+            let dir = tempfile::tempdir().unwrap();
+            let log = dir.path().join("sink.log");
+            let mut child = Command::new("python3")
+                .arg(&script)
+                .arg("--dir")
+                .arg(dir.path().join("mail"))
+                .arg("--exit-on-eof")
+                .args(extra_args)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "cannot run python3 ({e}): the email tests need python3 with aiosmtpd \
+                         (pip install aiosmtpd)"
+                    )
+                });
+            let mut line = String::new();
+            BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            let Some(port) = line.trim().strip_prefix("READY ") else {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{} did not start; the email tests need python3 with aiosmtpd \
+                     (pip install aiosmtpd). Its stderr:\n{}",
+                    script.display(),
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            };
+            SmtpSink {
+                _stdin: child.stdin.take().unwrap(),
+                port: port.parse().unwrap(),
+                child,
+                dir,
+            }
+        }
+
+        fn mail_dir(&self) -> PathBuf {
+            self.dir.path().join("mail")
+        }
+
+        /// Every message received so far: (decoded sidecar, raw message), in arrival order.
+        fn messages(&self) -> Vec<(Value, String)> {
+            let mut sidecars: Vec<PathBuf> = std::fs::read_dir(self.mail_dir())
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                .collect();
+            sidecars.sort();
+            sidecars
+                .into_iter()
+                .map(|p| {
+                    let meta = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+                    let raw = std::fs::read_to_string(p.with_extension("eml")).unwrap();
+                    (meta, raw)
+                })
+                .collect()
+        }
+
+        fn account(&self) -> Value {
+            json!({
+                "host": "127.0.0.1",
+                "port": self.port,
+                "security": "plain",
+                "from": "Herald <noreply@herald.test>",
+                "timeout_ms": 5000,
+            })
+        }
+    }
+
+    impl Drop for SmtpSink {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn record(receiver: &str, content: Value) -> MessageRecord {
+        MessageRecord {
+            v: 1,
+            message_id: MessageId::new(),
+            request_id: "req-1".into(),
+            biz_id: None,
+            app: "shop".into(),
+            template_id: 7,
+            channel: Channel::Email,
+            msg_type: MsgType::Notice,
+            account_id: Some(1),
+            receiver: receiver.into(),
+            content,
+            accepted_at: chrono::Utc::now(),
+            send_at: None,
+        }
+    }
+
+    fn part<'a>(meta: &'a Value, content_type: &str) -> &'a str {
+        meta["parts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["content_type"] == content_type)
+            .unwrap_or_else(|| panic!("no {content_type} part in {meta:#}"))["content"]
+            .as_str()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn sends_text_and_html_as_alternatives_over_one_connection() {
+        let sink = SmtpSink::start(&[]);
+        let sender = EmailSender::new();
+        let text = "Hello Ann — your code is 1234.\nSee you.";
+        let html = "<p>Hello <b>Ann</b> — your code is <code>1234</code>.</p>";
+        let first = record(
+            "ann@example.com",
+            json!({"subject": "Grüße, Ann: your code", "text": text, "html": html}),
+        );
+        let outcome = sender.send(&first, 1, &sink.account()).await.unwrap();
+        let message_id = format!("<{}@herald>", first.message_id);
+        assert_eq!(outcome.vendor, "smtp");
+        assert_eq!(
+            outcome.vendor_message_id.as_deref(),
+            Some(message_id.as_str())
+        );
+
+        let second = record(
+            "bob@example.com",
+            json!({"subject": "Hi Bob", "text": "Hi."}),
+        );
+        sender.send(&second, 1, &sink.account()).await.unwrap();
+
+        let messages = sink.messages();
+        assert_eq!(messages.len(), 2);
+        let (meta, raw) = &messages[0];
+        assert_eq!(meta["mail_from"], "noreply@herald.test");
+        assert_eq!(meta["rcpt_tos"], json!(["ann@example.com"]));
+        assert_eq!(meta["from"], "Herald <noreply@herald.test>");
+        assert_eq!(meta["to"], "ann@example.com");
+        assert_eq!(meta["subject"], "Grüße, Ann: your code");
+        assert_eq!(meta["message_id"], message_id);
+        assert!(raw.contains(&format!("Message-ID: {message_id}")), "{raw}");
+        assert_eq!(meta["content_type"], "multipart/alternative");
+        assert_eq!(meta["parts"].as_array().unwrap().len(), 2);
+        // Line endings on the wire are CRLF; the sink decodes but keeps them.
+        assert_eq!(
+            part(meta, "text/plain").replace("\r\n", "\n").trim_end(),
+            text
+        );
+        assert_eq!(part(meta, "text/html").trim_end(), html);
+
+        let (meta2, _) = &messages[1];
+        assert_eq!(meta2["rcpt_tos"], json!(["bob@example.com"]));
+        // The pooled transport kept the first connection open and sent on it again.
+        assert_eq!(
+            meta2["peer"], meta["peer"],
+            "a second TCP connection was opened"
+        );
+    }
+
+    #[tokio::test]
+    async fn html_only_gets_a_derived_text_part_and_text_only_is_plain() {
+        let sink = SmtpSink::start(&[]);
+        let sender = EmailSender::new();
+        let html = "<h1>Order&nbsp;shipped</h1><p>Hi Ann,<br>your order <b>#42</b> is on its \
+                    way &amp; arrives Monday.</p><style>p {color: red}</style>";
+        let r = record(
+            "ann@example.com",
+            json!({"subject": "Shipped", "html": html}),
+        );
+        sender.send(&r, 1, &sink.account()).await.unwrap();
+        let r = record(
+            "ann@example.com",
+            json!({"subject": "Plain", "text": "Just text.", "html": ""}),
+        );
+        sender.send(&r, 1, &sink.account()).await.unwrap();
+
+        let messages = sink.messages();
+        let (meta, _) = &messages[0];
+        assert_eq!(meta["content_type"], "multipart/alternative");
+        assert_eq!(
+            part(meta, "text/plain").replace("\r\n", "\n").trim_end(),
+            "Order shipped\nHi Ann,\nyour order #42 is on its way & arrives Monday."
+        );
+        assert_eq!(part(meta, "text/html").trim_end(), html);
+
+        let (meta, _) = &messages[1];
+        assert_eq!(meta["content_type"], "text/plain");
+        assert_eq!(meta["parts"].as_array().unwrap().len(), 1);
+        assert_eq!(part(meta, "text/plain").trim_end(), "Just text.");
+    }
+
+    #[tokio::test]
+    async fn smtp_4xx_is_retryable_and_5xx_permanent() {
+        let sink = SmtpSink::start(&["--transient", "^busy@", "--permanent", "^nobody@"]);
+        let sender = EmailSender::new();
+        let content = json!({"subject": "s", "text": "t"});
+
+        let err = sender
+            .send(
+                &record("busy@example.com", content.clone()),
+                1,
+                &sink.account(),
+            )
+            .await
+            .unwrap_err();
+        assert!(err.is_retryable(), "{err:?}");
+        assert_eq!(err.code(), "smtp_4xx");
+        assert!(err.detail().contains("451"), "{err:?}");
+
+        let err = sender
+            .send(
+                &record("nobody@example.com", content.clone()),
+                1,
+                &sink.account(),
+            )
+            .await
+            .unwrap_err();
+        assert!(!err.is_retryable(), "{err:?}");
+        assert_eq!(err.code(), "smtp_5xx");
+        assert!(err.detail().contains("550"), "{err:?}");
+
+        // The pool drops the connection the failure broke, and the next message goes through.
+        sender
+            .send(&record("ann@example.com", content), 1, &sink.account())
+            .await
+            .unwrap();
+        let messages = sink.messages();
+        assert_eq!(messages.len(), 1);
+        assert_eq!(messages[0].0["rcpt_tos"], json!(["ann@example.com"]));
+    }
+
+    #[tokio::test]
+    async fn tls_modes_refuse_a_plaintext_server() {
+        let sink = SmtpSink::start(&[]);
+        let sender = EmailSender::new();
+        let content = json!({"subject": "s", "text": "t"});
+        let mut account = sink.account();
+
+        // `starttls`: the sink offers no STARTTLS, and lettre will not fall back to plaintext.
+        account["security"] = json!("starttls");
+        let err = sender
+            .send(&record("ann@example.com", content.clone()), 2, &account)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "smtp_client", "{err:?}");
+        assert!(err.detail().contains("STARTTLS"), "{err:?}");
+
+        // `tls`: a TLS handshake against a plaintext greeting fails.
+        account["security"] = json!("tls");
+        let err = sender
+            .send(&record("ann@example.com", content), 3, &account)
+            .await
+            .unwrap_err();
+        assert!(err.is_retryable(), "{err:?}");
+        assert!(sink.messages().is_empty());
+    }
+
+    #[tokio::test]
+    async fn refused_and_silent_servers_are_retryable() {
+        let sender = EmailSender::new();
+        let content = json!({"subject": "s", "text": "t"});
+
+        // Nothing listens on a port just freed.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let account = json!({"host": "127.0.0.1", "port": port, "security": "plain",
+                             "from": "noreply@herald.test", "timeout_ms": 2000});
+        let err = sender
+            .send(&record("ann@example.com", content.clone()), 1, &account)
+            .await
+            .unwrap_err();
+        assert!(err.is_retryable(), "{err:?}");
+        assert_eq!(err.code(), "smtp_connect");
+
+        // A server that accepts the connection and never greets.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let account = json!({"host": "127.0.0.1", "port": port, "security": "plain",
+                             "from": "noreply@herald.test", "timeout_ms": 300});
+        let started = std::time::Instant::now();
+        let err = sender
+            .send(&record("ann@example.com", content), 2, &account)
+            .await
+            .unwrap_err();
+        assert!(err.is_retryable(), "{err:?}");
+        assert_eq!(err.code(), "smtp_timeout");
+        assert!(started.elapsed() < Duration::from_secs(3));
+        silent.abort();
+    }
+
+    #[tokio::test]
+    async fn bad_content_and_receivers_are_permanent_without_connecting() {
+        let sender = EmailSender::new();
+        // Port 9 (discard) on a loopback address nothing listens on: reaching it would fail
+        // as `smtp_connect`, so the codes below show the checks ran before any connection.
+        let account = json!({"host": "127.0.0.1", "port": 9, "security": "plain",
+                             "from": "noreply@herald.test"});
+        let cases = [
+            (
+                "ann@example.com",
+                json!({"text": "no subject"}),
+                "bad_content",
+            ),
+            (
+                "ann@example.com",
+                json!({"subject": " ", "text": "t"}),
+                "bad_content",
+            ),
+            ("ann@example.com", json!({"subject": "s"}), "bad_content"),
+            (
+                "ann@example.com",
+                json!({"subject": "s", "html": "", "text": " "}),
+                "bad_content",
+            ),
+            ("ann@example.com", json!("just a string"), "bad_content"),
+            (
+                "not an address",
+                json!({"subject": "s", "text": "t"}),
+                "bad_receiver",
+            ),
+        ];
+        for (receiver, content, code) in cases {
+            let err = sender
+                .send(&record(receiver, content.clone()), 1, &account)
+                .await
+                .unwrap_err();
+            assert!(!err.is_retryable(), "{content}: {err:?}");
+            assert_eq!(err.code(), code, "{content}: {err:?}");
+        }
+        let content = json!({"subject": "s", "text": "t"});
+        let err = sender
+            .send(
+                &record("ann@example.com", content),
+                1,
+                &json!({"host": "127.0.0.1"}),
+            )
+            .await
+            .unwrap_err();
+        assert!(!err.is_retryable());
+        assert_eq!(err.code(), "bad_account", "{err:?}");
+    }
+
+    #[test]
+    fn accounts_parse_with_defaults_by_security() {
+        let a = EmailAccount::parse(&json!({"host": "smtp.example.com",
+                                                "from": "Herald <noreply@example.com>"}))
+        .unwrap();
+        assert_eq!(a.security, Security::Tls);
+        assert_eq!(a.port(), 465);
+        assert_eq!(a.timeout_ms, 10_000);
+        for (security, port) in [("tls", 465), ("starttls", 587), ("plain", 25)] {
+            let a = EmailAccount::parse(&json!({"host": "h.example.com", "security": security,
+                                                    "from": "a@example.com"}))
+            .unwrap();
+            assert_eq!(a.port(), port, "{security}");
+        }
+        let a = EmailAccount::parse(&json!({"host": "h.example.com", "port": 2525,
+                                                "security": "starttls", "from": "a@example.com"}))
+        .unwrap();
+        assert_eq!(a.port(), 2525);
+    }
+
+    #[test]
+    fn bad_accounts_are_refused_without_revealing_the_password() {
+        let cases = [
+            json!({"host": "h.example.com"}),
+            json!({"host": "", "from": "a@example.com"}),
+            json!({"host": "h.example.com", "from": "not a mailbox"}),
+            json!({"host": "h.example.com", "from": "a@example.com", "security": "ssl"}),
+            json!({"host": "h.example.com", "from": "a@example.com", "pasword": "hunter2"}),
+            json!({"host": "h.example.com", "from": "a@example.com", "username": "u"}),
+            json!({"host": "h.example.com", "from": "a@example.com", "password": "hunter2"}),
+            json!({"host": "h.example.com", "from": "a@example.com", "username": "u",
+                   "password": "hunter2", "security": "plain"}),
+            json!({"host": "h.example.com", "from": "a@example.com", "username": "u",
+                   "password": 4242}),
+            json!({"host": "h.example.com", "from": "a@example.com", "timeout_ms": 0}),
+            json!({"host": "not a host!", "from": "a@example.com"}),
+        ];
+        for config in cases {
+            let err = EmailAccount::parse(&config).unwrap_err();
+            assert!(
+                !err.contains("hunter2") && !err.contains("4242"),
+                "{config}: {err}"
+            );
+        }
+        let a = EmailAccount::parse(&json!({"host": "h.example.com", "from": "a@example.com",
+                                                "username": "u", "password": "hunter2"}))
+        .unwrap();
+        assert_eq!(a.password.as_ref().unwrap().expose(), "hunter2");
+        let debug = format!("{a:?}");
+        assert!(
+            !debug.contains("hunter2") && debug.contains("***"),
+            "{debug}"
+        );
+    }
+
+    #[test]
+    fn html_to_text_keeps_the_words_and_the_lines() {
+        let html = "<html><head><title>T</title><STYLE>.x{}</STYLE><script>var a = '<p>';</script>\
+                    </head><body><!-- hidden <p> --><div>Hello&nbsp;<i>Ann</i>,</div>\
+                    <p>Total: 5 &lt; 7 &amp;&#32;&#x41;</p><ul><li>one</li><li>two</li></ul>\
+                    <p>a &bogus; b &amp c</p></body></html>";
+        assert_eq!(
+            html_to_text(html),
+            "T\nHello Ann,\nTotal: 5 < 7 & A\none\ntwo\na &bogus; b &amp c"
+        );
+        assert_eq!(html_to_text("x < y"), "x < y");
+        assert_eq!(html_to_text("<p>a</p>\n\n\n<p>b</p>"), "a\nb");
+    }
+}

@@ -8,7 +8,8 @@ pub mod email;
 pub mod webhook;
 
 use async_trait::async_trait;
-use herald_core::MessageRecord;
+use herald_core::{Channel, MessageRecord};
+use serde_json::Value;
 use std::time::Duration;
 
 /// What a vendor said when it took a message.
@@ -72,6 +73,54 @@ pub trait Sender: Send + Sync {
     ) -> Result<SendOutcome, SendError>;
 }
 
+/// Checks a channel account's config when it is created: the config must parse as the channel's
+/// account struct. The inbox needs no account config.
+pub fn check_account(channel: Channel, config: &Value) -> Result<(), String> {
+    match channel {
+        Channel::Inbox => Ok(()),
+        Channel::Email => email::EmailAccount::parse(config).map(drop),
+        Channel::Webhook => webhook::WebhookAccount::parse(config).map(drop),
+    }
+}
+
+/// Checks a template's content fields for its channel:
+/// - inbox: `{"title"?, "content", ...}` — `content` is required, other fields are kept as given;
+/// - email: `{"subject", "html"?, "text"?}` — a subject and at least one body;
+/// - webhook: any JSON object, posted as the message's `content`.
+pub fn check_content(channel: Channel, content: &Value) -> Result<(), String> {
+    let obj = content.as_object().ok_or("content must be a JSON object")?;
+    let string = |k: &str| {
+        obj.get(k)
+            .map(|v| {
+                v.as_str()
+                    .map(drop)
+                    .ok_or(format!("`{k}` must be a string"))
+            })
+            .transpose()
+    };
+    match channel {
+        Channel::Inbox => {
+            string("title")?;
+            string("content")?.ok_or("an inbox template needs `content`")?;
+        }
+        Channel::Email => {
+            string("subject")?.ok_or("an email template needs `subject`")?;
+            let (html, text) = (string("html")?, string("text")?);
+            if html.is_none() && text.is_none() {
+                return Err("an email template needs `html`, `text` or both".into());
+            }
+            if let Some(k) = obj
+                .keys()
+                .find(|k| !["subject", "html", "text"].contains(&k.as_str()))
+            {
+                return Err(format!("unknown email content field `{k}`"));
+            }
+        }
+        Channel::Webhook => {}
+    }
+    Ok(())
+}
+
 /// Every channel client, built once.
 pub struct Senders {
     pub email: email::EmailSender,
@@ -91,5 +140,30 @@ impl Senders {
 impl Default for Senders {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn content_is_checked_per_channel() {
+        assert!(check_content(Channel::Inbox, &json!({"title": "t", "content": "c"})).is_ok());
+        assert!(check_content(Channel::Inbox, &json!({"title": "t"})).is_err());
+        assert!(
+            check_content(Channel::Email, &json!({"subject": "s", "html": "<b>h</b>"})).is_ok()
+        );
+        assert!(check_content(Channel::Email, &json!({"subject": "s"})).is_err());
+        assert!(
+            check_content(
+                Channel::Email,
+                &json!({"subject": "s", "text": "t", "cc": "x"})
+            )
+            .is_err()
+        );
+        assert!(check_content(Channel::Webhook, &json!({"anything": [1, 2]})).is_ok());
+        assert!(check_content(Channel::Webhook, &json!("text")).is_err());
     }
 }

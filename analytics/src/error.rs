@@ -1,0 +1,63 @@
+//! The crate's error type.
+
+use std::path::{Path, PathBuf};
+
+/// Everything that can go wrong in the sink, the warehouse and the SQL layer.
+#[derive(Debug, thiserror::Error)]
+pub enum AnalyticsError {
+    #[error("warehouse I/O failed on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("arrow: {0}")]
+    Arrow(#[from] datafusion::arrow::error::ArrowError),
+    #[error("parquet: {0}")]
+    Parquet(#[from] datafusion::parquet::errors::ParquetError),
+    #[error("query: {0}")]
+    DataFusion(Box<datafusion::error::DataFusionError>),
+    #[error("bus: {0}")]
+    Bus(#[from] herald_core::bus::BusError),
+    #[error("event index: {0}")]
+    Index(#[source] anyhow::Error),
+    #[error("manifest {path}: {reason}")]
+    Manifest { path: PathBuf, reason: String },
+    #[error("warehouse data: {0}")]
+    Corrupt(String),
+    #[error("background task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl AnalyticsError {
+    /// Whether the same operation may succeed later (I/O, a bus hiccup, the index's store).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            AnalyticsError::Io { .. } | AnalyticsError::Parquet(_) | AnalyticsError::Index(_) => {
+                true
+            }
+            AnalyticsError::Bus(e) => e.is_retryable(),
+            _ => false,
+        }
+    }
+}
+
+impl From<datafusion::error::DataFusionError> for AnalyticsError {
+    fn from(e: datafusion::error::DataFusionError) -> Self {
+        AnalyticsError::DataFusion(Box::new(e))
+    }
+}
+
+/// Attaches the path an I/O error happened on.
+pub(crate) trait IoContext<T> {
+    fn at(self, path: &Path) -> Result<T, AnalyticsError>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn at(self, path: &Path) -> Result<T, AnalyticsError> {
+        self.map_err(|source| AnalyticsError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}

@@ -1,0 +1,441 @@
+//! The delivery-log sink: reads [`DELIVERY_TOPIC`] as consumer group [`CONSUMER_GROUP`] and
+//! appends every delivery event exactly once to the warehouse table `delivery_events`.
+//!
+//! # The exactly-once protocol
+//!
+//! Events are buffered and flushed when the buffer holds [`SinkConfig::max_rows`] events or is
+//! [`SinkConfig::max_age`] old. A flush of sequence number `seq` ([`Sink::flush`]):
+//!
+//! 1. writes one Parquet file per `dt=/hour=` partition to `_staging/<uuid>.parquet`, fsynced
+//!    (`stage`);
+//! 2. writes `_manifests/<seq:020>.json` atomically (temporary file, fsync, rename, fsync of the
+//!    directory) listing each staged file, its final path `part-<seq>-<n>.parquet`, its row count,
+//!    and the bus position (next offset per partition) covered by this and every earlier flush
+//!    ([`Manifest::write`]). **This is the commit point**: the rows are in the warehouse exactly
+//!    when the manifest exists;
+//! 3. renames the staged files into place and fsyncs their directories
+//!    ([`Manifest::complete_renames`]), then deletes all but the newest few manifests;
+//! 4. commits the manifest's positions to the bus;
+//! 5. hands the flushed events to the [`EventIndex`].
+//!
+//! Steps 3–5 are idempotent and are done by `Sink::finish` both after a flush and, for the
+//! newest manifest, on start ([`Sink::recover`]), which first deletes staging files that no
+//! manifest lists (a flush that crashed before its commit point: its records were never
+//! committed on the bus, so they are read again). The manifest, not the bus, is the source of
+//! truth for what has been written: recovery commits its positions to the bus, and records
+//! below them are skipped even if the bus delivers them. A crash at any point therefore leaves
+//! every event in the table exactly once. A failure in steps 3–5 at run time keeps the flush
+//! pending; it is retried before anything else.
+//!
+//! Separately, dispatch re-emits events after its own crash with `redelivered` set and the
+//! same deterministic `event_id`; such an event is dropped if its id is in the buffer or
+//! already known to the index ([`EventIndex::known`]).
+
+use crate::error::AnalyticsError;
+use crate::index::EventIndex;
+use crate::manifest::{FileEntry, Manifest};
+use crate::schema::events_to_batch;
+use crate::warehouse::{STAGING, Warehouse};
+use herald_core::bus::{Bus, Consumer, Delivered};
+use herald_core::wire::DELIVERY_TOPIC;
+use herald_core::{DeliveryEvent, MessageId};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio::task::spawn_blocking;
+
+/// The consumer group of the sink on [`DELIVERY_TOPIC`].
+pub const CONSUMER_GROUP: &str = "herald-analytics";
+
+/// How long [`Sink::run`] waits after a retryable failure.
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// Tuning of the sink.
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    /// Flush when the buffer holds this many events.
+    pub max_rows: usize,
+    /// Flush when the oldest buffered record was read this long ago.
+    pub max_age: Duration,
+    /// Most records taken from the bus per poll.
+    pub poll_max: usize,
+    /// How long one poll waits for records.
+    pub poll_timeout: Duration,
+    /// How many of the newest manifests to keep.
+    pub keep_manifests: usize,
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        SinkConfig {
+            max_rows: 100_000,
+            max_age: Duration::from_secs(1),
+            poll_max: 10_000,
+            poll_timeout: Duration::from_millis(200),
+            keep_manifests: 3,
+        }
+    }
+}
+
+/// Counters of a running sink, for metrics.
+#[derive(Debug, Default)]
+pub struct SinkStats {
+    /// Rows committed to the warehouse.
+    pub events_written: AtomicU64,
+    /// Parquet files committed to the warehouse.
+    pub files_written: AtomicU64,
+    /// Redelivered events dropped because their id was already buffered or indexed.
+    pub duplicates_dropped: AtomicU64,
+    /// Records that were not a valid delivery event (skipped, logged).
+    pub malformed_dropped: AtomicU64,
+    /// Unix time in milliseconds of the last completed flush.
+    pub last_flush_ms: AtomicU64,
+    /// How long the last completed flush took, in milliseconds.
+    pub last_flush_duration_ms: AtomicU64,
+}
+
+/// A point in a flush where tests simulate a crash (see [`Faults`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    AfterStaging,
+    AfterManifest,
+    BeforeBusCommit,
+    BeforeIndex,
+}
+
+/// Crash injection for tests; a no-op otherwise.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Faults {
+    #[cfg(test)]
+    pub(crate) crash_at: Option<Step>,
+}
+
+impl Faults {
+    /// Fails as if the process died at `step`, leaving the disk as it is.
+    fn check(self, step: Step) -> Result<(), AnalyticsError> {
+        #[cfg(test)]
+        if self.crash_at == Some(step) {
+            return Err(AnalyticsError::Corrupt(format!("injected crash at {step:?}")));
+        }
+        let _ = step;
+        Ok(())
+    }
+}
+
+/// A flush past its commit point whose renames, bus commit or indexing may not have happened.
+struct Committed {
+    manifest: Manifest,
+    /// The flushed events; `None` after a restart, when they are read back from the files.
+    events: Option<Vec<DeliveryEvent>>,
+}
+
+/// Streams delivery events from the bus into the warehouse, exactly once.
+pub struct Sink {
+    consumer: Box<dyn Consumer>,
+    warehouse: Warehouse,
+    index: Arc<dyn EventIndex>,
+    config: SinkConfig,
+    stats: Arc<SinkStats>,
+    /// Positions covered by the newest manifest: records below them are already written.
+    committed: BTreeMap<u32, u64>,
+    /// Records polled but not yet admitted into the buffer (kept when admission fails).
+    inbox: Vec<Delivered>,
+    buffer: Vec<DeliveryEvent>,
+    buffer_ids: HashSet<String>,
+    /// Positions after the records admitted since the last flush.
+    buffer_positions: BTreeMap<u32, u64>,
+    buffer_since: Option<Instant>,
+    unfinished: Option<Committed>,
+    next_seq: u64,
+    pub(crate) faults: Faults,
+}
+
+impl Sink {
+    /// Joins [`CONSUMER_GROUP`] on `bus` and recovers the warehouse: completes the newest
+    /// manifest's renames, deletes uncommitted staging files, commits the manifest's positions
+    /// to the bus and re-indexes its events. Call again if it fails.
+    pub async fn recover(
+        bus: Arc<dyn Bus>,
+        warehouse: Warehouse,
+        index: Arc<dyn EventIndex>,
+        config: SinkConfig,
+    ) -> Result<Sink, AnalyticsError> {
+        let consumer = bus.subscribe(DELIVERY_TOPIC, CONSUMER_GROUP).await?;
+        let wh = warehouse.clone();
+        let newest = spawn_blocking(move || {
+            let newest = Manifest::newest(&wh)?;
+            Manifest::delete_unlisted_staging(newest.as_ref(), &wh)?;
+            Ok::<_, AnalyticsError>(newest)
+        })
+        .await??;
+        if let Some(m) = &newest {
+            tracing::info!(seq = m.seq, files = m.files.len(), "analytics sink recovering from manifest");
+        }
+        let mut sink = Sink {
+            consumer,
+            warehouse,
+            index,
+            config,
+            stats: Arc::default(),
+            committed: newest.as_ref().map(|m| m.positions.clone()).unwrap_or_default(),
+            inbox: Vec::new(),
+            buffer: Vec::new(),
+            buffer_ids: HashSet::new(),
+            buffer_positions: BTreeMap::new(),
+            buffer_since: None,
+            next_seq: newest.as_ref().map_or(1, |m| m.seq + 1),
+            unfinished: newest.map(|manifest| Committed {
+                manifest,
+                events: None,
+            }),
+            faults: Faults::default(),
+        };
+        sink.finish().await?;
+        Ok(sink)
+    }
+
+    /// The sink's counters (shared; they keep counting after this call).
+    pub fn stats(&self) -> Arc<SinkStats> {
+        self.stats.clone()
+    }
+
+    /// Polls, flushes by size and age, and on `shutdown` (a `true` value, or the sender being
+    /// dropped) flushes what is buffered and returns. Retryable failures are logged and
+    /// retried; anything else ends the loop with the error.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), AnalyticsError> {
+        while !*shutdown.borrow() && shutdown.has_changed().is_ok() {
+            if let Err(e) = self.poll_once().await {
+                if !e.is_retryable() {
+                    return Err(e);
+                }
+                tracing::warn!(error = %e, "analytics sink failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(RETRY_DELAY) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+        }
+        self.flush().await
+    }
+
+    /// Polls until the bus has nothing more, then flushes: for tests and one-shot catch-up.
+    pub async fn process_available(&mut self) -> Result<(), AnalyticsError> {
+        while self.poll_once().await? > 0 {}
+        self.flush().await
+    }
+
+    /// One step: finishes a pending flush, polls once, buffers what arrived and flushes if the
+    /// buffer is full or old enough. Returns how many records the poll returned.
+    pub async fn poll_once(&mut self) -> Result<usize, AnalyticsError> {
+        self.finish().await?;
+        if self.inbox.is_empty() {
+            self.inbox = self
+                .consumer
+                .poll(self.config.poll_max, self.config.poll_timeout)
+                .await?;
+        }
+        let polled = self.inbox.len();
+        self.admit().await?;
+        let old = self
+            .buffer_since
+            .is_some_and(|t| t.elapsed() >= self.config.max_age);
+        if old || self.buffer.len() >= self.config.max_rows {
+            self.flush().await?;
+        }
+        Ok(polled)
+    }
+
+    /// Decodes the inbox into the buffer, dropping redelivered duplicates. Leaves the inbox as
+    /// it is if the index cannot be asked.
+    async fn admit(&mut self) -> Result<(), AnalyticsError> {
+        let mut events = Vec::with_capacity(self.inbox.len());
+        let mut positions = Vec::new();
+        let mut malformed = 0;
+        for d in &self.inbox {
+            if d.offset < self.committed.get(&d.partition).copied().unwrap_or(0) {
+                continue; // already in the warehouse (redelivered by the bus after a restart)
+            }
+            positions.push((d.partition, d.offset + 1));
+            match serde_json::from_slice::<DeliveryEvent>(&d.record.payload) {
+                Ok(e) => events.push(e),
+                Err(e) => {
+                    malformed += 1;
+                    tracing::warn!(partition = d.partition, offset = d.offset, error = %e,
+                        "skipping a malformed delivery event");
+                }
+            }
+        }
+        let suspects: Vec<(MessageId, String)> = events
+            .iter()
+            .filter(|e| e.redelivered && !self.buffer_ids.contains(&e.event_id))
+            .map(|e| (e.message_id, e.event_id.clone()))
+            .collect();
+        let known = if suspects.is_empty() {
+            HashSet::new()
+        } else {
+            self.index
+                .known(&suspects)
+                .await
+                .map_err(AnalyticsError::Index)?
+        };
+
+        self.inbox.clear();
+        if !positions.is_empty() && self.buffer_since.is_none() {
+            self.buffer_since = Some(Instant::now());
+        }
+        for (partition, next) in positions {
+            let p = self.buffer_positions.entry(partition).or_default();
+            *p = (*p).max(next);
+        }
+        let mut duplicates = 0;
+        for e in events {
+            if e.redelivered
+                && (known.contains(&e.event_id) || self.buffer_ids.contains(&e.event_id))
+            {
+                duplicates += 1;
+                continue;
+            }
+            self.buffer_ids.insert(e.event_id.clone());
+            self.buffer.push(e);
+        }
+        self.stats.duplicates_dropped.fetch_add(duplicates, Ordering::Relaxed);
+        self.stats.malformed_dropped.fetch_add(malformed, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes the buffer to the warehouse and commits it (the protocol in the module docs).
+    /// Does nothing if no record was read since the last flush.
+    pub async fn flush(&mut self) -> Result<(), AnalyticsError> {
+        self.finish().await?;
+        if self.buffer_positions.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let seq = self.next_seq;
+        let mut positions = self.committed.clone();
+        for (&partition, &next) in &self.buffer_positions {
+            let p = positions.entry(partition).or_default();
+            *p = (*p).max(next);
+        }
+        let (wh, faults) = (self.warehouse.clone(), self.faults);
+        let mut events = std::mem::take(&mut self.buffer);
+        let (events, written) = spawn_blocking(move || {
+            let written = stage(&wh, seq, &mut events).and_then(|files| {
+                faults.check(Step::AfterStaging)?;
+                let manifest = Manifest::new(seq, files, positions);
+                manifest.write(&wh)?;
+                Ok(manifest)
+            });
+            (events, written)
+        })
+        .await?;
+        let manifest = match written {
+            Ok(manifest) => manifest,
+            Err(e) => {
+                self.buffer = events; // not committed: try again later
+                return Err(e);
+            }
+        };
+
+        // Committed: from here on the flush is only ever completed, never redone.
+        let rows: u64 = manifest.files.iter().map(|f| f.rows).sum();
+        self.stats.events_written.fetch_add(rows, Ordering::Relaxed);
+        let files = manifest.files.len() as u64;
+        self.stats.files_written.fetch_add(files, Ordering::Relaxed);
+        self.committed = manifest.positions.clone();
+        self.next_seq = seq + 1;
+        self.buffer_ids.clear();
+        self.buffer_positions.clear();
+        self.buffer_since = None;
+        self.unfinished = Some(Committed {
+            manifest,
+            events: Some(events),
+        });
+        self.finish().await?;
+
+        let elapsed = started.elapsed();
+        tracing::debug!(seq, rows, files, ms = elapsed.as_millis() as u64, "analytics flush");
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        self.stats
+            .last_flush_ms
+            .store(u64::try_from(now_ms).unwrap_or(0), Ordering::Relaxed);
+        self.stats
+            .last_flush_duration_ms
+            .store(elapsed.as_millis() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Completes the committed flush, if one is pending: renames, bus commit, index. Keeps it
+    /// pending if a step fails.
+    async fn finish(&mut self) -> Result<(), AnalyticsError> {
+        let Some(mut committed) = self.unfinished.take() else {
+            return Ok(());
+        };
+        let result = self.complete(&mut committed).await;
+        if result.is_err() {
+            self.unfinished = Some(committed);
+        }
+        result
+    }
+
+    async fn complete(&mut self, committed: &mut Committed) -> Result<(), AnalyticsError> {
+        self.faults.check(Step::AfterManifest)?;
+        let (wh, manifest) = (self.warehouse.clone(), committed.manifest.clone());
+        let (keep, read_back) = (self.config.keep_manifests, committed.events.is_none());
+        let read = spawn_blocking(move || {
+            manifest.complete_renames(&wh)?;
+            Manifest::prune(&wh, keep)?;
+            read_back.then(|| manifest.read_events(&wh)).transpose()
+        })
+        .await??;
+        let events = committed.events.get_or_insert_with(|| read.unwrap_or_default());
+        self.faults.check(Step::BeforeBusCommit)?;
+        self.consumer
+            .commit(&committed.manifest.bus_positions())
+            .await?;
+        self.faults.check(Step::BeforeIndex)?;
+        self.index
+            .index(events)
+            .await
+            .map_err(AnalyticsError::Index)
+    }
+}
+
+/// Writes `events` to one staged Parquet file per partition (sorting them by hour) and returns
+/// the entries for the manifest. On failure, removes what it staged.
+fn stage(
+    wh: &Warehouse,
+    seq: u64,
+    events: &mut [DeliveryEvent],
+) -> Result<Vec<FileEntry>, AnalyticsError> {
+    let hour = |e: &DeliveryEvent| e.ts.timestamp().div_euclid(3600);
+    events.sort_by_key(hour);
+    let mut files: Vec<FileEntry> = Vec::new();
+    for (n, group) in events.chunk_by(|a, b| hour(a) == hour(b)).enumerate() {
+        let file = FileEntry {
+            staged: format!("{STAGING}/{}.parquet", uuid::Uuid::now_v7()),
+            path: format!(
+                "{}/part-{seq:020}-{n:04}.parquet",
+                Warehouse::partition_of(group[0].ts)
+            ),
+            rows: group.len() as u64,
+        };
+        let written = wh.write_parquet(&file.staged, &events_to_batch(group));
+        files.push(file);
+        if let Err(e) = written {
+            for f in &files {
+                let _ = wh.delete(&f.staged);
+            }
+            return Err(e);
+        }
+    }
+    if !files.is_empty() {
+        wh.sync_dir(STAGING)?;
+    }
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,137 @@
+//! Read-only SQL over the warehouse with DataFusion, and formatting of the results.
+
+use crate::error::AnalyticsError;
+use crate::schema::{TABLE, schema};
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::arrow::util::pretty::pretty_format_batches;
+use datafusion::arrow::{csv, json};
+use datafusion::datasource::MemTable;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{ListingOptions, ListingTableUrl};
+use datafusion::execution::context::{SQLOptions, SessionContext};
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+
+/// Runs one read-only SQL statement over the warehouse at `warehouse_root`.
+///
+/// Every directory directly under the root whose name is a plain identifier (lowercase letters,
+/// digits, `_`; not starting with `_`) is a table of Parquet files. `delivery_events` has the
+/// columns of [`schema()`] plus the hive partition columns `dt` and `hour` (strings, so
+/// `WHERE dt = '2026-11-26'` skips other days' files) and exists even when nothing was written
+/// yet; other tables get their schema and `key=value` partition columns from their files.
+/// DDL, DML (`INSERT`, `COPY`) and other statements (`SET`) are rejected.
+pub async fn query(warehouse_root: &Path, sql: &str) -> Result<Vec<RecordBatch>, AnalyticsError> {
+    let ctx = SessionContext::new();
+    register_tables(&ctx, warehouse_root).await?;
+    let read_only = SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false);
+    Ok(ctx.sql_with_options(sql, read_only).await?.collect().await?)
+}
+
+async fn register_tables(ctx: &SessionContext, root: &Path) -> Result<(), AnalyticsError> {
+    let mut tables = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(root) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.path().is_dir() && is_table_name(&name) {
+                tables.push(name);
+            }
+        }
+    }
+    let parquet = || ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+    if !tables.iter().any(|t| t == TABLE) {
+        let mut fields = schema().fields().to_vec();
+        fields.extend(partition_columns().into_iter().map(|(n, t)| Arc::new(Field::new(n, t, false))));
+        let empty = MemTable::try_new(Arc::new(Schema::new(fields)), vec![vec![]])?;
+        ctx.register_table(TABLE, Arc::new(empty))?;
+    }
+    for name in tables {
+        let url = ListingTableUrl::parse(format!("{}/", root.join(&name).display()))?;
+        if name == TABLE {
+            let options = parquet().with_table_partition_cols(partition_columns());
+            ctx.register_listing_table(TABLE, url.as_str(), options, Some(schema()), None)
+                .await?;
+            continue;
+        }
+        let state = ctx.state();
+        let partitions = parquet().infer_partitions(&state, &url).await?;
+        let options = parquet()
+            .with_table_partition_cols(partitions.into_iter().map(|p| (p, DataType::Utf8)).collect());
+        match options.infer_schema(&state, &url).await {
+            Ok(table_schema) => {
+                ctx.register_listing_table(name.as_str(), url.as_str(), options, Some(table_schema), None)
+                    .await?
+            }
+            // A table directory without files yet has no schema to offer: leave it out.
+            Err(e) => tracing::debug!(table = %name, error = %e, "not registering table"),
+        }
+    }
+    Ok(())
+}
+
+fn partition_columns() -> Vec<(String, DataType)> {
+    vec![("dt".into(), DataType::Utf8), ("hour".into(), DataType::Utf8)]
+}
+
+fn is_table_name(name: &str) -> bool {
+    name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// How [`format`] renders query results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// An aligned text table with a header.
+    Table,
+    /// CSV with a header line.
+    Csv,
+    /// Newline-delimited JSON: one object per row, nulls written as `null`.
+    Json,
+}
+
+impl FromStr for OutputFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "table" => Ok(OutputFormat::Table),
+            "csv" => Ok(OutputFormat::Csv),
+            "json" => Ok(OutputFormat::Json),
+            _ => Err(format!("unknown output format `{s}` (expected table, csv or json)")),
+        }
+    }
+}
+
+/// Renders `batches` as text in `format`.
+pub fn format(batches: &[RecordBatch], format: OutputFormat) -> Result<String, AnalyticsError> {
+    let bytes = match format {
+        OutputFormat::Table => return Ok(format!("{}\n", pretty_format_batches(batches)?)),
+        OutputFormat::Csv => {
+            let mut w = csv::WriterBuilder::new().with_header(true).build(Vec::new());
+            for b in batches {
+                w.write(b)?;
+            }
+            w.into_inner()
+        }
+        OutputFormat::Json => {
+            let mut w = json::WriterBuilder::new()
+                .with_explicit_nulls(true)
+                .build::<_, json::writer::LineDelimited>(Vec::new());
+            for b in batches {
+                w.write(b)?;
+            }
+            w.finish()?;
+            w.into_inner()
+        }
+    };
+    // Both writers emit UTF-8 only.
+    String::from_utf8(bytes).map_err(|e| AnalyticsError::Corrupt(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests;

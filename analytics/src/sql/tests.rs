@@ -1,0 +1,127 @@
+use super::*;
+use crate::schema::events_to_batch;
+use crate::testing::sample_events;
+use crate::warehouse::Warehouse;
+use herald_core::DeliveryEvent;
+
+/// Writes `events` into their `delivery_events` partitions, one file per event.
+fn write_table(root: &Path, events: &[DeliveryEvent]) {
+    let wh = Warehouse::local(root);
+    for (n, e) in events.iter().enumerate() {
+        let key = format!("{}/part-{n}.parquet", Warehouse::partition_of(e.ts));
+        wh.write_parquet(&key, &events_to_batch(std::slice::from_ref(e))).unwrap();
+    }
+}
+
+/// Compares `actual` with the checked-in `tests/golden/<name>`; `UPDATE_GOLDEN=1` rewrites it.
+fn golden(name: &str, actual: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, actual).unwrap();
+    }
+    let expected = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(actual, expected, "{name} differs; rerun with UPDATE_GOLDEN=1 to accept");
+}
+
+#[tokio::test]
+async fn query_results_match_the_golden_files() {
+    let dir = tempfile::tempdir().unwrap();
+    write_table(dir.path(), &sample_events(6, 35));
+    let rows = query(
+        dir.path(),
+        "SELECT dt, hour, ts, message_id, app, channel, msg_type, state, vendor, attempt, \
+         error_code, error_detail, latency_ms, billing_units, cost_micros, currency \
+         FROM delivery_events ORDER BY ts, event_id",
+    )
+    .await
+    .unwrap();
+    golden("events.txt", &format(&rows, OutputFormat::Table).unwrap());
+    golden("events.csv", &format(&rows, OutputFormat::Csv).unwrap());
+    golden("events.jsonl", &format(&rows, OutputFormat::Json).unwrap());
+
+    let totals = query(
+        dir.path(),
+        "SELECT app, state, count(*) AS events, sum(cost_micros) AS cost_micros \
+         FROM delivery_events GROUP BY app, state ORDER BY app, state",
+    )
+    .await
+    .unwrap();
+    golden("totals.txt", &format(&totals, OutputFormat::Table).unwrap());
+}
+
+#[tokio::test]
+async fn statements_that_write_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    write_table(dir.path(), &sample_events(2, 0));
+    let out = dir.path().join("out.csv");
+    for sql in [
+        "DROP TABLE delivery_events".to_string(),
+        "CREATE TABLE t AS SELECT 1 AS x".to_string(),
+        "CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION '/tmp'".to_string(),
+        "CREATE VIEW v AS SELECT 1".to_string(),
+        "INSERT INTO delivery_events SELECT * FROM delivery_events".to_string(),
+        format!("COPY (SELECT 1) TO '{}' STORED AS CSV", out.display()),
+        "SET datafusion.execution.batch_size = 1".to_string(),
+    ] {
+        let err = query(dir.path(), &sql).await.unwrap_err();
+        assert!(err.to_string().contains("not supported"), "{sql}: {err}");
+    }
+    assert!(!out.exists());
+    let rows = query(dir.path(), "SELECT count(*) FROM delivery_events").await.unwrap();
+    assert!(format(&rows, OutputFormat::Csv).unwrap().ends_with("\n2\n"));
+}
+
+#[tokio::test]
+async fn an_empty_or_missing_warehouse_has_an_empty_delivery_events_table() {
+    let dir = tempfile::tempdir().unwrap();
+    for root in [dir.path().to_path_buf(), dir.path().join("missing")] {
+        let sql = "SELECT count(*) AS n, max(dt) AS dt FROM delivery_events WHERE state = 'sent'";
+        let rows = query(&root, sql).await.unwrap();
+        assert_eq!(format(&rows, OutputFormat::Csv).unwrap(), "n,dt\n0,\n");
+    }
+    assert!(!dir.path().join("missing").exists());
+}
+
+#[tokio::test]
+async fn a_filter_on_dt_skips_other_days_files() {
+    let dir = tempfile::tempdir().unwrap();
+    write_table(dir.path(), &sample_events(3, 0));
+    // An unreadable file in another day's partition: only pruning lets the query succeed.
+    let bad = dir.path().join("delivery_events/dt=2026-11-27/hour=00/part-x.parquet");
+    std::fs::create_dir_all(bad.parent().unwrap()).unwrap();
+    std::fs::write(&bad, b"not parquet").unwrap();
+
+    let sql = "SELECT count(*) AS n FROM delivery_events WHERE dt = '2026-11-26' AND hour = '07'";
+    let rows = query(dir.path(), sql).await.unwrap();
+    assert_eq!(format(&rows, OutputFormat::Csv).unwrap(), "n\n3\n");
+    assert!(query(dir.path(), "SELECT count(*) FROM delivery_events").await.is_err());
+}
+
+#[tokio::test]
+async fn other_tables_are_registered_with_their_partitions() {
+    let dir = tempfile::tempdir().unwrap();
+    let batch = query(dir.path(), "SELECT 'shop' AS app, CAST(3 AS BIGINT) AS sent")
+        .await
+        .unwrap();
+    Warehouse::local(dir.path())
+        .write_parquet("daily_sent/dt=2026-11-26/part-0.parquet", &batch[0])
+        .unwrap();
+    std::fs::create_dir_all(dir.path().join("empty_table")).unwrap();
+    std::fs::create_dir_all(dir.path().join("_manifests")).unwrap();
+
+    let rows = query(dir.path(), "SELECT dt, app, sent FROM daily_sent WHERE dt = '2026-11-26'")
+        .await
+        .unwrap();
+    assert_eq!(
+        format(&rows, OutputFormat::Json).unwrap(),
+        "{\"dt\":\"2026-11-26\",\"app\":\"shop\",\"sent\":3}\n"
+    );
+}
+
+#[test]
+fn output_formats_parse_from_their_names() {
+    assert_eq!("csv".parse::<OutputFormat>(), Ok(OutputFormat::Csv));
+    assert_eq!("table".parse::<OutputFormat>(), Ok(OutputFormat::Table));
+    assert_eq!("json".parse::<OutputFormat>(), Ok(OutputFormat::Json));
+    assert!("xml".parse::<OutputFormat>().is_err());
+}

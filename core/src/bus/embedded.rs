@@ -1,1 +1,0 @@
-//! embedded (being written)

@@ -1,0 +1,276 @@
+//! Apps, API keys, channel accounts and templates.
+
+use super::{now_ms, Store, StoreError};
+use crate::domain::{Channel, MsgType};
+use rand::RngCore;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use sqlx::Row;
+
+/// A tenant: one business system with its own keys, accounts and templates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct App {
+    pub id: i64,
+    pub name: String,
+}
+
+/// A channel account: credentials and endpoint of one vendor account.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Account {
+    pub id: i64,
+    pub name: String,
+    pub channel: Channel,
+    pub config: serde_json::Value,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// A template as stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Template {
+    pub id: i64,
+    pub name: String,
+    pub channel: Channel,
+    pub msg_type: MsgType,
+    pub account_id: Option<i64>,
+    pub content: serde_json::Value,
+    pub version: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// The fields of a template that a client sets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewTemplate {
+    pub name: String,
+    pub channel: Channel,
+    pub msg_type: MsgType,
+    pub account_id: Option<i64>,
+    pub content: serde_json::Value,
+}
+
+/// The SHA-256 of an API key, as stored.
+pub fn hash_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+impl Store {
+    /// Creates an app and its first API key; returns the key, which is not stored and cannot be
+    /// shown again.
+    pub async fn create_app(&self, name: &str) -> Result<(App, String), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let id: i64 = sqlx::query_scalar("INSERT INTO apps (name, created_at) VALUES (?, ?) RETURNING id")
+            .bind(name)
+            .bind(now_ms())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| match e {
+                sqlx::Error::Database(d) if d.is_unique_violation() => {
+                    StoreError::Conflict(format!("an app named `{name}` exists"))
+                }
+                e => e.into(),
+            })?;
+        let mut raw = [0u8; 24];
+        rand::thread_rng().fill_bytes(&mut raw);
+        let key = format!("hk_{}", hex::encode(raw));
+        sqlx::query("INSERT INTO api_keys (key_hash, app_id, prefix, created_at) VALUES (?, ?, ?, ?)")
+            .bind(hash_key(&key))
+            .bind(id)
+            .bind(&key[..8])
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok((App { id, name: name.to_string() }, key))
+    }
+
+    /// The app owning a live API key, by the key's hash.
+    pub async fn app_by_key_hash(&self, key_hash: &str) -> Result<Option<App>, StoreError> {
+        let row = sqlx::query(
+            "SELECT apps.id, apps.name FROM api_keys JOIN apps ON apps.id = api_keys.app_id
+             WHERE key_hash = ? AND revoked_at IS NULL",
+        )
+        .bind(key_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| App { id: r.get(0), name: r.get(1) }))
+    }
+
+    /// Creates a channel account for `app`.
+    pub async fn create_account(
+        &self,
+        app: i64,
+        name: &str,
+        channel: Channel,
+        config: &serde_json::Value,
+    ) -> Result<Account, StoreError> {
+        let now = now_ms();
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO accounts (app_id, name, channel, config, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+        )
+        .bind(app)
+        .bind(name)
+        .bind(channel.as_str())
+        .bind(config.to_string())
+        .bind(now)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        self.account(app, id).await
+    }
+
+    /// One live account of `app`.
+    pub async fn account(&self, app: i64, id: i64) -> Result<Account, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, name, channel, config, created_at, updated_at FROM accounts
+             WHERE app_id = ? AND id = ? AND deleted_at IS NULL",
+        )
+        .bind(app)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+        account_from_row(&row)
+    }
+
+    /// Any live account by id, whichever app owns it (dispatch resolves a record's account).
+    pub async fn account_by_id(&self, id: i64) -> Result<Account, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, name, channel, config, created_at, updated_at FROM accounts
+             WHERE id = ? AND deleted_at IS NULL",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+        account_from_row(&row)
+    }
+
+    /// Every live account of `app`.
+    pub async fn accounts(&self, app: i64) -> Result<Vec<Account>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, name, channel, config, created_at, updated_at FROM accounts
+             WHERE app_id = ? AND deleted_at IS NULL ORDER BY id",
+        )
+        .bind(app)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(account_from_row).collect()
+    }
+
+    /// Creates a template.
+    pub async fn create_template(&self, app: i64, t: &NewTemplate) -> Result<Template, StoreError> {
+        let now = now_ms();
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO templates (app_id, name, channel, msg_type, account_id, content, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        )
+        .bind(app)
+        .bind(&t.name)
+        .bind(t.channel.as_str())
+        .bind(t.msg_type.as_str())
+        .bind(t.account_id)
+        .bind(t.content.to_string())
+        .bind(now)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        self.template(app, id).await
+    }
+
+    /// Replaces a live template's fields; its version goes up by one.
+    pub async fn update_template(&self, app: i64, id: i64, t: &NewTemplate) -> Result<Template, StoreError> {
+        let done = sqlx::query(
+            "UPDATE templates SET name = ?, channel = ?, msg_type = ?, account_id = ?, content = ?,
+             version = version + 1, updated_at = ? WHERE app_id = ? AND id = ? AND deleted_at IS NULL",
+        )
+        .bind(&t.name)
+        .bind(t.channel.as_str())
+        .bind(t.msg_type.as_str())
+        .bind(t.account_id)
+        .bind(t.content.to_string())
+        .bind(now_ms())
+        .bind(app)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        self.template(app, id).await
+    }
+
+    /// Soft-deletes a template: it disappears from the API and can no longer be sent.
+    pub async fn delete_template(&self, app: i64, id: i64) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "UPDATE templates SET deleted_at = ? WHERE app_id = ? AND id = ? AND deleted_at IS NULL",
+        )
+        .bind(now_ms())
+        .bind(app)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    /// One live template of `app`.
+    pub async fn template(&self, app: i64, id: i64) -> Result<Template, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, name, channel, msg_type, account_id, content, version, created_at, updated_at
+             FROM templates WHERE app_id = ? AND id = ? AND deleted_at IS NULL",
+        )
+        .bind(app)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+        template_from_row(&row)
+    }
+
+    /// Live templates of `app`, by id, `limit` from after id `after`.
+    pub async fn templates(&self, app: i64, after: i64, limit: i64) -> Result<Vec<Template>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, name, channel, msg_type, account_id, content, version, created_at, updated_at
+             FROM templates WHERE app_id = ? AND id > ? AND deleted_at IS NULL ORDER BY id LIMIT ?",
+        )
+        .bind(app)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(template_from_row).collect()
+    }
+}
+
+fn account_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Account, StoreError> {
+    Ok(Account {
+        id: r.get(0),
+        name: r.get(1),
+        channel: r.get::<String, _>(2).parse().map_err(corrupt)?,
+        config: serde_json::from_str(r.get::<&str, _>(3)).map_err(corrupt)?,
+        created_at: r.get(4),
+        updated_at: r.get(5),
+    })
+}
+
+fn template_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Template, StoreError> {
+    Ok(Template {
+        id: r.get(0),
+        name: r.get(1),
+        channel: r.get::<String, _>(2).parse().map_err(corrupt)?,
+        msg_type: r.get::<String, _>(3).parse().map_err(corrupt)?,
+        account_id: r.get(4),
+        content: serde_json::from_str(r.get::<&str, _>(5)).map_err(corrupt)?,
+        version: r.get(6),
+        created_at: r.get(7),
+        updated_at: r.get(8),
+    })
+}

@@ -1,0 +1,69 @@
+//! The per-message index of delivery events behind `GET /v1/messages/{id}`. The analytics sink
+//! writes it after each warehouse commit, so it never holds an event the warehouse lacks.
+
+use super::{Store, StoreError};
+use crate::domain::MessageId;
+use crate::wire::DeliveryEvent;
+use sqlx::{QueryBuilder, Row, Sqlite};
+use std::collections::HashSet;
+
+const CHUNK: usize = 1000;
+
+impl Store {
+    /// Adds events to the index; events already there are left as they are.
+    pub async fn index_events(&self, events: &[DeliveryEvent]) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for chunk in events.chunks(CHUNK) {
+            let mut q: QueryBuilder<Sqlite> =
+                QueryBuilder::new("INSERT OR IGNORE INTO message_events (message_id, event_id, ts, state, event) ");
+            q.push_values(chunk, |mut b, e| {
+                b.push_bind(e.message_id.to_string())
+                    .push_bind(&e.event_id)
+                    .push_bind(e.ts.timestamp_micros())
+                    .push_bind(e.state.as_str())
+                    .push_bind(serde_json::to_string(e).unwrap_or_default());
+            });
+            q.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Which of the given (message, event id) pairs are already indexed.
+    pub async fn known_events(&self, ids: &[(MessageId, String)]) -> Result<HashSet<String>, StoreError> {
+        let mut out = HashSet::new();
+        for chunk in ids.chunks(CHUNK) {
+            let mut q: QueryBuilder<Sqlite> =
+                QueryBuilder::new("SELECT event_id FROM message_events WHERE (message_id, event_id) IN (VALUES ");
+            let mut sep = q.separated(", ");
+            for (m, e) in chunk {
+                sep.push("(")
+                    .push_bind_unseparated(m.to_string())
+                    .push_unseparated(", ")
+                    .push_bind_unseparated(e)
+                    .push_unseparated(")");
+            }
+            q.push(")");
+            for row in q.build().fetch_all(&self.pool).await? {
+                out.insert(row.get::<String, _>(0));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every indexed event of a message, oldest first, if the message belongs to `app`.
+    pub async fn message_events(&self, app: &str, id: &MessageId) -> Result<Vec<DeliveryEvent>, StoreError> {
+        let rows = sqlx::query("SELECT event FROM message_events WHERE message_id = ? ORDER BY ts, event_id")
+            .bind(id.to_string())
+            .fetch_all(&self.pool)
+            .await?;
+        let events: Vec<DeliveryEvent> = rows
+            .iter()
+            .map(|r| serde_json::from_str(r.get::<&str, _>(0)).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .collect::<Result<_, _>>()?;
+        Ok(events.into_iter().filter(|e| e.app == app).collect())
+    }
+}

@@ -1,0 +1,88 @@
+//! The in-app inbox: messages per receiver, newest first.
+
+use super::{now_ms, Store, StoreError};
+use serde::Serialize;
+use sqlx::Row;
+
+/// One message in a receiver's inbox.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InboxEntry {
+    pub message_id: String,
+    pub template_id: i64,
+    pub content: serde_json::Value,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// Unix milliseconds; `None` while unread.
+    pub read_at: Option<i64>,
+}
+
+impl Store {
+    /// A page of `receiver`'s inbox in `app`, newest first; `before` is the cursor
+    /// (`created_at`, `message_id`) of the last entry of the previous page.
+    pub async fn inbox(
+        &self,
+        app: &str,
+        receiver: &str,
+        before: Option<(i64, String)>,
+        limit: i64,
+        unread_only: bool,
+    ) -> Result<Vec<InboxEntry>, StoreError> {
+        let (ts, id) = before.unwrap_or((i64::MAX, String::new()));
+        let rows = sqlx::query(
+            "SELECT message_id, template_id, content, created_at, read_at FROM inbox
+             WHERE app = ? AND receiver = ? AND (created_at < ? OR (created_at = ? AND message_id < ?) OR ? = '')
+               AND (? = 0 OR read_at IS NULL)
+             ORDER BY created_at DESC, message_id DESC LIMIT ?",
+        )
+        .bind(app)
+        .bind(receiver)
+        .bind(ts)
+        .bind(ts)
+        .bind(&id)
+        .bind(&id)
+        .bind(unread_only)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(InboxEntry {
+                    message_id: r.get(0),
+                    template_id: r.get(1),
+                    content: serde_json::from_str(r.get::<&str, _>(2))
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    created_at: r.get(3),
+                    read_at: r.get(4),
+                })
+            })
+            .collect()
+    }
+
+    /// Marks messages of `receiver` read; returns how many changed. An empty list marks all.
+    pub async fn mark_read(&self, app: &str, receiver: &str, ids: &[String]) -> Result<u64, StoreError> {
+        let now = now_ms();
+        let mut changed = 0;
+        if ids.is_empty() {
+            changed = sqlx::query("UPDATE inbox SET read_at = ? WHERE app = ? AND receiver = ? AND read_at IS NULL")
+                .bind(now)
+                .bind(app)
+                .bind(receiver)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+        }
+        for id in ids {
+            changed += sqlx::query(
+                "UPDATE inbox SET read_at = ? WHERE app = ? AND receiver = ? AND message_id = ? AND read_at IS NULL",
+            )
+            .bind(now)
+            .bind(app)
+            .bind(receiver)
+            .bind(id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        }
+        Ok(changed)
+    }
+}

@@ -1,0 +1,355 @@
+//! The benchmark harness (`herald bench`). Every figure is printed beside a baseline measured in
+//! the same run by the same load generator, as a ratio. Servers run as child processes (this
+//! binary), so their memory is measured alone; the load generator is a closed loop of HTTP/1.1
+//! keep-alive connections, like `wrk -t1 -cN`.
+
+use anyhow::{bail, Context};
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Arguments of `herald bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Seconds each throughput measurement runs.
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u64,
+    /// Concurrent connections of the load generator.
+    #[arg(long, default_value_t = 32)]
+    pub connections: usize,
+    /// Messages sent through the end-to-end measurement.
+    #[arg(long, default_value_t = 200_000)]
+    pub e2e_messages: usize,
+    /// Only run these figures (comma-separated: accept, batch, e2e).
+    #[arg(long, default_value = "accept,batch,e2e")]
+    pub only: String,
+    /// Internal: serve the bare baseline handler on this address and nothing else.
+    #[arg(long, hide = true)]
+    pub baseline_server: Option<String>,
+}
+
+/// Runs the harness.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(addr) = &args.baseline_server {
+        return baseline_server(addr).await;
+    }
+    let only: Vec<&str> = args.only.split(',').map(str::trim).collect();
+    let mut rows = Vec::new();
+    let baseline = {
+        let server = Server::baseline()?;
+        let r = load(server.addr, "/v1/send", b"{}".to_vec(), "", args.connections, args.seconds).await?;
+        drop(server);
+        r
+    };
+    rows.push(Row::new("bare axum handler answering 202 (baseline)", baseline.rps, "req/s", 1.0, Some(baseline.p99_ms)));
+
+    if only.contains(&"accept") {
+        for (label, roles) in [("POST /v1/send, 1 receiver, ingest role only", "ingest"), ("POST /v1/send, 1 receiver, all roles running", "all")] {
+            let herald = Herald::start(roles).await?;
+            let body = herald.send_body(1);
+            let r = load(herald.server.addr, "/v1/send", body, &herald.key, args.connections, args.seconds).await?;
+            rows.push(Row::new(label, r.rps, "req/s", r.rps / baseline.rps, Some(r.p99_ms)));
+        }
+    }
+    let mut batch_rate = None;
+    if only.contains(&"batch") {
+        let herald = Herald::start("ingest").await?;
+        let body = herald.batch_body(1000, 0);
+        let r = load(herald.server.addr, "/v1/send/batch", body, &herald.key, 4, args.seconds).await?;
+        let rate = r.rps * 1000.0;
+        batch_rate = Some(rate);
+        rows.push(Row::new("POST /v1/send/batch, 1,000 receivers (receivers/s)", rate, "receivers/s", rate / baseline.rps, Some(r.p99_ms)));
+    }
+    if only.contains(&"e2e") {
+        let herald = Herald::start("all").await?;
+        let (rate, peak_rss_mb) = herald.end_to_end(args.e2e_messages).await?;
+        let base = batch_rate.unwrap_or(baseline.rps);
+        rows.push(Row::new("end to end to the inbox, into Parquet (messages/s)", rate, "msg/s", rate / base, None));
+        rows.push(Row::new("peak resident memory of herald serve during e2e", peak_rss_mb, "MB", 0.0, None));
+    }
+    println!("\n| figure | value | unit | ratio to baseline | p99 ms |\n|---|---:|---|---:|---:|");
+    for r in rows {
+        println!(
+            "| {} | {:.0} | {} | {} | {} |",
+            r.label,
+            r.value,
+            r.unit,
+            if r.ratio > 0.0 { format!("{:.2}", r.ratio) } else { "-".into() },
+            r.p99_ms.map(|p| format!("{p:.1}")).unwrap_or_else(|| "-".into())
+        );
+    }
+    println!("\nbaseline for the e2e ratio: the batch accept rate in this run (or the bare handler's req/s)");
+    Ok(())
+}
+
+struct Row {
+    label: &'static str,
+    value: f64,
+    unit: &'static str,
+    ratio: f64,
+    p99_ms: Option<f64>,
+}
+
+impl Row {
+    fn new(label: &'static str, value: f64, unit: &'static str, ratio: f64, p99_ms: Option<f64>) -> Self {
+        Row { label, value, unit, ratio, p99_ms }
+    }
+}
+
+/// A child process serving HTTP, killed when dropped.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_addr() -> anyhow::Result<SocketAddr> {
+    Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+impl Server {
+    fn baseline() -> anyhow::Result<Server> {
+        let addr = free_addr()?;
+        let child = Command::new(std::env::current_exe()?)
+            .args(["bench", "--baseline-server", &addr.to_string()])
+            .stdout(Stdio::null())
+            .spawn()?;
+        let s = Server { child, addr };
+        wait_listening(addr)?;
+        Ok(s)
+    }
+
+    /// Resident memory (VmRSS) in MB.
+    fn rss_mb(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+            .unwrap_or(0.0)
+    }
+}
+
+fn wait_listening(addr: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            bail!("server on {addr} did not start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+async fn baseline_server(addr: &str) -> anyhow::Result<()> {
+    let app = axum::Router::new().route("/v1/send", axum::routing::post(|| async { axum::http::StatusCode::ACCEPTED }));
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+/// A `herald serve` child with an app, and an inbox template to send.
+struct Herald {
+    server: Server,
+    key: String,
+    template_id: i64,
+    dir: PathBuf,
+}
+
+impl Herald {
+    async fn start(roles: &str) -> anyhow::Result<Herald> {
+        let dir = std::env::temp_dir().join(format!("herald-bench-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir)?;
+        let exe = std::env::current_exe()?;
+        let out = Command::new(&exe).args(["--data-dir"]).arg(&dir).args(["apps", "create", "bench"]).output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let key = text
+            .lines()
+            .find_map(|l| l.strip_prefix("api key: "))
+            .context("`herald apps create` printed no key")?
+            .to_string();
+        let addr = free_addr()?;
+        let child = Command::new(&exe)
+            .args(["--data-dir"])
+            .arg(&dir)
+            .args(["serve", "--listen", &addr.to_string(), "--roles", roles])
+            .env("HERALD_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()?;
+        let server = Server { child, addr };
+        wait_listening(addr)?;
+        let client = setup_client::Client::new(addr);
+        let (status, body) = client
+            .post(
+                "/v1/templates",
+                &key,
+                serde_json::json!({"name": "bench", "channel": "inbox", "msg_type": "notice",
+                    "content": {"title": "Hello {$name}", "content": "Your code is {$code}"}})
+                .to_string()
+                .into_bytes(),
+            )
+            .await?;
+        if status != 201 {
+            bail!("creating the bench template failed: {status} {body}");
+        }
+        let template_id = serde_json::from_str::<serde_json::Value>(&body)?["id"].as_i64().context("template id")?;
+        Ok(Herald { server, key, template_id, dir })
+    }
+
+    fn send_body(&self, receivers: usize) -> Vec<u8> {
+        let receivers: Vec<String> = (0..receivers).map(|i| format!("user-{i}")).collect();
+        serde_json::json!({"template_id": self.template_id, "receivers": receivers,
+            "variables": {"name": "Ann", "code": "123456"}})
+        .to_string()
+        .into_bytes()
+    }
+
+    fn batch_body(&self, receivers: usize, offset: usize) -> Vec<u8> {
+        let receivers: Vec<String> = (offset..offset + receivers).map(|i| format!("user-{i}")).collect();
+        serde_json::json!({"template_id": self.template_id,
+            "messages": [{"receivers": receivers, "variables": {"name": "Ann", "code": "123456"}}]})
+        .to_string()
+        .into_bytes()
+    }
+
+    /// Sends `n` inbox messages in batches of 1,000 and waits until every `sent` event is in
+    /// Parquet; returns messages/s and the server's peak RSS in MB.
+    async fn end_to_end(&self, n: usize) -> anyhow::Result<(f64, f64)> {
+        let started = Instant::now();
+        let client = setup_client::Client::new(self.server.addr);
+        let mut peak: f64 = 0.0;
+        let batches = n.div_ceil(1000);
+        for b in 0..batches {
+            let (status, body) = client.post("/v1/send/batch", &self.key, self.batch_body(1000, b * 1000)).await?;
+            if status != 202 {
+                bail!("batch send failed: {status} {body}");
+            }
+            if b % 20 == 0 {
+                peak = peak.max(self.server.rss_mb());
+            }
+        }
+        let total = batches * 1000;
+        let warehouse = self.dir.join("warehouse");
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            peak = peak.max(self.server.rss_mb());
+            if sent_count(&warehouse).await? >= total as u64 {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("end-to-end did not finish in 10 minutes");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok((total as f64 / started.elapsed().as_secs_f64(), peak))
+    }
+}
+
+impl Drop for Herald {
+    fn drop(&mut self) {
+        let _ = self.server.child.kill();
+        let _ = self.server.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// How many `sent` events the warehouse holds.
+async fn sent_count(warehouse: &Path) -> anyhow::Result<u64> {
+    let sql = "SELECT count(*) AS n FROM delivery_events WHERE state = 'sent'";
+    let batches = herald_analytics::sql::query(warehouse, sql).await?;
+    let csv = herald_analytics::sql::format(&batches, herald_analytics::sql::OutputFormat::Csv)?;
+    Ok(csv.lines().nth(1).and_then(|l| l.trim().parse().ok()).unwrap_or(0))
+}
+
+/// What a load run measured.
+struct LoadResult {
+    rps: f64,
+    p99_ms: f64,
+}
+
+/// A closed loop of `connections` keep-alive connections POSTing `body` to `path` for `seconds`.
+async fn load(addr: SocketAddr, path: &str, body: Vec<u8>, key: &str, connections: usize, seconds: u64) -> anyhow::Result<LoadResult> {
+    let body = bytes::Bytes::from(body);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let auth = Arc::new(format!("Bearer {key}"));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..connections {
+        let (body, auth, path) = (body.clone(), auth.clone(), path.to_string());
+        tasks.spawn(async move {
+            let stream = tokio::net::TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            let mut latencies = Vec::new();
+            while Instant::now() < deadline {
+                let req = Request::post(path.as_str())
+                    .header("host", "bench")
+                    .header("content-type", "application/json")
+                    .header("authorization", auth.as_str())
+                    .body(Full::new(body.clone()))?;
+                let t = Instant::now();
+                let resp = sender.send_request(req).await?;
+                let status = resp.status();
+                resp.into_body().collect().await?;
+                if status.as_u16() != 202 {
+                    bail!("unexpected status {status}");
+                }
+                latencies.push(t.elapsed().as_micros() as u32);
+            }
+            anyhow::Ok(latencies)
+        });
+    }
+    let started = Instant::now();
+    let mut all = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        all.extend(r??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let p99 = all.get(all.len() * 99 / 100).copied().unwrap_or(0) as f64 / 1000.0;
+    Ok(LoadResult { rps: all.len() as f64 / elapsed, p99_ms: p99 })
+}
+
+/// A minimal HTTP/1.1 client for the harness's few setup calls.
+mod setup_client {
+    use http_body_util::{BodyExt, Full};
+    use std::net::SocketAddr;
+
+    pub struct Client {
+        addr: SocketAddr,
+    }
+
+    impl Client {
+        pub fn new(addr: SocketAddr) -> Self {
+            Client { addr }
+        }
+
+        /// POSTs JSON; returns the status and the body text.
+        pub async fn post(&self, path: &str, key: &str, body: Vec<u8>) -> anyhow::Result<(u16, String)> {
+            let stream = tokio::net::TcpStream::connect(self.addr).await?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            let req = hyper::Request::post(path)
+                .header("host", "bench")
+                .header("content-type", "application/json")
+                .header("authorization", format!("Bearer {key}"))
+                .body(Full::new(bytes::Bytes::from(body)))?;
+            let resp = sender.send_request(req).await?;
+            let status = resp.status().as_u16();
+            let text = String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).into_owned();
+            Ok((status, text))
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! herald: the one binary's library side. [`Application::build`] wires every role of the embedded
+//! deployment — HTTP API, dispatch worker, warehouse sink — over one store and one bus, so tests
+//! and benchmarks start the real thing on port 0.
+
+pub mod bench;
+
+use anyhow::Context;
+use herald_analytics::{EventIndex, Sink, SinkConfig, Warehouse};
+use herald_core::bus::embedded::EmbeddedBus;
+use herald_core::bus::Bus;
+use herald_core::config::Config;
+use herald_core::store::Store;
+use herald_core::telemetry::{Metrics, TopicGroup};
+use herald_core::wire::{DeliveryEvent, DELIVERY_TOPIC, REQUESTS_TOPIC};
+use herald_core::MessageId;
+use herald_dispatch::channels::{self, Senders};
+use herald_dispatch::Dispatcher;
+use herald_ingest::{ApiState, ChannelChecks};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Which roles a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    pub ingest: bool,
+    pub dispatch: bool,
+    pub analytics: bool,
+}
+
+impl Roles {
+    /// Every role: the embedded deployment.
+    pub const ALL: Roles = Roles { ingest: true, dispatch: true, analytics: true };
+
+    /// Parses `all` or a comma-separated list of `ingest`, `dispatch`, `analytics`.
+    pub fn parse(s: &str) -> anyhow::Result<Roles> {
+        if s == "all" {
+            return Ok(Roles::ALL);
+        }
+        let mut roles = Roles { ingest: false, dispatch: false, analytics: false };
+        for role in s.split(',').map(str::trim) {
+            match role {
+                "ingest" => roles.ingest = true,
+                "dispatch" => roles.dispatch = true,
+                "analytics" => roles.analytics = true,
+                other => anyhow::bail!("unknown role `{other}` (expected ingest, dispatch or analytics)"),
+            }
+        }
+        Ok(roles)
+    }
+}
+
+/// A built, not yet running, herald.
+pub struct Application {
+    config: Config,
+    roles: Roles,
+    listener: TcpListener,
+    store: Store,
+    bus: Arc<dyn Bus>,
+    metrics: Arc<Metrics>,
+}
+
+impl Application {
+    /// Opens the store and the bus and binds the HTTP listener (`http.listen`; port 0 picks a free one).
+    pub async fn build(config: Config, roles: Roles) -> anyhow::Result<Application> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+        let store = Store::open(&config.store_url()).await.context("cannot open the store")?;
+        let bus: Arc<dyn Bus> = Arc::new(
+            EmbeddedBus::open(&config.bus_dir(), config.bus.clone()).context("cannot open the embedded bus")?,
+        );
+        let listener = TcpListener::bind(&config.http.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.http.listen))?;
+        Ok(Application { config, roles, listener, store, bus, metrics: Metrics::new() })
+    }
+
+    /// The address the API listens on.
+    pub fn address(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    /// Runs every enabled role until `shutdown` turns true, then stops them in order: HTTP first,
+    /// then dispatch finishes its batch, then the sink flushes.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let mut tasks = tokio::task::JoinSet::new();
+        if self.roles.analytics {
+            let warehouse = Warehouse::local(self.config.warehouse_dir());
+            let sink_config = SinkConfig {
+                max_rows: self.config.analytics.flush_rows,
+                max_age: self.config.analytics.flush_interval,
+            };
+            let index: Arc<dyn EventIndex> = Arc::new(StoreIndex(self.store.clone()));
+            let sink = Sink::recover(self.bus.clone(), warehouse, index, sink_config).await?;
+            let rx = shutdown.clone();
+            tasks.spawn(async move { sink.run(rx).await.context("warehouse sink") });
+        }
+        if self.roles.dispatch {
+            let d = Dispatcher::new(self.store.clone(), self.bus.clone(), Senders::new(), self.metrics.clone(), self.config.dispatch.clone());
+            let rx = shutdown.clone();
+            tasks.spawn(async move { d.run(rx).await.context("dispatch worker") });
+        }
+        tasks.spawn(watch_lag(self.bus.clone(), self.metrics.clone(), shutdown.clone()));
+        if self.roles.ingest {
+            let checks = ChannelChecks { account: channels::check_account, content: channels::check_content };
+            let state = ApiState::new(self.store.clone(), self.bus.clone(), self.metrics.clone(), self.config.http.clone(), checks);
+            let app = herald_ingest::router(state);
+            let mut rx = shutdown.clone();
+            let listener = self.listener;
+            tasks.spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = rx.wait_for(|s| *s).await;
+                    })
+                    .await
+                    .context("HTTP server")
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.context("a role panicked")??;
+        }
+        Ok(())
+    }
+}
+
+/// Updates the queue-lag gauges every second.
+async fn watch_lag(bus: Arc<dyn Bus>, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let watched = [(REQUESTS_TOPIC, herald_dispatch::worker::GROUP), (DELIVERY_TOPIC, herald_analytics::GROUP)];
+    loop {
+        for (topic, group) in watched {
+            if let Ok(lag) = bus.lag(topic, group).await {
+                metrics.queue_lag.get_or_create(&TopicGroup { topic, group }).set(lag as i64);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+        }
+    }
+}
+
+/// The store's per-message event index, fed by the warehouse sink.
+struct StoreIndex(Store);
+
+#[async_trait::async_trait]
+impl EventIndex for StoreIndex {
+    async fn index(&self, events: &[DeliveryEvent]) -> anyhow::Result<()> {
+        Ok(self.0.index_events(events).await?)
+    }
+
+    async fn known(&self, ids: &[(MessageId, String)]) -> anyhow::Result<HashSet<String>> {
+        Ok(self.0.known_events(ids).await?)
+    }
+}

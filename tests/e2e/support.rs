@@ -1,0 +1,197 @@
+//! Starting herald for a test and talking to it.
+
+use herald::{Application, Roles};
+use herald_core::config::Config;
+use herald_core::store::Store;
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// A running herald with one app.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub key: String,
+    pub dir: tempfile::TempDir,
+    pub http: reqwest::Client,
+    stop: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+/// The config every test starts from: a temp data dir, a free port, fast warehouse flushes.
+pub fn test_config(dir: &Path) -> Config {
+    let mut c = Config::default();
+    c.data_dir = dir.to_path_buf();
+    c.http.listen = "127.0.0.1:0".into();
+    c.http.cache_ttl = Duration::from_millis(100);
+    c.analytics.flush_interval = Duration::from_millis(100);
+    c.bus.fsync = false;
+    c
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(|_| {}).await
+    }
+
+    pub async fn spawn_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = test_config(dir.path());
+        tweak(&mut config);
+        let store = Store::open(&config.store_url()).await.unwrap();
+        let (_, key) = store.create_app("test-app").await.unwrap();
+        let app = Application::build(config, Roles::ALL).await.unwrap();
+        let addr = app.address();
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(app.run(rx));
+        TestApp { addr, key, dir, http: reqwest::Client::new(), stop, task: Some(task) }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn warehouse(&self) -> PathBuf {
+        self.dir.path().join("warehouse")
+    }
+
+    /// A request with this app's key.
+    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.call_as(&self.key, method, path, body).await
+    }
+
+    pub async fn call_as(&self, key: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self.http.request(method, self.url(path)).bearer_auth(key);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    /// Creates an inbox template with `{$name}` and returns its id.
+    pub async fn inbox_template(&self) -> i64 {
+        let (s, t) = self
+            .post(
+                "/v1/templates",
+                json!({"name": "welcome", "channel": "inbox", "msg_type": "notice",
+                       "content": {"title": "Hi {$name}", "content": "Welcome, {$name}!"}}),
+            )
+            .await;
+        assert_eq!(s, 201, "{t}");
+        t["id"].as_i64().unwrap()
+    }
+
+    /// Waits until the trace of `id` reaches `state`; returns the trace.
+    pub async fn wait_for_state(&self, id: &str, state: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (s, t) = self.get(&format!("/v1/messages/{id}")).await;
+            if s == 200 && t["state"] == state {
+                return t;
+            }
+            assert!(Instant::now() < deadline, "message {id} never reached {state}: {s} {t}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The counter `name` (with labels, as printed) from `/metrics`.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self.http.get(self.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.task.take() {
+            t.await.unwrap().unwrap();
+        }
+    }
+}
+
+/// Runs SQL over a warehouse and returns the CSV text.
+pub async fn sql_csv(warehouse: &Path, sql: &str) -> String {
+    let batches = herald_analytics::sql::query(warehouse, sql).await.unwrap();
+    herald_analytics::sql::format(&batches, herald_analytics::sql::OutputFormat::Csv).unwrap()
+}
+
+/// Message ids of a `202` answer.
+pub fn message_ids(answer: &Value) -> Vec<String> {
+    answer["messages"].as_array().unwrap().iter().map(|m| m["message_id"].as_str().unwrap().to_string()).collect()
+}
+
+/// The test SMTP server (`tests/support/smtp_sink.py`, aiosmtpd): writes each message it
+/// accepts as JSON into a directory. It exits when this handle (its stdin) is dropped.
+pub struct SmtpSink {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+impl SmtpSink {
+    pub fn start() -> SmtpSink {
+        Self::start_with(&[])
+    }
+
+    /// Starts the sink with extra flags (`--transient REGEX`, `--permanent REGEX`).
+    pub fn start_with(args: &[&str]) -> SmtpSink {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/smtp_sink.py");
+        let mut child = std::process::Command::new("python3")
+            .arg(script)
+            .arg("--dir")
+            .arg(dir.path())
+            .arg("--exit-on-eof")
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 is needed for the SMTP test server");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let port = line
+            .strip_prefix("READY ")
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("the SMTP sink did not start (is aiosmtpd installed?): {line:?}"));
+        SmtpSink { port, dir, child }
+    }
+
+    /// Every message received so far, as the sink decoded it.
+    pub fn messages(&self) -> Vec<Value> {
+        let mut files: Vec<_> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        files.sort();
+        files.iter().map(|p| serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()).collect()
+    }
+
+    /// The Message-ID header of every message received so far.
+    pub fn message_ids(&self) -> Vec<String> {
+        self.messages().iter().map(|m| m["message_id"].as_str().unwrap_or_default().to_string()).collect()
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
