@@ -5,7 +5,7 @@
 pub mod bench;
 
 use anyhow::Context;
-use herald_analytics::{EventIndex, Sink, SinkConfig, Warehouse};
+use herald_analytics::{EventIndex, Sink, SinkConfig, SinkStats, Warehouse};
 use herald_core::bus::embedded::EmbeddedBus;
 use herald_core::bus::Bus;
 use herald_core::config::Config;
@@ -70,7 +70,9 @@ impl Application {
             .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
         let store = Store::open(&config.store_url()).await.context("cannot open the store")?;
         let bus: Arc<dyn Bus> = Arc::new(
-            EmbeddedBus::open(&config.bus_dir(), config.bus.clone()).context("cannot open the embedded bus")?,
+            EmbeddedBus::open(&config.bus_dir(), config.bus.clone())
+                .await
+                .context("cannot open the embedded bus")?,
         );
         let listener = TcpListener::bind(&config.http.listen)
             .await
@@ -87,14 +89,17 @@ impl Application {
     /// then dispatch finishes its batch, then the sink flushes.
     pub async fn run(self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let mut tasks = tokio::task::JoinSet::new();
+        let mut sink_stats = None;
         if self.roles.analytics {
             let warehouse = Warehouse::local(self.config.warehouse_dir());
             let sink_config = SinkConfig {
                 max_rows: self.config.analytics.flush_rows,
                 max_age: self.config.analytics.flush_interval,
+                ..SinkConfig::default()
             };
             let index: Arc<dyn EventIndex> = Arc::new(StoreIndex(self.store.clone()));
             let sink = Sink::recover(self.bus.clone(), warehouse, index, sink_config).await?;
+            sink_stats = Some(sink.stats());
             let rx = shutdown.clone();
             tasks.spawn(async move { sink.run(rx).await.context("warehouse sink") });
         }
@@ -103,7 +108,7 @@ impl Application {
             let rx = shutdown.clone();
             tasks.spawn(async move { d.run(rx).await.context("dispatch worker") });
         }
-        tasks.spawn(watch_lag(self.bus.clone(), self.metrics.clone(), shutdown.clone()));
+        tasks.spawn(watch(self.bus.clone(), self.metrics.clone(), sink_stats, shutdown.clone()));
         if self.roles.ingest {
             let checks = ChannelChecks { account: channels::check_account, content: channels::check_content };
             let state = ApiState::new(self.store.clone(), self.bus.clone(), self.metrics.clone(), self.config.http.clone(), checks);
@@ -126,14 +131,27 @@ impl Application {
     }
 }
 
-/// Updates the queue-lag gauges every second.
-async fn watch_lag(bus: Arc<dyn Bus>, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let watched = [(REQUESTS_TOPIC, herald_dispatch::worker::GROUP), (DELIVERY_TOPIC, herald_analytics::GROUP)];
+/// Every second: updates the queue-lag gauges and copies the sink's counters into the metrics.
+async fn watch(
+    bus: Arc<dyn Bus>,
+    metrics: Arc<Metrics>,
+    sink: Option<Arc<SinkStats>>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let watched = [(REQUESTS_TOPIC, herald_dispatch::worker::GROUP), (DELIVERY_TOPIC, herald_analytics::CONSUMER_GROUP)];
+    let (mut written, mut dropped) = (0, 0);
     loop {
         for (topic, group) in watched {
             if let Ok(lag) = bus.lag(topic, group).await {
                 metrics.queue_lag.get_or_create(&TopicGroup { topic, group }).set(lag as i64);
             }
+        }
+        if let Some(stats) = &sink {
+            let (w, d) = (stats.events_written.load(Relaxed), stats.duplicates_dropped.load(Relaxed));
+            metrics.warehouse_events.inc_by(w - written);
+            metrics.warehouse_duplicates_dropped.inc_by(d - dropped);
+            (written, dropped) = (w, d);
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}

@@ -59,16 +59,18 @@ impl Manifest {
             return Ok(None);
         };
         let key = Self::key(seq);
-        let manifest: Manifest = serde_json::from_slice(&wh.get(&key)?).map_err(|e| {
-            AnalyticsError::Manifest {
+        let manifest: Manifest =
+            serde_json::from_slice(&wh.get(&key)?).map_err(|e| AnalyticsError::Manifest {
                 path: wh.root().join(&key),
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         if manifest.version != VERSION || manifest.seq != seq {
             return Err(AnalyticsError::Manifest {
                 path: wh.root().join(&key),
-                reason: format!("unexpected version {} or seq {}", manifest.version, manifest.seq),
+                reason: format!(
+                    "unexpected version {} or seq {}",
+                    manifest.version, manifest.seq
+                ),
             });
         }
         Ok(Some(manifest))
@@ -193,7 +195,10 @@ mod tests {
         Manifest::prune(&wh, 2).unwrap();
         let mut left = wh.list(MANIFESTS).unwrap();
         left.sort();
-        assert_eq!(left, ["00000000000000000010.json", "00000000000000000011.json"]);
+        assert_eq!(
+            left,
+            ["00000000000000000010.json", "00000000000000000011.json"]
+        );
     }
 
     #[test]
@@ -202,7 +207,8 @@ mod tests {
         let wh = Warehouse::local(dir.path());
         let m = manifest(1);
         wh.put_atomic(&m.files[0].staged, b"data").unwrap();
-        wh.put_atomic(&format!("{STAGING}/orphan.parquet"), b"x").unwrap();
+        wh.put_atomic(&format!("{STAGING}/orphan.parquet"), b"x")
+            .unwrap();
         Manifest::delete_unlisted_staging(Some(&m), &wh).unwrap();
         assert_eq!(wh.list(STAGING).unwrap(), ["s1.parquet"]);
         m.complete_renames(&wh).unwrap();

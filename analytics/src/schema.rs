@@ -249,7 +249,9 @@ impl<'a> Columns<'a> {
     }
 
     fn int64(&self, name: &str) -> Result<&'a Int64Array, AnalyticsError> {
-        Ok(self.column(name, &DataType::Int64)?.as_primitive::<Int64Type>())
+        Ok(self
+            .column(name, &DataType::Int64)?
+            .as_primitive::<Int64Type>())
     }
 
     fn ts(&self, name: &str) -> Result<&'a TimestampMicrosecondArray, AnalyticsError> {

@@ -117,7 +117,9 @@ impl Faults {
     fn check(self, step: Step) -> Result<(), AnalyticsError> {
         #[cfg(test)]
         if self.crash_at == Some(step) {
-            return Err(AnalyticsError::Corrupt(format!("injected crash at {step:?}")));
+            return Err(AnalyticsError::Corrupt(format!(
+                "injected crash at {step:?}"
+            )));
         }
         let _ = step;
         Ok(())
@@ -171,7 +173,11 @@ impl Sink {
         })
         .await??;
         if let Some(m) = &newest {
-            tracing::info!(seq = m.seq, files = m.files.len(), "analytics sink recovering from manifest");
+            tracing::info!(
+                seq = m.seq,
+                files = m.files.len(),
+                "analytics sink recovering from manifest"
+            );
         }
         let mut sink = Sink {
             consumer,
@@ -179,7 +185,10 @@ impl Sink {
             index,
             config,
             stats: Arc::default(),
-            committed: newest.as_ref().map(|m| m.positions.clone()).unwrap_or_default(),
+            committed: newest
+                .as_ref()
+                .map(|m| m.positions.clone())
+                .unwrap_or_default(),
             inbox: Vec::new(),
             buffer: Vec::new(),
             buffer_ids: HashSet::new(),
@@ -300,8 +309,12 @@ impl Sink {
             self.buffer_ids.insert(e.event_id.clone());
             self.buffer.push(e);
         }
-        self.stats.duplicates_dropped.fetch_add(duplicates, Ordering::Relaxed);
-        self.stats.malformed_dropped.fetch_add(malformed, Ordering::Relaxed);
+        self.stats
+            .duplicates_dropped
+            .fetch_add(duplicates, Ordering::Relaxed);
+        self.stats
+            .malformed_dropped
+            .fetch_add(malformed, Ordering::Relaxed);
         Ok(())
     }
 
@@ -356,7 +369,13 @@ impl Sink {
         self.finish().await?;
 
         let elapsed = started.elapsed();
-        tracing::debug!(seq, rows, files, ms = elapsed.as_millis() as u64, "analytics flush");
+        tracing::debug!(
+            seq,
+            rows,
+            files,
+            ms = elapsed.as_millis() as u64,
+            "analytics flush"
+        );
         let now_ms = chrono::Utc::now().timestamp_millis();
         self.stats
             .last_flush_ms
@@ -390,7 +409,9 @@ impl Sink {
             read_back.then(|| manifest.read_events(&wh)).transpose()
         })
         .await??;
-        let events = committed.events.get_or_insert_with(|| read.unwrap_or_default());
+        let events = committed
+            .events
+            .get_or_insert_with(|| read.unwrap_or_default());
         self.faults.check(Step::BeforeBusCommit)?;
         self.consumer
             .commit(&committed.manifest.bus_positions())

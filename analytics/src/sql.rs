@@ -29,7 +29,11 @@ pub async fn query(warehouse_root: &Path, sql: &str) -> Result<Vec<RecordBatch>,
         .with_allow_ddl(false)
         .with_allow_dml(false)
         .with_allow_statements(false);
-    Ok(ctx.sql_with_options(sql, read_only).await?.collect().await?)
+    Ok(ctx
+        .sql_with_options(sql, read_only)
+        .await?
+        .collect()
+        .await?)
 }
 
 async fn register_tables(ctx: &SessionContext, root: &Path) -> Result<(), AnalyticsError> {
@@ -42,10 +46,15 @@ async fn register_tables(ctx: &SessionContext, root: &Path) -> Result<(), Analyt
             }
         }
     }
-    let parquet = || ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+    let parquet =
+        || ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
     if !tables.iter().any(|t| t == TABLE) {
         let mut fields = schema().fields().to_vec();
-        fields.extend(partition_columns().into_iter().map(|(n, t)| Arc::new(Field::new(n, t, false))));
+        fields.extend(
+            partition_columns()
+                .into_iter()
+                .map(|(n, t)| Arc::new(Field::new(n, t, false))),
+        );
         let empty = MemTable::try_new(Arc::new(Schema::new(fields)), vec![vec![]])?;
         ctx.register_table(TABLE, Arc::new(empty))?;
     }
@@ -59,12 +68,22 @@ async fn register_tables(ctx: &SessionContext, root: &Path) -> Result<(), Analyt
         }
         let state = ctx.state();
         let partitions = parquet().infer_partitions(&state, &url).await?;
-        let options = parquet()
-            .with_table_partition_cols(partitions.into_iter().map(|p| (p, DataType::Utf8)).collect());
+        let options = parquet().with_table_partition_cols(
+            partitions
+                .into_iter()
+                .map(|p| (p, DataType::Utf8))
+                .collect(),
+        );
         match options.infer_schema(&state, &url).await {
             Ok(table_schema) => {
-                ctx.register_listing_table(name.as_str(), url.as_str(), options, Some(table_schema), None)
-                    .await?
+                ctx.register_listing_table(
+                    name.as_str(),
+                    url.as_str(),
+                    options,
+                    Some(table_schema),
+                    None,
+                )
+                .await?
             }
             // A table directory without files yet has no schema to offer: leave it out.
             Err(e) => tracing::debug!(table = %name, error = %e, "not registering table"),
@@ -74,7 +93,10 @@ async fn register_tables(ctx: &SessionContext, root: &Path) -> Result<(), Analyt
 }
 
 fn partition_columns() -> Vec<(String, DataType)> {
-    vec![("dt".into(), DataType::Utf8), ("hour".into(), DataType::Utf8)]
+    vec![
+        ("dt".into(), DataType::Utf8),
+        ("hour".into(), DataType::Utf8),
+    ]
 }
 
 fn is_table_name(name: &str) -> bool {
@@ -102,7 +124,9 @@ impl FromStr for OutputFormat {
             "table" => Ok(OutputFormat::Table),
             "csv" => Ok(OutputFormat::Csv),
             "json" => Ok(OutputFormat::Json),
-            _ => Err(format!("unknown output format `{s}` (expected table, csv or json)")),
+            _ => Err(format!(
+                "unknown output format `{s}` (expected table, csv or json)"
+            )),
         }
     }
 }
@@ -112,7 +136,9 @@ pub fn format(batches: &[RecordBatch], format: OutputFormat) -> Result<String, A
     let bytes = match format {
         OutputFormat::Table => return Ok(format!("{}\n", pretty_format_batches(batches)?)),
         OutputFormat::Csv => {
-            let mut w = csv::WriterBuilder::new().with_header(true).build(Vec::new());
+            let mut w = csv::WriterBuilder::new()
+                .with_header(true)
+                .build(Vec::new());
             for b in batches {
                 w.write(b)?;
             }

@@ -78,10 +78,19 @@ impl Bus for MemBus {
     async fn lag(&self, topic: &str, group: &str) -> Result<u64, BusError> {
         let st = self.state.lock().unwrap();
         let committed = st.committed.get(&(topic.to_string(), group.to_string()));
-        let lag = st.logs.get(topic).into_iter().flatten().enumerate().map(|(p, log)| {
-            let done = committed.and_then(|c| c.get(&(p as u32))).copied().unwrap_or(0);
-            log.len() as u64 - done
-        });
+        let lag = st
+            .logs
+            .get(topic)
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .map(|(p, log)| {
+                let done = committed
+                    .and_then(|c| c.get(&(p as u32)))
+                    .copied()
+                    .unwrap_or(0);
+                log.len() as u64 - done
+            });
         Ok(lag.sum())
     }
 }
@@ -171,7 +180,9 @@ pub(crate) fn sample_events(n: usize, start: usize) -> Vec<DeliveryEvent> {
     ];
     (start..start + n)
         .map(|i| {
-            let message_id = MessageId(uuid::Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0000 + i as u128));
+            let message_id = MessageId(uuid::Uuid::from_u128(
+                0x0190_0000_0000_7000_8000_0000_0000_0000 + i as u128,
+            ));
             let state = STATES[i % STATES.len()];
             let attempt = (i % 3) as u32;
             let sent = matches!(state, State::Sent | State::Delivered | State::SendFailed);

@@ -47,7 +47,11 @@ impl Warehouse {
     }
 
     /// Writes `batch` as a zstd-compressed Parquet file with statistics, durably.
-    pub(crate) fn write_parquet(&self, key: &str, batch: &RecordBatch) -> Result<(), AnalyticsError> {
+    pub(crate) fn write_parquet(
+        &self,
+        key: &str,
+        batch: &RecordBatch,
+    ) -> Result<(), AnalyticsError> {
         let path = self.path(key);
         create_parent(&path)?;
         let file = File::create(&path).at(&path)?;
@@ -177,7 +181,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let wh = Warehouse::local(dir.path());
         let events = sample_events(20, 0);
-        wh.write_parquet("t/a.parquet", &events_to_batch(&events)).unwrap();
+        wh.write_parquet("t/a.parquet", &events_to_batch(&events))
+            .unwrap();
         assert_eq!(wh.read_events("t/a.parquet").unwrap(), events);
 
         let file = File::open(dir.path().join("t/a.parquet")).unwrap();

@@ -160,9 +160,9 @@ impl Config {
 
     /// The store URL.
     pub fn store_url(&self) -> String {
-        self.store_url.clone().unwrap_or_else(|| {
-            format!("sqlite://{}", self.data_dir.join("herald.db").display())
-        })
+        self.store_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("herald.db").display()))
     }
 
     /// The embedded bus directory.
@@ -210,14 +210,20 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .find(|c: char| !c.is_ascii_digit())
         .ok_or_else(|| format!("`{s}` has no unit (use ms, s, m, h or d)"))?;
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration"))?;
     let ms = match unit {
         "ms" => n,
         "s" => n * 1000,
         "m" => n * 60_000,
         "h" => n * 3_600_000,
         "d" => n * 86_400_000,
-        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use ms, s, m, h or d)")),
+        _ => {
+            return Err(format!(
+                "`{s}`: unknown unit `{unit}` (use ms, s, m, h or d)"
+            ));
+        }
     };
     Ok(Duration::from_millis(ms))
 }
@@ -258,9 +264,16 @@ mod tests {
     fn layers_defaults_file_and_environment() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("herald.toml");
-        std::fs::write(&file, "data_dir = \"/srv/h\"\n[http]\nmax_receivers = 5\ncache_ttl = \"2s\"\n").unwrap();
+        std::fs::write(
+            &file,
+            "data_dir = \"/srv/h\"\n[http]\nmax_receivers = 5\ncache_ttl = \"2s\"\n",
+        )
+        .unwrap();
         let env = vec![
-            ("HERALD_HTTP__LISTEN".to_string(), "0.0.0.0:9000".to_string()),
+            (
+                "HERALD_HTTP__LISTEN".to_string(),
+                "0.0.0.0:9000".to_string(),
+            ),
             ("HERALD_HTTP__MAX_RECEIVERS".to_string(), "7".to_string()),
             ("PATH".to_string(), "/bin".to_string()),
         ];

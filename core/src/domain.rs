@@ -163,7 +163,14 @@ mod tests {
             parse_receiver(Channel::Email, " Ann@Example.COM ").unwrap(),
             "Ann@example.com"
         );
-        for bad in ["ann", "ann@", "@example.com", "ann@example", "a b@example.com", "ann@.com"] {
+        for bad in [
+            "ann",
+            "ann@",
+            "@example.com",
+            "ann@example",
+            "a b@example.com",
+            "ann@.com",
+        ] {
             assert!(parse_receiver(Channel::Email, bad).is_err(), "{bad}");
         }
     }

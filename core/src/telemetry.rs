@@ -69,11 +69,31 @@ impl Metrics {
             warehouse_duplicates_dropped: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register("requests_accepted", "Send requests answered 202", m.requests_accepted.clone());
-        registry.register("requests_rejected", "Send requests refused, by error code", m.requests_rejected.clone());
-        registry.register("messages_accepted", "Messages accepted (one per receiver)", m.messages_accepted.clone());
-        registry.register("messages", "Delivery events by channel and state", m.messages.clone());
-        registry.register("queue_lag", "Records not yet committed by a consumer group", m.queue_lag.clone());
+        registry.register(
+            "requests_accepted",
+            "Send requests answered 202",
+            m.requests_accepted.clone(),
+        );
+        registry.register(
+            "requests_rejected",
+            "Send requests refused, by error code",
+            m.requests_rejected.clone(),
+        );
+        registry.register(
+            "messages_accepted",
+            "Messages accepted (one per receiver)",
+            m.messages_accepted.clone(),
+        );
+        registry.register(
+            "messages",
+            "Delivery events by channel and state",
+            m.messages.clone(),
+        );
+        registry.register(
+            "queue_lag",
+            "Records not yet committed by a consumer group",
+            m.queue_lag.clone(),
+        );
         registry.register(
             "redelivery_absorbed",
             "Redelivered messages the send ledger kept from being sent twice",
@@ -84,7 +104,11 @@ impl Metrics {
             "Messages sent again after a crash during the vendor call",
             m.possible_duplicates.clone(),
         );
-        registry.register("warehouse_events", "Delivery events written to Parquet", m.warehouse_events.clone());
+        registry.register(
+            "warehouse_events",
+            "Delivery events written to Parquet",
+            m.warehouse_events.clone(),
+        );
         registry.register(
             "warehouse_duplicates_dropped",
             "Re-emitted delivery events dropped by the warehouse sink",
@@ -96,7 +120,10 @@ impl Metrics {
     /// Counts one delivery event.
     pub fn event(&self, channel: Channel, state: State) {
         self.messages
-            .get_or_create(&ChannelState { channel: channel.as_str(), state: state.as_str() })
+            .get_or_create(&ChannelState {
+                channel: channel.as_str(),
+                state: state.as_str(),
+            })
             .inc();
     }
 
@@ -113,7 +140,10 @@ impl Metrics {
 pub fn init_tracing(filter: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .try_init();
 }
 
 #[cfg(test)]
@@ -126,7 +156,10 @@ mod tests {
         m.event(Channel::Inbox, State::Sent);
         m.requests_accepted.inc();
         let text = m.render();
-        assert!(text.contains("herald_messages_total{channel=\"inbox\",state=\"sent\"} 1"), "{text}");
+        assert!(
+            text.contains("herald_messages_total{channel=\"inbox\",state=\"sent\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("herald_requests_accepted_total 1"), "{text}");
     }
 }

@@ -41,7 +41,11 @@ pub fn render(content: &Value, vars: &Map<String, Value>) -> Result<Value, Rende
     render_value(content, vars, &mut budget)
 }
 
-fn render_value(v: &Value, vars: &Map<String, Value>, budget: &mut usize) -> Result<Value, RenderError> {
+fn render_value(
+    v: &Value,
+    vars: &Map<String, Value>,
+    budget: &mut usize,
+) -> Result<Value, RenderError> {
     Ok(match v {
         Value::String(s) => {
             let out = render_str(s, vars);
@@ -127,16 +131,23 @@ mod tests {
 
     #[test]
     fn renders_every_string_field() {
-        let content = json!({"title": "Hi {$name}", "body": ["code {$code}", 3], "n": {"x": "{$name}!"}});
+        let content =
+            json!({"title": "Hi {$name}", "body": ["code {$code}", 3], "n": {"x": "{$name}!"}});
         let out = render(&content, &vars(json!({"name": "Ann", "code": 1234}))).unwrap();
-        assert_eq!(out, json!({"title": "Hi Ann", "body": ["code 1234", 3], "n": {"x": "Ann!"}}));
+        assert_eq!(
+            out,
+            json!({"title": "Hi Ann", "body": ["code 1234", 3], "n": {"x": "Ann!"}})
+        );
     }
 
     #[test]
     fn reports_every_missing_variable() {
         let content = json!({"a": "{$x} {$y}", "b": "{$z}"});
         let err = render(&content, &vars(json!({"y": "1"}))).unwrap_err();
-        assert_eq!(err, RenderError::MissingVariables(vec!["x".into(), "z".into()]));
+        assert_eq!(
+            err,
+            RenderError::MissingVariables(vec!["x".into(), "z".into()])
+        );
     }
 
     #[test]
@@ -157,6 +168,9 @@ mod tests {
     fn output_size_is_bounded() {
         let big = "x".repeat(100_000);
         let content = json!(["{$v}", "{$v}", "{$v}"]);
-        assert_eq!(render(&content, &vars(json!({"v": big}))), Err(RenderError::TooLarge));
+        assert_eq!(
+            render(&content, &vars(json!({"v": big}))),
+            Err(RenderError::TooLarge)
+        );
     }
 }

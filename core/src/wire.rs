@@ -204,7 +204,13 @@ mod tests {
         let m = MessageId::new();
         assert_eq!(event_id(&m, State::Sent, 1), event_id(&m, State::Sent, 1));
         assert_ne!(event_id(&m, State::Sent, 1), event_id(&m, State::Sent, 2));
-        assert_ne!(event_id(&m, State::Sent, 1), event_id(&m, State::Sending, 1));
-        assert_ne!(event_id(&m, State::Sent, 1), event_id(&MessageId::new(), State::Sent, 1));
+        assert_ne!(
+            event_id(&m, State::Sent, 1),
+            event_id(&m, State::Sending, 1)
+        );
+        assert_ne!(
+            event_id(&m, State::Sent, 1),
+            event_id(&MessageId::new(), State::Sent, 1)
+        );
     }
 }

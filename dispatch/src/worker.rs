@@ -78,6 +78,7 @@ struct Work {
     attempt: u32,
     result: Option<Result<SendOutcome, SendError>>,
     sending_at: chrono::DateTime<chrono::Utc>,
+    done_at: chrono::DateTime<chrono::Utc>,
     latency_ms: u64,
 }
 
@@ -146,6 +147,7 @@ impl Dispatcher {
                     attempt: 1,
                     result: None,
                     sending_at: received_at,
+                    done_at: received_at,
                     latency_ms: 0,
                 }),
                 Err(e) => {
@@ -252,6 +254,7 @@ impl Dispatcher {
                     let started = Instant::now();
                     w.result = Some(self.send_one(&w.record).instrument(span).await);
                     w.latency_ms = started.elapsed().as_millis() as u64;
+                    w.done_at = chrono::Utc::now();
                 }
             })
             .await;
@@ -340,17 +343,16 @@ impl Dispatcher {
             }
             (None, Some(result)) => {
                 out.push(ev(State::Sending, w.sending_at));
-                let done_at = w.sending_at + chrono::Duration::milliseconds(w.latency_ms as i64);
                 let mut e = match result {
                     Ok(o) => {
-                        let mut e = ev(State::Sent, done_at);
+                        let mut e = ev(State::Sent, w.done_at);
                         e.vendor = Some(o.vendor.clone());
                         e.vendor_message_id = o.vendor_message_id.clone();
                         e.billing_units = o.billing_units;
                         e
                     }
                     Err(err) => {
-                        let mut e = ev(State::SendFailed, done_at);
+                        let mut e = ev(State::SendFailed, w.done_at);
                         e.error_code = Some(err.code().to_string());
                         e.error_detail = Some(err.detail().to_string());
                         e

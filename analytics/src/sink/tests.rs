@@ -26,7 +26,10 @@ async fn table(root: &Path) -> Vec<DeliveryEvent> {
     let batches = query(root, "SELECT * FROM delivery_events ORDER BY event_id")
         .await
         .unwrap();
-    batches.iter().flat_map(|b| batch_to_events(b).unwrap()).collect()
+    batches
+        .iter()
+        .flat_map(|b| batch_to_events(b).unwrap())
+        .collect()
 }
 
 fn by_id(mut events: Vec<DeliveryEvent>) -> Vec<DeliveryEvent> {
@@ -47,7 +50,11 @@ async fn lag(bus: &MemBus) -> u64 {
 
 #[tokio::test]
 async fn events_land_in_hourly_partitions_and_count_by_state() {
-    let (dir, bus, index) = (tempfile::tempdir().unwrap(), MemBus::default(), Arc::default());
+    let (dir, bus, index) = (
+        tempfile::tempdir().unwrap(),
+        MemBus::default(),
+        Arc::default(),
+    );
     let events = sample_events(500, 0);
     bus.publish_events(&events).await;
     let mut sink = start(&bus, dir.path(), &index).await;
@@ -65,8 +72,14 @@ async fn events_land_in_hourly_partitions_and_count_by_state() {
     }
     let mut counted = BTreeMap::new();
     for b in &batches {
-        let states = b.column(0).as_any().downcast_ref::<datafusion::arrow::array::StringArray>();
-        let counts = b.column(1).as_any().downcast_ref::<datafusion::arrow::array::Int64Array>();
+        let states = b
+            .column(0)
+            .as_any()
+            .downcast_ref::<datafusion::arrow::array::StringArray>();
+        let counts = b
+            .column(1)
+            .as_any()
+            .downcast_ref::<datafusion::arrow::array::Int64Array>();
         for (s, n) in states.unwrap().iter().zip(counts.unwrap().iter()) {
             counted.insert(s.unwrap().to_string(), n.unwrap());
         }
@@ -80,7 +93,10 @@ async fn events_land_in_hourly_partitions_and_count_by_state() {
         for hour in wh.list_dirs(&format!("delivery_events/{dt}")) {
             let partition = format!("delivery_events/{dt}/{hour}");
             for file in wh.list(&partition).unwrap() {
-                assert!(file.starts_with("part-") && file.ends_with(".parquet"), "{file}");
+                assert!(
+                    file.starts_with("part-") && file.ends_with(".parquet"),
+                    "{file}"
+                );
                 for e in wh.read_events(&format!("{partition}/{file}")).unwrap() {
                     assert_eq!(Warehouse::partition_of(e.ts), partition);
                 }
@@ -88,7 +104,10 @@ async fn events_land_in_hourly_partitions_and_count_by_state() {
             partitions.insert(partition);
         }
     }
-    let expected: BTreeSet<_> = events.iter().map(|e| Warehouse::partition_of(e.ts)).collect();
+    let expected: BTreeSet<_> = events
+        .iter()
+        .map(|e| Warehouse::partition_of(e.ts))
+        .collect();
     assert_eq!(partitions, expected);
     assert!(partitions.len() > 10, "{partitions:?}");
 
@@ -122,7 +141,11 @@ impl Warehouse {
 /// tampers with the disk, publishes more, restarts and checks the table and index hold every
 /// event exactly once.
 async fn crash_and_recover(step: Step, tamper: impl FnOnce(&Warehouse)) {
-    let (dir, bus, index) = (tempfile::tempdir().unwrap(), MemBus::default(), Arc::default());
+    let (dir, bus, index) = (
+        tempfile::tempdir().unwrap(),
+        MemBus::default(),
+        Arc::default(),
+    );
     let first = sample_events(100, 0);
     bus.publish_events(&first).await;
     let mut sink = start(&bus, dir.path(), &index).await;
@@ -145,7 +168,12 @@ async fn crash_and_recover(step: Step, tamper: impl FnOnce(&Warehouse)) {
     assert_eq!(table(dir.path()).await, all, "{step:?}");
     assert_eq!(indexed(&index), all, "{step:?}");
     assert_eq!(lag(&bus).await, 0);
-    assert!(Warehouse::local(dir.path()).list(STAGING).unwrap().is_empty());
+    assert!(
+        Warehouse::local(dir.path())
+            .list(STAGING)
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[tokio::test]
@@ -187,7 +215,11 @@ async fn a_crash_before_indexing_loses_and_duplicates_nothing() {
 
 #[tokio::test]
 async fn redelivered_duplicates_are_dropped_and_new_events_kept() {
-    let (dir, bus, index) = (tempfile::tempdir().unwrap(), MemBus::default(), Arc::default());
+    let (dir, bus, index) = (
+        tempfile::tempdir().unwrap(),
+        MemBus::default(),
+        Arc::default(),
+    );
     let e = sample_events(5, 0);
     bus.publish_events(&e[..3]).await;
     let mut sink = start(&bus, dir.path(), &index).await;
@@ -213,7 +245,11 @@ async fn redelivered_duplicates_are_dropped_and_new_events_kept() {
 
 #[tokio::test]
 async fn malformed_records_are_skipped_counted_and_committed() {
-    let (dir, bus, index) = (tempfile::tempdir().unwrap(), MemBus::default(), Arc::default());
+    let (dir, bus, index) = (
+        tempfile::tempdir().unwrap(),
+        MemBus::default(),
+        Arc::default(),
+    );
     let events = sample_events(3, 0);
     bus.publish_events(&events).await;
     let garbage = herald_core::bus::Record::new("k", b"{not json".to_vec());
@@ -239,12 +275,20 @@ async fn eventually(done: impl Fn() -> bool) {
 
 #[tokio::test]
 async fn run_flushes_by_size_and_age_and_on_shutdown() {
-    let (dir, bus, index) = (tempfile::tempdir().unwrap(), MemBus::default(), Arc::new(MemIndex::default()));
+    let (dir, bus, index) = (
+        tempfile::tempdir().unwrap(),
+        MemBus::default(),
+        Arc::new(MemIndex::default()),
+    );
     let start_run = |max_rows, max_age| {
         let bus: Arc<dyn Bus> = Arc::new(bus.clone());
         let (wh, index): (_, Arc<dyn EventIndex>) = (Warehouse::local(dir.path()), index.clone());
         async move {
-            let config = SinkConfig { max_rows, max_age, ..config() };
+            let config = SinkConfig {
+                max_rows,
+                max_age,
+                ..config()
+            };
             let sink = Sink::recover(bus, wh, index, config).await.unwrap();
             let stats = sink.stats();
             let (stop, shutdown) = watch::channel(false);
@@ -257,8 +301,7 @@ async fn run_flushes_by_size_and_age_and_on_shutdown() {
     // By age.
     let (stats, stop, running) = start_run(1000, Duration::from_millis(20)).await;
     bus.publish_events(&events[..10]).await;
-    eventually(|| written(&stats) == 10).await;
-    assert!(stats.last_flush_ms.load(Ordering::Relaxed) > 0);
+    eventually(|| written(&stats) == 10 && stats.last_flush_ms.load(Ordering::Relaxed) > 0).await;
     drop(stop); // a dropped sender also means shut down
     running.await.unwrap().unwrap();
 
@@ -272,4 +315,52 @@ async fn run_flushes_by_size_and_age_and_on_shutdown() {
     running.await.unwrap().unwrap();
     assert_eq!(written(&stats), 30);
     assert_eq!(table(dir.path()).await, by_id(events));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn adhoc_throughput() {
+    let n = 1_000_000;
+    let mut events = sample_events(n, 0);
+    for (i, e) in events.iter_mut().enumerate() {
+        e.ts = crate::testing::t0() + chrono::Duration::microseconds(i as i64 * 7_200); // 2 hours
+    }
+    let payloads: Vec<Vec<u8>> = events.iter().map(|e| serde_json::to_vec(e).unwrap()).collect();
+    let bytes: usize = payloads.iter().map(Vec::len).sum();
+    eprintln!("avg json {} bytes", bytes / n);
+    let t = Instant::now();
+    for p in &payloads {
+        std::hint::black_box(serde_json::from_slice::<DeliveryEvent>(p).unwrap());
+    }
+    eprintln!("decode only: {:.0}/s", n as f64 / t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    for c in events.chunks(100_000) {
+        std::hint::black_box(events_to_batch(c));
+    }
+    eprintln!("batch only: {:.0}/s", n as f64 / t.elapsed().as_secs_f64());
+    let dir = tempfile::tempdir().unwrap();
+    let wh = Warehouse::local(dir.path());
+    let t = Instant::now();
+    for (i, c) in events.chunks(100_000).enumerate() {
+        wh.write_parquet(&format!("x/{i}.parquet"), &events_to_batch(c)).unwrap();
+    }
+    eprintln!("batch+parquet: {:.0}/s", n as f64 / t.elapsed().as_secs_f64());
+
+    let (dir, bus, index) = (tempfile::tempdir().unwrap(), MemBus::default(), Arc::new(crate::NoIndex));
+    bus.publish_events(&events).await;
+    let bus_dyn: Arc<dyn Bus> = Arc::new(bus.clone());
+    let mut sink = Sink::recover(bus_dyn, Warehouse::local(dir.path()), index, SinkConfig::default()).await.unwrap();
+    let t = Instant::now();
+    sink.process_available().await.unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!("end to end: {:.0}/s ({secs:.2}s)", n as f64 / secs);
+    let size: u64 = walk(dir.path());
+    eprintln!("parquet bytes/row {:.1}", size as f64 / n as f64);
+}
+
+fn walk(p: &Path) -> u64 {
+    std::fs::read_dir(p).unwrap().map(|e| {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() { walk(&e.path()) } else { e.metadata().unwrap().len() }
+    }).sum()
 }

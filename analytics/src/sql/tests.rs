@@ -9,18 +9,24 @@ fn write_table(root: &Path, events: &[DeliveryEvent]) {
     let wh = Warehouse::local(root);
     for (n, e) in events.iter().enumerate() {
         let key = format!("{}/part-{n}.parquet", Warehouse::partition_of(e.ts));
-        wh.write_parquet(&key, &events_to_batch(std::slice::from_ref(e))).unwrap();
+        wh.write_parquet(&key, &events_to_batch(std::slice::from_ref(e)))
+            .unwrap();
     }
 }
 
 /// Compares `actual` with the checked-in `tests/golden/<name>`; `UPDATE_GOLDEN=1` rewrites it.
 fn golden(name: &str, actual: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::write(&path, actual).unwrap();
     }
     let expected = std::fs::read_to_string(&path).unwrap();
-    assert_eq!(actual, expected, "{name} differs; rerun with UPDATE_GOLDEN=1 to accept");
+    assert_eq!(
+        actual, expected,
+        "{name} differs; rerun with UPDATE_GOLDEN=1 to accept"
+    );
 }
 
 #[tokio::test]
@@ -67,7 +73,9 @@ async fn statements_that_write_are_rejected() {
         assert!(err.to_string().contains("not supported"), "{sql}: {err}");
     }
     assert!(!out.exists());
-    let rows = query(dir.path(), "SELECT count(*) FROM delivery_events").await.unwrap();
+    let rows = query(dir.path(), "SELECT count(*) FROM delivery_events")
+        .await
+        .unwrap();
     assert!(format(&rows, OutputFormat::Csv).unwrap().ends_with("\n2\n"));
 }
 
@@ -87,31 +95,43 @@ async fn a_filter_on_dt_skips_other_days_files() {
     let dir = tempfile::tempdir().unwrap();
     write_table(dir.path(), &sample_events(3, 0));
     // An unreadable file in another day's partition: only pruning lets the query succeed.
-    let bad = dir.path().join("delivery_events/dt=2026-11-27/hour=00/part-x.parquet");
+    let bad = dir
+        .path()
+        .join("delivery_events/dt=2026-11-27/hour=00/part-x.parquet");
     std::fs::create_dir_all(bad.parent().unwrap()).unwrap();
     std::fs::write(&bad, b"not parquet").unwrap();
 
     let sql = "SELECT count(*) AS n FROM delivery_events WHERE dt = '2026-11-26' AND hour = '07'";
     let rows = query(dir.path(), sql).await.unwrap();
     assert_eq!(format(&rows, OutputFormat::Csv).unwrap(), "n\n3\n");
-    assert!(query(dir.path(), "SELECT count(*) FROM delivery_events").await.is_err());
+    assert!(
+        query(dir.path(), "SELECT count(*) FROM delivery_events")
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test]
 async fn other_tables_are_registered_with_their_partitions() {
     let dir = tempfile::tempdir().unwrap();
-    let batch = query(dir.path(), "SELECT 'shop' AS app, CAST(3 AS BIGINT) AS sent")
-        .await
-        .unwrap();
+    let batch = query(
+        dir.path(),
+        "SELECT 'shop' AS app, CAST(3 AS BIGINT) AS sent",
+    )
+    .await
+    .unwrap();
     Warehouse::local(dir.path())
         .write_parquet("daily_sent/dt=2026-11-26/part-0.parquet", &batch[0])
         .unwrap();
     std::fs::create_dir_all(dir.path().join("empty_table")).unwrap();
     std::fs::create_dir_all(dir.path().join("_manifests")).unwrap();
 
-    let rows = query(dir.path(), "SELECT dt, app, sent FROM daily_sent WHERE dt = '2026-11-26'")
-        .await
-        .unwrap();
+    let rows = query(
+        dir.path(),
+        "SELECT dt, app, sent FROM daily_sent WHERE dt = '2026-11-26'",
+    )
+    .await
+    .unwrap();
     assert_eq!(
         format(&rows, OutputFormat::Json).unwrap(),
         "{\"dt\":\"2026-11-26\",\"app\":\"shop\",\"sent\":3}\n"

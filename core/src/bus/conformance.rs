@@ -80,7 +80,12 @@ pub async fn order_per_key(open: &impl OpenBus) {
     }
     assert_eq!(per_key.len(), 5);
     for (key, seqs) in per_key {
-        assert_eq!(seqs, (0..20).collect::<Vec<_>>(), "order of key {}", text(&key));
+        assert_eq!(
+            seqs,
+            (0..20).collect::<Vec<_>>(),
+            "order of key {}",
+            text(&key)
+        );
     }
     assert_offsets_increase(&got);
     expect_quiet(consumer.as_mut()).await;
@@ -179,7 +184,11 @@ pub async fn lag_counts_uncommitted(open: &impl OpenBus) {
     let mut consumer = subscribe(&bus, &topic, "g").await;
     assert_eq!(lag(&bus, &topic, "g").await, 10);
     let got = consume(consumer.as_mut(), 10).await;
-    assert_eq!(lag(&bus, &topic, "g").await, 10, "reading is not committing");
+    assert_eq!(
+        lag(&bus, &topic, "g").await,
+        10,
+        "reading is not committing"
+    );
     consumer
         .commit(&next_positions(&got[..4]))
         .await
@@ -190,7 +199,12 @@ pub async fn lag_counts_uncommitted(open: &impl OpenBus) {
         .await
         .expect("commit");
     assert_eq!(lag(&bus, &topic, "g").await, 0);
-    publish(&bus, &topic, vec![record("k", "late"), record("j", "later")]).await;
+    publish(
+        &bus,
+        &topic,
+        vec![record("k", "late"), record("j", "later")],
+    )
+    .await;
     assert_eq!(lag(&bus, &topic, "g").await, 2);
 }
 
@@ -294,8 +308,12 @@ pub async fn concurrent_publishers_lose_nothing(open: &impl OpenBus) {
             let topic = topic.clone();
             tokio::spawn(async move {
                 for i in 0..EACH {
-                    publish(&bus, &topic, vec![record(&format!("t{t}"), &format!("{t}:{i}"))])
-                        .await;
+                    publish(
+                        &bus,
+                        &topic,
+                        vec![record(&format!("t{t}"), &format!("{t}:{i}"))],
+                    )
+                    .await;
                 }
             })
         })

@@ -1,6 +1,6 @@
 //! Apps, API keys, channel accounts and templates.
 
-use super::{now_ms, Store, StoreError};
+use super::{Store, StoreError, now_ms};
 use crate::domain::{Channel, MsgType};
 use rand::RngCore;
 use serde::Serialize;
@@ -63,29 +63,38 @@ impl Store {
     /// shown again.
     pub async fn create_app(&self, name: &str) -> Result<(App, String), StoreError> {
         let mut tx = self.pool.begin().await?;
-        let id: i64 = sqlx::query_scalar("INSERT INTO apps (name, created_at) VALUES (?, ?) RETURNING id")
-            .bind(name)
-            .bind(now_ms())
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| match e {
-                sqlx::Error::Database(d) if d.is_unique_violation() => {
-                    StoreError::Conflict(format!("an app named `{name}` exists"))
-                }
-                e => e.into(),
-            })?;
+        let id: i64 =
+            sqlx::query_scalar("INSERT INTO apps (name, created_at) VALUES (?, ?) RETURNING id")
+                .bind(name)
+                .bind(now_ms())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| match e {
+                    sqlx::Error::Database(d) if d.is_unique_violation() => {
+                        StoreError::Conflict(format!("an app named `{name}` exists"))
+                    }
+                    e => e.into(),
+                })?;
         let mut raw = [0u8; 24];
         rand::thread_rng().fill_bytes(&mut raw);
         let key = format!("hk_{}", hex::encode(raw));
-        sqlx::query("INSERT INTO api_keys (key_hash, app_id, prefix, created_at) VALUES (?, ?, ?, ?)")
-            .bind(hash_key(&key))
-            .bind(id)
-            .bind(&key[..8])
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO api_keys (key_hash, app_id, prefix, created_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(hash_key(&key))
+        .bind(id)
+        .bind(&key[..8])
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
-        Ok((App { id, name: name.to_string() }, key))
+        Ok((
+            App {
+                id,
+                name: name.to_string(),
+            },
+            key,
+        ))
     }
 
     /// The app owning a live API key, by the key's hash.
@@ -97,7 +106,10 @@ impl Store {
         .bind(key_hash)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|r| App { id: r.get(0), name: r.get(1) }))
+        Ok(row.map(|r| App {
+            id: r.get(0),
+            name: r.get(1),
+        }))
     }
 
     /// Creates a channel account for `app`.
@@ -184,7 +196,12 @@ impl Store {
     }
 
     /// Replaces a live template's fields; its version goes up by one.
-    pub async fn update_template(&self, app: i64, id: i64, t: &NewTemplate) -> Result<Template, StoreError> {
+    pub async fn update_template(
+        &self,
+        app: i64,
+        id: i64,
+        t: &NewTemplate,
+    ) -> Result<Template, StoreError> {
         let done = sqlx::query(
             "UPDATE templates SET name = ?, channel = ?, msg_type = ?, account_id = ?, content = ?,
              version = version + 1, updated_at = ? WHERE app_id = ? AND id = ? AND deleted_at IS NULL",
@@ -236,7 +253,12 @@ impl Store {
     }
 
     /// Live templates of `app`, by id, `limit` from after id `after`.
-    pub async fn templates(&self, app: i64, after: i64, limit: i64) -> Result<Vec<Template>, StoreError> {
+    pub async fn templates(
+        &self,
+        app: i64,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<Template>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, name, channel, msg_type, account_id, content, version, created_at, updated_at
              FROM templates WHERE app_id = ? AND id > ? AND deleted_at IS NULL ORDER BY id LIMIT ?",

@@ -3,7 +3,7 @@
 
 use super::{Store, StoreError};
 use crate::domain::MessageId;
-use crate::wire::DeliveryEvent;
+use crate::wire::{DeliveryEvent, State};
 use sqlx::{QueryBuilder, Row, Sqlite};
 use std::collections::HashSet;
 
@@ -17,8 +17,9 @@ impl Store {
         }
         let mut tx = self.pool.begin().await?;
         for chunk in events.chunks(CHUNK) {
-            let mut q: QueryBuilder<Sqlite> =
-                QueryBuilder::new("INSERT OR IGNORE INTO message_events (message_id, event_id, ts, state, event) ");
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT OR IGNORE INTO message_events (message_id, event_id, ts, state, event) ",
+            );
             q.push_values(chunk, |mut b, e| {
                 b.push_bind(e.message_id.to_string())
                     .push_bind(&e.event_id)
@@ -33,11 +34,15 @@ impl Store {
     }
 
     /// Which of the given (message, event id) pairs are already indexed.
-    pub async fn known_events(&self, ids: &[(MessageId, String)]) -> Result<HashSet<String>, StoreError> {
+    pub async fn known_events(
+        &self,
+        ids: &[(MessageId, String)],
+    ) -> Result<HashSet<String>, StoreError> {
         let mut out = HashSet::new();
         for chunk in ids.chunks(CHUNK) {
-            let mut q: QueryBuilder<Sqlite> =
-                QueryBuilder::new("SELECT event_id FROM message_events WHERE (message_id, event_id) IN (VALUES ");
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "SELECT event_id FROM message_events WHERE (message_id, event_id) IN (VALUES ",
+            );
             let mut sep = q.separated(", ");
             for (m, e) in chunk {
                 sep.push("(")
@@ -55,15 +60,27 @@ impl Store {
     }
 
     /// Every indexed event of a message, oldest first, if the message belongs to `app`.
-    pub async fn message_events(&self, app: &str, id: &MessageId) -> Result<Vec<DeliveryEvent>, StoreError> {
-        let rows = sqlx::query("SELECT event FROM message_events WHERE message_id = ? ORDER BY ts, event_id")
-            .bind(id.to_string())
-            .fetch_all(&self.pool)
-            .await?;
-        let events: Vec<DeliveryEvent> = rows
+    pub async fn message_events(
+        &self,
+        app: &str,
+        id: &MessageId,
+    ) -> Result<Vec<DeliveryEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT event FROM message_events WHERE message_id = ? ORDER BY ts, event_id",
+        )
+        .bind(id.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut events: Vec<DeliveryEvent> = rows
             .iter()
-            .map(|r| serde_json::from_str(r.get::<&str, _>(0)).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .map(|r| {
+                serde_json::from_str(r.get::<&str, _>(0))
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))
+            })
             .collect::<Result<_, _>>()?;
+        // Events of one batch can share a timestamp; pipeline order breaks the tie.
+        let rank = |s: State| State::ALL.iter().position(|x| *x == s).unwrap_or(usize::MAX);
+        events.sort_by_key(|e| (e.ts, rank(e.state)));
         Ok(events.into_iter().filter(|e| e.app == app).collect())
     }
 }

@@ -4,7 +4,7 @@
 //! sees the claim and is told to retry. A claim left by a crashed request expires after
 //! [`CLAIM_TIMEOUT_MS`], so the key can be used again.
 
-use super::{now_ms, Store, StoreError};
+use super::{Store, StoreError, now_ms};
 use sqlx::Row;
 
 /// How long an unfinished claim blocks its key.
@@ -25,7 +25,12 @@ pub enum Claim {
 
 impl Store {
     /// Claims `key` for a request whose body hashes to `request_hash`.
-    pub async fn claim_idempotency(&self, app: i64, key: &str, request_hash: &str) -> Result<Claim, StoreError> {
+    pub async fn claim_idempotency(
+        &self,
+        app: i64,
+        key: &str,
+        request_hash: &str,
+    ) -> Result<Claim, StoreError> {
         let now = now_ms();
         let inserted = sqlx::query(
             "INSERT INTO idempotency (app_id, key, request_hash, created_at) VALUES (?, ?, ?, ?)
@@ -43,11 +48,13 @@ impl Store {
         if inserted == 1 {
             return Ok(Claim::Claimed);
         }
-        let row = sqlx::query("SELECT request_hash, status, response FROM idempotency WHERE app_id = ? AND key = ?")
-            .bind(app)
-            .bind(key)
-            .fetch_one(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT request_hash, status, response FROM idempotency WHERE app_id = ? AND key = ?",
+        )
+        .bind(app)
+        .bind(key)
+        .fetch_one(&self.pool)
+        .await?;
         let hash: String = row.get(0);
         let status: Option<i64> = row.get(1);
         Ok(match status {
@@ -61,7 +68,13 @@ impl Store {
     }
 
     /// Stores the answer to a claimed key.
-    pub async fn finish_idempotency(&self, app: i64, key: &str, status: u16, response: &str) -> Result<(), StoreError> {
+    pub async fn finish_idempotency(
+        &self,
+        app: i64,
+        key: &str,
+        status: u16,
+        response: &str,
+    ) -> Result<(), StoreError> {
         sqlx::query("UPDATE idempotency SET status = ?, response = ? WHERE app_id = ? AND key = ?")
             .bind(i64::from(status))
             .bind(response)

@@ -1,6 +1,6 @@
 //! The in-app inbox: messages per receiver, newest first.
 
-use super::{now_ms, Store, StoreError};
+use super::{Store, StoreError, now_ms};
 use serde::Serialize;
 use sqlx::Row;
 
@@ -59,17 +59,24 @@ impl Store {
     }
 
     /// Marks messages of `receiver` read; returns how many changed. An empty list marks all.
-    pub async fn mark_read(&self, app: &str, receiver: &str, ids: &[String]) -> Result<u64, StoreError> {
+    pub async fn mark_read(
+        &self,
+        app: &str,
+        receiver: &str,
+        ids: &[String],
+    ) -> Result<u64, StoreError> {
         let now = now_ms();
         let mut changed = 0;
         if ids.is_empty() {
-            changed = sqlx::query("UPDATE inbox SET read_at = ? WHERE app = ? AND receiver = ? AND read_at IS NULL")
-                .bind(now)
-                .bind(app)
-                .bind(receiver)
-                .execute(&self.pool)
-                .await?
-                .rows_affected();
+            changed = sqlx::query(
+                "UPDATE inbox SET read_at = ? WHERE app = ? AND receiver = ? AND read_at IS NULL",
+            )
+            .bind(now)
+            .bind(app)
+            .bind(receiver)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
         }
         for id in ids {
             changed += sqlx::query(

@@ -6,7 +6,7 @@
 //! possible, which dispatch counts. Inbox messages are written in the same transaction as their
 //! `sent` row, so the inbox channel is exactly-once.
 
-use super::{now_ms, Store, StoreError};
+use super::{Store, StoreError, now_ms};
 use crate::domain::MessageId;
 use sqlx::{QueryBuilder, Row, Sqlite};
 use std::collections::HashMap;
@@ -64,8 +64,9 @@ impl Store {
     ) -> Result<HashMap<MessageId, (LedgerState, u32)>, StoreError> {
         let mut out = HashMap::new();
         for chunk in ids.chunks(CHUNK) {
-            let mut q: QueryBuilder<Sqlite> =
-                QueryBuilder::new("SELECT message_id, state, attempt FROM send_ledger WHERE message_id IN (");
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "SELECT message_id, state, attempt FROM send_ledger WHERE message_id IN (",
+            );
             let mut sep = q.separated(", ");
             for id in chunk {
                 sep.push_bind(id.to_string());
@@ -96,8 +97,9 @@ impl Store {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         for chunk in rows.chunks(CHUNK) {
-            let mut q: QueryBuilder<Sqlite> =
-                QueryBuilder::new("INSERT OR REPLACE INTO send_ledger (message_id, state, attempt, updated_at) ");
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT OR REPLACE INTO send_ledger (message_id, state, attempt, updated_at) ",
+            );
             q.push_values(chunk, |mut b, (id, state, attempt)| {
                 b.push_bind(id.to_string())
                     .push_bind(state.as_str())

@@ -3,18 +3,18 @@
 //! Migrations live in `sql/migrations/sqlite/`.
 
 mod catalog;
-mod idempotency;
 mod events;
+mod idempotency;
 mod inbox;
 mod ledger;
 
-pub use catalog::{hash_key, Account, App, NewTemplate, Template};
+pub use catalog::{Account, App, NewTemplate, Template, hash_key};
 pub use idempotency::Claim;
 pub use inbox::InboxEntry;
 pub use ledger::{LedgerState, SentInbox};
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlitePool;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -61,7 +61,9 @@ impl Store {
             .max_connections(4)
             .connect_with(options)
             .await?;
-        sqlx::migrate!("../sql/migrations/sqlite").run(&pool).await?;
+        sqlx::migrate!("../sql/migrations/sqlite")
+            .run(&pool)
+            .await?;
         Ok(Store { pool })
     }
 

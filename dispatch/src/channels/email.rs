@@ -23,7 +23,6 @@ use async_trait::async_trait;
 use herald_core::MessageRecord;
 use lettre::message::{Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::TlsParameters;
 use lettre::transport::smtp::{AsyncSmtpTransport, PoolConfig};
 use lettre::{Address, AsyncTransport, Message, Tokio1Executor};
 use serde::Deserialize;
@@ -130,8 +129,12 @@ impl EmailAccount {
         }
         let account: EmailAccount =
             serde_json::from_value(config.clone()).map_err(|e| e.to_string())?;
-        if account.host.trim().is_empty() {
-            return Err("`host` is empty".into());
+        if !is_host(&account.host) {
+            // Caught here, when the account is saved, rather than as a connection error later.
+            return Err(format!(
+                "`host` {:?} is not a host name or IP address (the port goes in `port`)",
+                account.host
+            ));
         }
         if account.timeout_ms == 0 {
             return Err("`timeout_ms` must be positive".into());
@@ -147,13 +150,7 @@ impl EmailAccount {
             }
             _ => {}
         }
-        if account.security != Security::Plain {
-            // The same check lettre makes when building the transport, made here so that a bad
-            // host is caught when the account is saved rather than on its first message.
-            TlsParameters::new(account.host.clone())
-                .map_err(|e| format!("`host` {:?} cannot be used with TLS: {e}", account.host))?;
-        }
-        account.from_mailbox()?;
+        account.sender_mailbox()?;
         Ok(account)
     }
 
@@ -166,7 +163,7 @@ impl EmailAccount {
         Duration::from_millis(self.timeout_ms)
     }
 
-    fn from_mailbox(&self) -> Result<Mailbox, String> {
+    fn sender_mailbox(&self) -> Result<Mailbox, String> {
         self.from
             .parse()
             .map_err(|e| format!("`from` {:?} is not a mailbox: {e}", self.from))
@@ -192,6 +189,18 @@ impl EmailAccount {
         }
         Ok(builder.build())
     }
+}
+
+/// Whether `host` is an IP address or a DNS name (letters, digits, `-`, dot-separated labels).
+fn is_host(host: &str) -> bool {
+    host.parse::<std::net::IpAddr>().is_ok()
+        || (!host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && !label.starts_with('-')
+                    && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            }))
 }
 
 /// The rendered content of an email template.
@@ -428,7 +437,7 @@ impl Sender for EmailSender {
         let message_id = format!("<{}@herald>", record.message_id);
         let message = build_message(
             record,
-            account.from_mailbox().map_err(bad_account)?,
+            account.sender_mailbox().map_err(bad_account)?,
             message_id.clone(),
         )?;
         let pooled = self.pooled(account_id, account)?;
@@ -654,6 +663,9 @@ mod tests {
             Some(message_id.as_str())
         );
 
+        // lettre hands a connection back to the pool on a spawned task: let that task run, as
+        // it would between messages in production, before the next send looks for one.
+        tokio::time::sleep(Duration::from_millis(100)).await;
         let second = record(
             "bob@example.com",
             json!({"subject": "Hi Bob", "text": "Hi."}),
@@ -916,6 +928,8 @@ mod tests {
                    "password": 4242}),
             json!({"host": "h.example.com", "from": "a@example.com", "timeout_ms": 0}),
             json!({"host": "not a host!", "from": "a@example.com"}),
+            json!({"host": "smtp.example.com:587", "from": "a@example.com"}),
+            json!({"host": "smtp..example.com", "from": "a@example.com"}),
         ];
         for config in cases {
             let err = EmailAccount::parse(&config).unwrap_err();

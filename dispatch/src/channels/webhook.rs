@@ -57,7 +57,8 @@ const VENDOR: &str = "webhook";
 const DETAIL_BODY_BYTES: usize = 256;
 
 /// The `X-Herald-Signature` value for a request: `v1=` and the lowercase hex of
-/// `HMAC-SHA256(secret, "<timestamp>.<body>")`. See the [module docs](self) for verifying it.
+/// `HMAC-SHA256(secret, "<timestamp>.<body>")`. The [module docs](crate::channels::webhook) say
+/// how receivers verify it.
 pub fn sign(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
     mac.update(timestamp.to_string().as_bytes());

@@ -226,7 +226,10 @@ impl Cursor {
                         .copied()
                         .find(|&b| b > base);
                     let following = following.ok_or_else(|| {
-                        BusError::Corrupt(format!("no segment after {base} in {}", partition.dir.display()))
+                        BusError::Corrupt(format!(
+                            "no segment after {base} in {}",
+                            partition.dir.display()
+                        ))
                     })?;
                     self.next = self.next.max(following);
                     self.segment = None;

@@ -28,8 +28,9 @@
 //! `fdatasync` per touched file (in parallel), and only then makes the records visible to
 //! consumers and completes the waiting callers. While a batch is being synced the next one
 //! accumulates, so throughput grows with the number of concurrent publishers instead of being
-//! capped at one sync per record. A failed batch is truncated away and every caller in it gets
-//! the error.
+//! capped at one sync per record. With fsync on, the writer also waits up to 200 µs for the
+//! callers it just completed to publish again, so that a device flush is not spent on the
+//! first of them alone. A failed batch is truncated away and every caller in it gets the error.
 //!
 //! # Durability
 //!
@@ -107,6 +108,15 @@ impl Default for EmbeddedBusConfig {
 #[derive(Clone)]
 pub struct EmbeddedBus {
     inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for EmbeddedBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedBus")
+            .field("dir", &self.inner.root)
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
 }
 
 /// State shared by the bus handles and their consumers.
@@ -190,7 +200,12 @@ impl Inner {
             return Ok(topic.clone());
         }
         let partitions = self.config.partitions.max(1);
-        let topic = Arc::new(Topic::open(&self.root, name, partitions, self.config.fsync)?);
+        let topic = Arc::new(Topic::open(
+            &self.root,
+            name,
+            partitions,
+            self.config.fsync,
+        )?);
         write(&self.topics).insert(name.to_owned(), topic.clone());
         Ok(topic)
     }

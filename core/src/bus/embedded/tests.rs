@@ -78,7 +78,10 @@ async fn data_and_partition_counts_survive_reopen() {
     let mut sent: Vec<Vec<u8>> = records.iter().map(|r| r.payload.clone()).collect();
     sent.sort();
     assert_eq!(payloads, sent);
-    assert!(got.iter().all(|d| d.partition == partition_for(&d.record.key, 4)));
+    assert!(
+        got.iter()
+            .all(|d| d.partition == partition_for(&d.record.key, 4))
+    );
 
     // Offsets continue where they stopped.
     bus.publish("t", vec![Record::new("k0", "after")])
@@ -167,7 +170,10 @@ async fn segments_roll_and_committed_ones_are_deleted() {
         .filter_map(|p| format::parse_segment_name(p.file_name()?.to_str()?))
         .collect();
     let first_kept = bases.iter().rev().find(|&&b| b <= 50).copied().unwrap_or(0);
-    assert_eq!(after.len(), bases.iter().filter(|&&b| b >= first_kept).count());
+    assert_eq!(
+        after.len(),
+        bases.iter().filter(|&&b| b >= first_kept).count()
+    );
     assert!(after.len() < before.len());
 
     // A group that never committed does not hold data back: it starts at the oldest record left.
@@ -193,7 +199,9 @@ async fn one_member_per_group() {
     bus.subscribe("t", "other")
         .await
         .expect("another group is free");
-    bus.subscribe("u", "g").await.expect("another topic is free");
+    bus.subscribe("u", "g")
+        .await
+        .expect("another topic is free");
     drop(first);
     bus.subscribe("t", "g").await.expect("freed by drop");
 }
@@ -217,10 +225,7 @@ async fn bad_names_are_rejected() {
     let bus = open(dir.path(), EmbeddedBusConfig::default()).await;
     for name in ["", ".", "..", "_groups", "a/b", "a b", &"x".repeat(250)] {
         let result = bus.publish(name, vec![Record::new("k", "v")]).await;
-        assert!(
-            matches!(result, Err(BusError::UnknownTopic(_))),
-            "{name:?}"
-        );
+        assert!(matches!(result, Err(BusError::UnknownTopic(_))), "{name:?}");
     }
     assert!(bus.subscribe("t", "").await.is_err());
     bus.publish("herald.requests-dlq_2", vec![])

@@ -70,12 +70,17 @@ impl Topic {
     pub(super) fn open(root: &Path, name: &str, partitions: u32, fsync: bool) -> io::Result<Topic> {
         let dir = root.join(name);
         let count = match fs::read_to_string(dir.join(PARTITIONS_FILE)) {
-            Ok(text) => text.trim().parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("bad partition count in {}", dir.display()),
-                )
-            })?,
+            Ok(text) => text
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("bad partition count in {}", dir.display()),
+                    )
+                })?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 create_topic_dir(root, &dir, partitions, fsync)?;
                 partitions
@@ -147,10 +152,7 @@ impl Topic {
             }
             *last = Some(Instant::now());
         }
-        let groups: Vec<Vec<u64>> = lock(&self.groups)
-            .values()
-            .map(|g| g.committed())
-            .collect();
+        let groups: Vec<Vec<u64>> = lock(&self.groups).values().map(|g| g.committed()).collect();
         if groups.is_empty() {
             return;
         }
@@ -165,8 +167,12 @@ impl Topic {
             for base in doomed {
                 let path = format::segment_path(&partition.dir, base);
                 match fs::remove_file(&path) {
-                    Ok(()) => tracing::debug!(topic = %self.name, path = %path.display(), "retention deleted segment"),
-                    Err(e) => tracing::warn!(topic = %self.name, path = %path.display(), error = %e, "retention could not delete segment"),
+                    Ok(()) => {
+                        tracing::debug!(topic = %self.name, path = %path.display(), "retention deleted segment")
+                    }
+                    Err(e) => {
+                        tracing::warn!(topic = %self.name, path = %path.display(), error = %e, "retention could not delete segment")
+                    }
                 }
             }
         }
@@ -177,10 +183,22 @@ impl Partition {
     /// Opens (creating if needed) a partition directory and recovers its last segment: frames
     /// are checked up to the first torn or damaged one, where the file is truncated.
     fn open(dir: PathBuf, fsync: bool) -> io::Result<Partition> {
-        fs::create_dir_all(&dir)?;
+        if !dir.exists() {
+            fs::create_dir_all(&dir)?;
+            if fsync {
+                // The new directory's entry in the topic directory must survive a power loss too.
+                if let Some(topic_dir) = dir.parent() {
+                    File::open(topic_dir)?.sync_all()?;
+                }
+            }
+        }
         let mut segments = Vec::new();
         for entry in fs::read_dir(&dir)? {
-            if let Some(base) = entry?.file_name().to_str().and_then(format::parse_segment_name) {
+            if let Some(base) = entry?
+                .file_name()
+                .to_str()
+                .and_then(format::parse_segment_name)
+            {
                 segments.push(base);
             }
         }

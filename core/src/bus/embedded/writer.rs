@@ -13,8 +13,11 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
+/// The longest the writer waits for more callers before syncing a batch; see [`gather`].
+const GATHER_WAIT: Duration = Duration::from_micros(200);
 /// Encode buffers larger than this are not kept for reuse.
 const MAX_REUSED_BUFFER: usize = 4 << 20;
 
@@ -39,8 +42,8 @@ struct Shared {
 #[derive(Default)]
 struct Queue {
     pending: Vec<Append>,
-    /// The writer is waiting on the condvar: the next submitter wakes it (others need not).
-    idle: bool,
+    /// While the writer waits: the queue length at which a submitter wakes it (others need not).
+    wake_at: Option<usize>,
     closed: bool,
 }
 
@@ -67,8 +70,8 @@ impl Writer {
             return Err(BusError::Closed);
         }
         queue.pending.push(append);
-        if queue.idle {
-            queue.idle = false;
+        if queue.wake_at.is_some_and(|n| queue.pending.len() >= n) {
+            queue.wake_at = None;
             drop(queue);
             self.shared.wake.notify_one();
         }
@@ -102,6 +105,7 @@ fn run(shared: &Shared, segment_bytes: u64, fsync: bool) {
     let _close = CloseOnExit(shared);
     let mut batch = Vec::new();
     let mut buffers = Vec::new();
+    let mut last_batch = 0;
     loop {
         {
             let mut queue = lock(&shared.queue);
@@ -109,15 +113,19 @@ fn run(shared: &Shared, segment_bytes: u64, fsync: bool) {
                 if queue.closed {
                     return;
                 }
-                queue.idle = true;
+                queue.wake_at = Some(1);
                 queue = shared
                     .wake
                     .wait(queue)
                     .unwrap_or_else(PoisonError::into_inner);
             }
-            queue.idle = false;
+            if fsync {
+                queue = gather(shared, queue, last_batch);
+            }
+            queue.wake_at = None;
             std::mem::swap(&mut queue.pending, &mut batch);
         }
+        last_batch = batch.len();
         let result = append_batch(&batch, &mut buffers, segment_bytes, fsync);
         for append in batch.drain(..) {
             let outcome = match &result {
@@ -128,6 +136,32 @@ fn run(shared: &Shared, segment_bytes: u64, fsync: bool) {
             let _ = append.done.send(outcome);
         }
     }
+}
+
+/// Waits up to [`GATHER_WAIT`] for the queue to grow back to the size of the last batch.
+///
+/// Callers completed together tend to publish again together, but the first of them wakes the
+/// writer before the rest arrive; syncing at once would spend a whole device flush on a handful
+/// of records and leave the others waiting a full flush longer. A short wait, small next to a
+/// flush, keeps batches large. Only used with fsync: without it a batch is cheap anyway.
+fn gather<'a>(
+    shared: &'a Shared,
+    mut queue: MutexGuard<'a, Queue>,
+    last_batch: usize,
+) -> MutexGuard<'a, Queue> {
+    let deadline = Instant::now() + GATHER_WAIT;
+    while queue.pending.len() < last_batch && !queue.closed {
+        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+            break;
+        };
+        queue.wake_at = Some(last_batch);
+        queue = shared
+            .wake
+            .wait_timeout(queue, left)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+    }
+    queue
 }
 
 /// The records of one batch bound for one partition.
