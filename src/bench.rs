@@ -3,7 +3,7 @@
 //! binary), so their memory is measured alone; the load generator is a closed loop of HTTP/1.1
 //! keep-alive connections, like `wrk -t1 -cN`.
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use std::net::{SocketAddr, TcpListener as StdListener};
@@ -41,35 +41,92 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let baseline = {
         let server = Server::baseline()?;
-        let r = load(server.addr, "/v1/send", b"{}".to_vec(), "", args.connections, args.seconds).await?;
+        let r = load(
+            server.addr,
+            "/v1/send",
+            b"{}".to_vec(),
+            "",
+            args.connections,
+            args.seconds,
+        )
+        .await?;
         drop(server);
         r
     };
-    rows.push(Row::new("bare axum handler answering 202 (baseline)", baseline.rps, "req/s", 1.0, Some(baseline.p99_ms)));
+    rows.push(Row::new(
+        "bare axum handler answering 202 (baseline)",
+        baseline.rps,
+        "req/s",
+        1.0,
+        Some(baseline.p99_ms),
+    ));
 
     if only.contains(&"accept") {
-        for (label, roles) in [("POST /v1/send, 1 receiver, ingest role only", "ingest"), ("POST /v1/send, 1 receiver, all roles running", "all")] {
+        for (label, roles) in [
+            ("POST /v1/send, 1 receiver, ingest role only", "ingest"),
+            ("POST /v1/send, 1 receiver, all roles running", "all"),
+        ] {
             let herald = Herald::start(roles).await?;
             let body = herald.send_body(1);
-            let r = load(herald.server.addr, "/v1/send", body, &herald.key, args.connections, args.seconds).await?;
-            rows.push(Row::new(label, r.rps, "req/s", r.rps / baseline.rps, Some(r.p99_ms)));
+            let r = load(
+                herald.server.addr,
+                "/v1/send",
+                body,
+                &herald.key,
+                args.connections,
+                args.seconds,
+            )
+            .await?;
+            rows.push(Row::new(
+                label,
+                r.rps,
+                "req/s",
+                r.rps / baseline.rps,
+                Some(r.p99_ms),
+            ));
         }
     }
     let mut batch_rate = None;
     if only.contains(&"batch") {
         let herald = Herald::start("ingest").await?;
         let body = herald.batch_body(1000, 0);
-        let r = load(herald.server.addr, "/v1/send/batch", body, &herald.key, 4, args.seconds).await?;
+        let r = load(
+            herald.server.addr,
+            "/v1/send/batch",
+            body,
+            &herald.key,
+            4,
+            args.seconds,
+        )
+        .await?;
         let rate = r.rps * 1000.0;
         batch_rate = Some(rate);
-        rows.push(Row::new("POST /v1/send/batch, 1,000 receivers (receivers/s)", rate, "receivers/s", rate / baseline.rps, Some(r.p99_ms)));
+        rows.push(Row::new(
+            "POST /v1/send/batch, 1,000 receivers (receivers/s)",
+            rate,
+            "receivers/s",
+            rate / baseline.rps,
+            Some(r.p99_ms),
+        ));
     }
     if only.contains(&"e2e") {
         let herald = Herald::start("all").await?;
         let (rate, peak_rss_mb) = herald.end_to_end(args.e2e_messages).await?;
         let base = batch_rate.unwrap_or(baseline.rps);
-        rows.push(Row::new("end to end to the inbox, into Parquet (messages/s)", rate, "msg/s", rate / base, None));
-        rows.push(Row::new("peak resident memory of herald serve during e2e", peak_rss_mb, "MB", 0.0, None));
+        rows.push(Row::new(
+            "end to end to the inbox, into Parquet (messages/s)",
+            rate,
+            "msg/s",
+            rate / base,
+            None,
+        ));
+        rows.push(Row::new(
+            "peak resident memory of herald serve during e2e",
+            peak_rss_mb,
+            "MB",
+            0.0,
+            None,
+        ));
     }
     println!("\n| figure | value | unit | ratio to baseline | p99 ms |\n|---|---:|---|---:|---:|");
     for r in rows {
@@ -78,11 +135,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             r.label,
             r.value,
             r.unit,
-            if r.ratio > 0.0 { format!("{:.2}", r.ratio) } else { "-".into() },
-            r.p99_ms.map(|p| format!("{p:.1}")).unwrap_or_else(|| "-".into())
+            if r.ratio > 0.0 {
+                format!("{:.2}", r.ratio)
+            } else {
+                "-".into()
+            },
+            r.p99_ms
+                .map(|p| format!("{p:.1}"))
+                .unwrap_or_else(|| "-".into())
         );
     }
-    println!("\nbaseline for the e2e ratio: the batch accept rate in this run (or the bare handler's req/s)");
+    println!(
+        "\nbaseline for the e2e ratio: the batch accept rate in this run (or the bare handler's req/s)"
+    );
     Ok(())
 }
 
@@ -95,8 +160,20 @@ struct Row {
 }
 
 impl Row {
-    fn new(label: &'static str, value: f64, unit: &'static str, ratio: f64, p99_ms: Option<f64>) -> Self {
-        Row { label, value, unit, ratio, p99_ms }
+    fn new(
+        label: &'static str,
+        value: f64,
+        unit: &'static str,
+        ratio: f64,
+        p99_ms: Option<f64>,
+    ) -> Self {
+        Row {
+            label,
+            value,
+            unit,
+            ratio,
+            p99_ms,
+        }
     }
 }
 
@@ -131,7 +208,8 @@ impl Server {
 
     /// Resident memory (VmRSS) in MB.
     fn rss_mb(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
         status
             .lines()
             .find(|l| l.starts_with("VmRSS:"))
@@ -154,7 +232,10 @@ fn wait_listening(addr: SocketAddr) -> anyhow::Result<()> {
 }
 
 async fn baseline_server(addr: &str) -> anyhow::Result<()> {
-    let app = axum::Router::new().route("/v1/send", axum::routing::post(|| async { axum::http::StatusCode::ACCEPTED }));
+    let app = axum::Router::new().route(
+        "/v1/send",
+        axum::routing::post(|| async { axum::http::StatusCode::ACCEPTED }),
+    );
     let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, app).await?;
     Ok(())
@@ -173,7 +254,11 @@ impl Herald {
         let dir = std::env::temp_dir().join(format!("herald-bench-{}", uuid::Uuid::now_v7()));
         std::fs::create_dir_all(&dir)?;
         let exe = std::env::current_exe()?;
-        let out = Command::new(&exe).args(["--data-dir"]).arg(&dir).args(["apps", "create", "bench"]).output()?;
+        let out = Command::new(&exe)
+            .args(["--data-dir"])
+            .arg(&dir)
+            .args(["apps", "create", "bench"])
+            .output()?;
         let text = String::from_utf8_lossy(&out.stdout);
         let key = text
             .lines()
@@ -204,8 +289,15 @@ impl Herald {
         if status != 201 {
             bail!("creating the bench template failed: {status} {body}");
         }
-        let template_id = serde_json::from_str::<serde_json::Value>(&body)?["id"].as_i64().context("template id")?;
-        Ok(Herald { server, key, template_id, dir })
+        let template_id = serde_json::from_str::<serde_json::Value>(&body)?["id"]
+            .as_i64()
+            .context("template id")?;
+        Ok(Herald {
+            server,
+            key,
+            template_id,
+            dir,
+        })
     }
 
     fn send_body(&self, receivers: usize) -> Vec<u8> {
@@ -217,7 +309,9 @@ impl Herald {
     }
 
     fn batch_body(&self, receivers: usize, offset: usize) -> Vec<u8> {
-        let receivers: Vec<String> = (offset..offset + receivers).map(|i| format!("user-{i}")).collect();
+        let receivers: Vec<String> = (offset..offset + receivers)
+            .map(|i| format!("user-{i}"))
+            .collect();
         serde_json::json!({"template_id": self.template_id,
             "messages": [{"receivers": receivers, "variables": {"name": "Ann", "code": "123456"}}]})
         .to_string()
@@ -232,7 +326,9 @@ impl Herald {
         let mut peak: f64 = 0.0;
         let batches = n.div_ceil(1000);
         for b in 0..batches {
-            let (status, body) = client.post("/v1/send/batch", &self.key, self.batch_body(1000, b * 1000)).await?;
+            let (status, body) = client
+                .post("/v1/send/batch", &self.key, self.batch_body(1000, b * 1000))
+                .await?;
             if status != 202 {
                 bail!("batch send failed: {status} {body}");
             }
@@ -270,7 +366,11 @@ async fn sent_count(warehouse: &Path) -> anyhow::Result<u64> {
     let sql = "SELECT count(*) AS n FROM delivery_events WHERE state = 'sent'";
     let batches = herald_analytics::sql::query(warehouse, sql).await?;
     let csv = herald_analytics::sql::format(&batches, herald_analytics::sql::OutputFormat::Csv)?;
-    Ok(csv.lines().nth(1).and_then(|l| l.trim().parse().ok()).unwrap_or(0))
+    Ok(csv
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(0))
 }
 
 /// What a load run measured.
@@ -280,7 +380,14 @@ struct LoadResult {
 }
 
 /// A closed loop of `connections` keep-alive connections POSTing `body` to `path` for `seconds`.
-async fn load(addr: SocketAddr, path: &str, body: Vec<u8>, key: &str, connections: usize, seconds: u64) -> anyhow::Result<LoadResult> {
+async fn load(
+    addr: SocketAddr,
+    path: &str,
+    body: Vec<u8>,
+    key: &str,
+    connections: usize,
+    seconds: u64,
+) -> anyhow::Result<LoadResult> {
     let body = bytes::Bytes::from(body);
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let auth = Arc::new(format!("Bearer {key}"));
@@ -290,7 +397,8 @@ async fn load(addr: SocketAddr, path: &str, body: Vec<u8>, key: &str, connection
         tasks.spawn(async move {
             let stream = tokio::net::TcpStream::connect(addr).await?;
             stream.set_nodelay(true)?;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
             tokio::spawn(conn);
             let mut latencies = Vec::new();
             while Instant::now() < deadline {
@@ -319,7 +427,10 @@ async fn load(addr: SocketAddr, path: &str, body: Vec<u8>, key: &str, connection
     let elapsed = started.elapsed().as_secs_f64();
     all.sort_unstable();
     let p99 = all.get(all.len() * 99 / 100).copied().unwrap_or(0) as f64 / 1000.0;
-    Ok(LoadResult { rps: all.len() as f64 / elapsed, p99_ms: p99 })
+    Ok(LoadResult {
+        rps: all.len() as f64 / elapsed,
+        p99_ms: p99,
+    })
 }
 
 /// A minimal HTTP/1.1 client for the harness's few setup calls.
@@ -337,9 +448,15 @@ mod setup_client {
         }
 
         /// POSTs JSON; returns the status and the body text.
-        pub async fn post(&self, path: &str, key: &str, body: Vec<u8>) -> anyhow::Result<(u16, String)> {
+        pub async fn post(
+            &self,
+            path: &str,
+            key: &str,
+            body: Vec<u8>,
+        ) -> anyhow::Result<(u16, String)> {
             let stream = tokio::net::TcpStream::connect(self.addr).await?;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
             tokio::spawn(conn);
             let req = hyper::Request::post(path)
                 .header("host", "bench")
@@ -348,7 +465,8 @@ mod setup_client {
                 .body(Full::new(bytes::Bytes::from(body)))?;
             let resp = sender.send_request(req).await?;
             let status = resp.status().as_u16();
-            let text = String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).into_owned();
+            let text =
+                String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).into_owned();
             Ok((status, text))
         }
     }

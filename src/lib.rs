@@ -6,15 +6,15 @@ pub mod bench;
 
 use anyhow::Context;
 use herald_analytics::{EventIndex, Sink, SinkConfig, SinkStats, Warehouse};
-use herald_core::bus::embedded::EmbeddedBus;
+use herald_core::MessageId;
 use herald_core::bus::Bus;
+use herald_core::bus::embedded::EmbeddedBus;
 use herald_core::config::Config;
 use herald_core::store::Store;
 use herald_core::telemetry::{Metrics, TopicGroup};
-use herald_core::wire::{DeliveryEvent, DELIVERY_TOPIC, REQUESTS_TOPIC};
-use herald_core::MessageId;
-use herald_dispatch::channels::{self, Senders};
+use herald_core::wire::{DELIVERY_TOPIC, DeliveryEvent, REQUESTS_TOPIC};
 use herald_dispatch::Dispatcher;
+use herald_dispatch::channels::{self, Senders};
 use herald_ingest::{ApiState, ChannelChecks};
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -33,20 +33,30 @@ pub struct Roles {
 
 impl Roles {
     /// Every role: the embedded deployment.
-    pub const ALL: Roles = Roles { ingest: true, dispatch: true, analytics: true };
+    pub const ALL: Roles = Roles {
+        ingest: true,
+        dispatch: true,
+        analytics: true,
+    };
 
     /// Parses `all` or a comma-separated list of `ingest`, `dispatch`, `analytics`.
     pub fn parse(s: &str) -> anyhow::Result<Roles> {
         if s == "all" {
             return Ok(Roles::ALL);
         }
-        let mut roles = Roles { ingest: false, dispatch: false, analytics: false };
+        let mut roles = Roles {
+            ingest: false,
+            dispatch: false,
+            analytics: false,
+        };
         for role in s.split(',').map(str::trim) {
             match role {
                 "ingest" => roles.ingest = true,
                 "dispatch" => roles.dispatch = true,
                 "analytics" => roles.analytics = true,
-                other => anyhow::bail!("unknown role `{other}` (expected ingest, dispatch or analytics)"),
+                other => {
+                    anyhow::bail!("unknown role `{other}` (expected ingest, dispatch or analytics)")
+                }
             }
         }
         Ok(roles)
@@ -68,7 +78,9 @@ impl Application {
     pub async fn build(config: Config, roles: Roles) -> anyhow::Result<Application> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
-        let store = Store::open(&config.store_url()).await.context("cannot open the store")?;
+        let store = Store::open(&config.store_url())
+            .await
+            .context("cannot open the store")?;
         let bus: Arc<dyn Bus> = Arc::new(
             EmbeddedBus::open(&config.bus_dir(), config.bus.clone())
                 .await
@@ -77,12 +89,21 @@ impl Application {
         let listener = TcpListener::bind(&config.http.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.http.listen))?;
-        Ok(Application { config, roles, listener, store, bus, metrics: Metrics::new() })
+        Ok(Application {
+            config,
+            roles,
+            listener,
+            store,
+            bus,
+            metrics: Metrics::new(),
+        })
     }
 
     /// The address the API listens on.
     pub fn address(&self) -> SocketAddr {
-        self.listener.local_addr().expect("a bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     /// Runs every enabled role until `shutdown` turns true, then stops them in order: HTTP first,
@@ -104,14 +125,34 @@ impl Application {
             tasks.spawn(async move { sink.run(rx).await.context("warehouse sink") });
         }
         if self.roles.dispatch {
-            let d = Dispatcher::new(self.store.clone(), self.bus.clone(), Senders::new(), self.metrics.clone(), self.config.dispatch.clone());
+            let d = Dispatcher::new(
+                self.store.clone(),
+                self.bus.clone(),
+                Senders::new(),
+                self.metrics.clone(),
+                self.config.dispatch.clone(),
+            );
             let rx = shutdown.clone();
             tasks.spawn(async move { d.run(rx).await.context("dispatch worker") });
         }
-        tasks.spawn(watch(self.bus.clone(), self.metrics.clone(), sink_stats, shutdown.clone()));
+        tasks.spawn(watch(
+            self.bus.clone(),
+            self.metrics.clone(),
+            sink_stats,
+            shutdown.clone(),
+        ));
         if self.roles.ingest {
-            let checks = ChannelChecks { account: channels::check_account, content: channels::check_content };
-            let state = ApiState::new(self.store.clone(), self.bus.clone(), self.metrics.clone(), self.config.http.clone(), checks);
+            let checks = ChannelChecks {
+                account: channels::check_account,
+                content: channels::check_content,
+            };
+            let state = ApiState::new(
+                self.store.clone(),
+                self.bus.clone(),
+                self.metrics.clone(),
+                self.config.http.clone(),
+                checks,
+            );
             let app = herald_ingest::router(state);
             let mut rx = shutdown.clone();
             let listener = self.listener;
@@ -139,16 +180,25 @@ async fn watch(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     use std::sync::atomic::Ordering::Relaxed;
-    let watched = [(REQUESTS_TOPIC, herald_dispatch::worker::GROUP), (DELIVERY_TOPIC, herald_analytics::CONSUMER_GROUP)];
+    let watched = [
+        (REQUESTS_TOPIC, herald_dispatch::worker::GROUP),
+        (DELIVERY_TOPIC, herald_analytics::CONSUMER_GROUP),
+    ];
     let (mut written, mut dropped) = (0, 0);
     loop {
         for (topic, group) in watched {
             if let Ok(lag) = bus.lag(topic, group).await {
-                metrics.queue_lag.get_or_create(&TopicGroup { topic, group }).set(lag as i64);
+                metrics
+                    .queue_lag
+                    .get_or_create(&TopicGroup { topic, group })
+                    .set(lag as i64);
             }
         }
         if let Some(stats) = &sink {
-            let (w, d) = (stats.events_written.load(Relaxed), stats.duplicates_dropped.load(Relaxed));
+            let (w, d) = (
+                stats.events_written.load(Relaxed),
+                stats.duplicates_dropped.load(Relaxed),
+            );
             metrics.warehouse_events.inc_by(w - written);
             metrics.warehouse_duplicates_dropped.inc_by(d - dropped);
             (written, dropped) = (w, d);

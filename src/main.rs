@@ -87,16 +87,25 @@ async fn main() -> anyhow::Result<()> {
             });
             app.run(rx).await
         }
-        Command::Apps { command: AppsCommand::Create { name } } => {
+        Command::Apps {
+            command: AppsCommand::Create { name },
+        } => {
             std::fs::create_dir_all(&config.data_dir)?;
             let store = Store::open(&config.store_url()).await?;
-            let (app, key) = store.create_app(&name).await.context("cannot create the app")?;
+            let (app, key) = store
+                .create_app(&name)
+                .await
+                .context("cannot create the app")?;
             println!("app:     {} (id {})", app.name, app.id);
             println!("api key: {key}");
             println!("Keep the key now: herald stores only its hash and cannot show it again.");
             Ok(())
         }
-        Command::Sql { query, format, warehouse } => {
+        Command::Sql {
+            query,
+            format,
+            warehouse,
+        } => {
             let root = warehouse.unwrap_or_else(|| config.warehouse_dir());
             let batches = herald_analytics::sql::query(&root, &query).await?;
             let format = match format {
@@ -116,7 +125,8 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -6,8 +6,9 @@
 //! At-least-once from the bus, at-most-once to the receiver per message id:
 //! 1. a batch is polled; nothing is committed yet;
 //! 2. messages bound for a vendor are marked `sending` in the send ledger (one transaction);
-//! 3. vendors are called (concurrently across receivers, in order for one receiver);
-//! 4. outcomes go to the ledger in one transaction — inbox messages are stored in that same
+//! 3. vendors are called (concurrently across receivers, in order for one receiver), and each
+//!    outcome is written to the ledger as soon as the vendor answers;
+//! 4. all outcomes go to the ledger again in one transaction — inbox messages are stored in that same
 //!    transaction, so the inbox is exactly-once;
 //! 5. the batch's delivery events are published (durable);
 //! 6. only then are the bus offsets committed.
@@ -255,9 +256,26 @@ impl Dispatcher {
                     w.result = Some(self.send_one(&w.record).instrument(span).await);
                     w.latency_ms = started.elapsed().as_millis() as u64;
                     w.done_at = chrono::Utc::now();
+                    if w.record.channel != Channel::Inbox {
+                        self.record_vendor_outcome(w).await;
+                    }
                 }
             })
             .await;
+    }
+
+    /// Records one vendor outcome in the ledger as soon as the vendor answered, so a crash later
+    /// in the batch cannot make this message look in-flight. The batch's final ledger write
+    /// repeats it; a failure here is only logged.
+    async fn record_vendor_outcome(&self, w: &Work) {
+        let state = match &w.result {
+            Some(Ok(_)) => LedgerState::Sent,
+            _ => LedgerState::SendFailed,
+        };
+        let row = [(w.record.message_id, state, w.attempt)];
+        if let Err(e) = self.store.record_ledger(&row, &[]).await {
+            tracing::warn!(error = %e, message_id = %w.record.message_id, "ledger write after a send failed; the batch write retries it");
+        }
     }
 
     async fn send_one(&self, record: &MessageRecord) -> Result<SendOutcome, SendError> {
@@ -293,10 +311,9 @@ impl Dispatcher {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&id)
+            && at.elapsed() < ACCOUNT_TTL
         {
-            if at.elapsed() < ACCOUNT_TTL {
-                return a.clone();
-            }
+            return a.clone();
         }
         let found = match self.store.account_by_id(id).await {
             Ok(a) => Some(a),

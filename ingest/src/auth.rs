@@ -4,7 +4,7 @@
 use crate::{ApiError, ApiState};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use herald_core::store::{hash_key, App, StoreError, Template};
+use herald_core::store::{App, StoreError, Template, hash_key};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -15,25 +15,35 @@ pub struct CachedTemplate {
     pub placeholders: BTreeSet<String>,
 }
 
+/// A map whose entries remember when they were stored.
+type Timed<K, V> = RwLock<HashMap<K, (V, Instant)>>;
+
 /// Caches of API keys and templates; entries live `ttl`, so revocations, edits and deletes take
 /// effect within it.
 pub struct Caches {
     ttl: Duration,
-    keys: RwLock<HashMap<String, (Option<App>, Instant)>>,
-    templates: RwLock<HashMap<(i64, i64), (Option<Arc<CachedTemplate>>, Instant)>>,
+    keys: Timed<String, Option<App>>,
+    templates: Timed<(i64, i64), Option<Arc<CachedTemplate>>>,
 }
 
 impl Caches {
     pub fn new(ttl: Duration) -> Self {
-        Caches { ttl, keys: RwLock::default(), templates: RwLock::default() }
+        Caches {
+            ttl,
+            keys: RwLock::default(),
+            templates: RwLock::default(),
+        }
     }
 
-    fn fresh<K: std::hash::Hash + Eq, V: Clone>(&self, map: &RwLock<HashMap<K, (V, Instant)>>, k: &K) -> Option<V> {
+    fn fresh<K: std::hash::Hash + Eq, V: Clone>(&self, map: &Timed<K, V>, k: &K) -> Option<V> {
         let guard = map.read().unwrap_or_else(|p| p.into_inner());
-        guard.get(k).filter(|(_, at)| at.elapsed() < self.ttl).map(|(v, _)| v.clone())
+        guard
+            .get(k)
+            .filter(|(_, at)| at.elapsed() < self.ttl)
+            .map(|(v, _)| v.clone())
     }
 
-    fn put<K: std::hash::Hash + Eq, V>(map: &RwLock<HashMap<K, (V, Instant)>>, k: K, v: V) {
+    fn put<K: std::hash::Hash + Eq, V>(map: &Timed<K, V>, k: K, v: V) {
         let mut guard = map.write().unwrap_or_else(|p| p.into_inner());
         if guard.len() > 100_000 {
             guard.clear();
@@ -43,13 +53,20 @@ impl Caches {
 
     /// Forgets a template, after it was changed through this process.
     pub fn forget_template(&self, app: i64, id: i64) {
-        self.templates.write().unwrap_or_else(|p| p.into_inner()).remove(&(app, id));
+        self.templates
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(app, id));
     }
 }
 
 impl ApiState {
     /// A live template of `app`, from the cache or the store.
-    pub async fn cached_template(&self, app: i64, id: i64) -> Result<Option<Arc<CachedTemplate>>, ApiError> {
+    pub async fn cached_template(
+        &self,
+        app: i64,
+        id: i64,
+    ) -> Result<Option<Arc<CachedTemplate>>, ApiError> {
         let caches = &self.inner.caches;
         if let Some(t) = caches.fresh(&caches.templates, &(app, id)) {
             return Ok(t);
@@ -73,7 +90,10 @@ pub struct AuthApp(pub App);
 impl FromRequestParts<ApiState> for AuthApp {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &ApiState,
+    ) -> Result<Self, Self::Rejection> {
         let key = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)

@@ -3,9 +3,9 @@
 use crate::auth::AuthApp;
 use crate::body::JsonBody;
 use crate::{ApiError, ApiState, Detail};
+use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::Json;
 use herald_core::store::{Account, NewTemplate, StoreError, Template};
 use herald_core::{Channel, MsgType};
 use serde::Deserialize;
@@ -57,12 +57,24 @@ fn public_account(mut a: Account) -> Value {
 }
 
 fn channel(path: &str, s: &str, details: &mut Vec<Detail>) -> Option<Channel> {
-    s.parse().map_err(|m| details.push(Detail { path: path.into(), code: "unknown_channel", message: m })).ok()
+    s.parse()
+        .map_err(|m| {
+            details.push(Detail {
+                path: path.into(),
+                code: "unknown_channel",
+                message: m,
+            })
+        })
+        .ok()
 }
 
 fn name_ok(path: &str, name: &str, details: &mut Vec<Detail>) {
     if name.trim().is_empty() || name.len() > 200 {
-        details.push(Detail { path: path.into(), code: "bad_name", message: "a name of 1 to 200 bytes is required".into() });
+        details.push(Detail {
+            path: path.into(),
+            code: "bad_name",
+            message: "a name of 1 to 200 bytes is required".into(),
+        });
     }
 }
 
@@ -76,22 +88,39 @@ pub async fn create_account(
     name_ok("name", &b.name, &mut details);
     if let Some(c) = channel("channel", &b.channel, &mut details) {
         if let Err(message) = (state.inner.checks.account)(c, &b.config) {
-            details.push(Detail { path: "config".into(), code: "bad_account_config", message });
+            details.push(Detail {
+                path: "config".into(),
+                code: "bad_account_config",
+                message,
+            });
         }
         if details.is_empty() {
-            let a = state.inner.store.create_account(app.id, &b.name, c, &b.config).await?;
+            let a = state
+                .inner
+                .store
+                .create_account(app.id, &b.name, c, &b.config)
+                .await?;
             return Ok((StatusCode::CREATED, Json(public_account(a))));
         }
     }
     Err(ApiError::from_details(details))
 }
 
-pub async fn list_accounts(State(state): State<ApiState>, AuthApp(app): AuthApp) -> Result<Json<Value>, ApiError> {
+pub async fn list_accounts(
+    State(state): State<ApiState>,
+    AuthApp(app): AuthApp,
+) -> Result<Json<Value>, ApiError> {
     let accounts = state.inner.store.accounts(app.id).await?;
-    Ok(Json(serde_json::json!({"accounts": accounts.into_iter().map(public_account).collect::<Vec<_>>()})))
+    Ok(Json(
+        serde_json::json!({"accounts": accounts.into_iter().map(public_account).collect::<Vec<_>>()}),
+    ))
 }
 
-pub async fn get_account(State(state): State<ApiState>, AuthApp(app): AuthApp, Path(id): Path<i64>) -> Result<Json<Value>, ApiError> {
+pub async fn get_account(
+    State(state): State<ApiState>,
+    AuthApp(app): AuthApp,
+    Path(id): Path<i64>,
+) -> Result<Json<Value>, ApiError> {
     match state.inner.store.account(app.id, id).await {
         Ok(a) => Ok(Json(public_account(a))),
         Err(StoreError::NotFound) => Err(ApiError::NotFound("no such account")),
@@ -100,33 +129,69 @@ pub async fn get_account(State(state): State<ApiState>, AuthApp(app): AuthApp, P
 }
 
 /// Checks a template body against the channel and the app's accounts.
-async fn check_template(state: &ApiState, app: i64, b: TemplateBody) -> Result<NewTemplate, ApiError> {
+async fn check_template(
+    state: &ApiState,
+    app: i64,
+    b: TemplateBody,
+) -> Result<NewTemplate, ApiError> {
     let mut details = Vec::new();
     name_ok("name", &b.name, &mut details);
     let channel = channel("channel", &b.channel, &mut details);
-    let msg_type: Option<MsgType> =
-        b.msg_type.parse().map_err(|m| details.push(Detail { path: "msg_type".into(), code: "unknown_msg_type", message: m })).ok();
+    let msg_type: Option<MsgType> = b
+        .msg_type
+        .parse()
+        .map_err(|m| {
+            details.push(Detail {
+                path: "msg_type".into(),
+                code: "unknown_msg_type",
+                message: m,
+            })
+        })
+        .ok();
     if let Some(c) = channel {
         if let Err(message) = (state.inner.checks.content)(c, &b.content) {
-            details.push(Detail { path: "content".into(), code: "bad_content", message });
+            details.push(Detail {
+                path: "content".into(),
+                code: "bad_content",
+                message,
+            });
         }
         match b.account_id {
             Some(id) => match state.inner.store.account(app, id).await {
                 Ok(a) if a.channel == c => {}
-                Ok(a) => details.push(Detail { path: "account_id".into(), code: "account_channel_mismatch", message: format!("account {id} is a {} account, the template is {c}", a.channel) }),
-                Err(StoreError::NotFound) => details.push(Detail { path: "account_id".into(), code: "unknown_account", message: format!("no account {id} in this app") }),
+                Ok(a) => details.push(Detail {
+                    path: "account_id".into(),
+                    code: "account_channel_mismatch",
+                    message: format!(
+                        "account {id} is a {} account, the template is {c}",
+                        a.channel
+                    ),
+                }),
+                Err(StoreError::NotFound) => details.push(Detail {
+                    path: "account_id".into(),
+                    code: "unknown_account",
+                    message: format!("no account {id} in this app"),
+                }),
                 Err(e) => return Err(e.into()),
             },
             None if c != Channel::Inbox => {
-                details.push(Detail { path: "account_id".into(), code: "account_required", message: format!("a {c} template needs an account") });
+                details.push(Detail {
+                    path: "account_id".into(),
+                    code: "account_required",
+                    message: format!("a {c} template needs an account"),
+                });
             }
             None => {}
         }
     }
     match (channel, msg_type) {
-        (Some(channel), Some(msg_type)) if details.is_empty() => {
-            Ok(NewTemplate { name: b.name, channel, msg_type, account_id: b.account_id, content: b.content })
-        }
+        (Some(channel), Some(msg_type)) if details.is_empty() => Ok(NewTemplate {
+            name: b.name,
+            channel,
+            msg_type,
+            account_id: b.account_id,
+            content: b.content,
+        }),
         _ => Err(ApiError::from_details(details)),
     }
 }
@@ -137,7 +202,10 @@ pub async fn create_template(
     body: JsonBody<TemplateBody>,
 ) -> Result<(StatusCode, Json<Template>), ApiError> {
     let t = check_template(&state, app.id, body.value).await?;
-    Ok((StatusCode::CREATED, Json(state.inner.store.create_template(app.id, &t).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(state.inner.store.create_template(app.id, &t).await?),
+    ))
 }
 
 pub async fn update_template(
@@ -147,26 +215,63 @@ pub async fn update_template(
     body: JsonBody<TemplateBody>,
 ) -> Result<Json<Template>, ApiError> {
     let t = check_template(&state, app.id, body.value).await?;
-    let updated = state.inner.store.update_template(app.id, id, &t).await.map_err(not_found("no such template"))?;
+    let updated = state
+        .inner
+        .store
+        .update_template(app.id, id, &t)
+        .await
+        .map_err(not_found("no such template"))?;
     state.inner.caches.forget_template(app.id, id);
     Ok(Json(updated))
 }
 
-pub async fn delete_template(State(state): State<ApiState>, AuthApp(app): AuthApp, Path(id): Path<i64>) -> Result<StatusCode, ApiError> {
-    state.inner.store.delete_template(app.id, id).await.map_err(not_found("no such template"))?;
+pub async fn delete_template(
+    State(state): State<ApiState>,
+    AuthApp(app): AuthApp,
+    Path(id): Path<i64>,
+) -> Result<StatusCode, ApiError> {
+    state
+        .inner
+        .store
+        .delete_template(app.id, id)
+        .await
+        .map_err(not_found("no such template"))?;
     state.inner.caches.forget_template(app.id, id);
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub async fn get_template(State(state): State<ApiState>, AuthApp(app): AuthApp, Path(id): Path<i64>) -> Result<Json<Template>, ApiError> {
-    Ok(Json(state.inner.store.template(app.id, id).await.map_err(not_found("no such template"))?))
+pub async fn get_template(
+    State(state): State<ApiState>,
+    AuthApp(app): AuthApp,
+    Path(id): Path<i64>,
+) -> Result<Json<Template>, ApiError> {
+    Ok(Json(
+        state
+            .inner
+            .store
+            .template(app.id, id)
+            .await
+            .map_err(not_found("no such template"))?,
+    ))
 }
 
-pub async fn list_templates(State(state): State<ApiState>, AuthApp(app): AuthApp, Query(page): Query<Page>) -> Result<Json<Value>, ApiError> {
+pub async fn list_templates(
+    State(state): State<ApiState>,
+    AuthApp(app): AuthApp,
+    Query(page): Query<Page>,
+) -> Result<Json<Value>, ApiError> {
     let limit = page.limit.unwrap_or(100).clamp(1, 1000);
-    let templates = state.inner.store.templates(app.id, page.after, limit).await?;
-    let next = (templates.len() as i64 == limit).then(|| templates.last().map(|t| t.id)).flatten();
-    Ok(Json(serde_json::json!({"templates": templates, "next_after": next})))
+    let templates = state
+        .inner
+        .store
+        .templates(app.id, page.after, limit)
+        .await?;
+    let next = (templates.len() as i64 == limit)
+        .then(|| templates.last().map(|t| t.id))
+        .flatten();
+    Ok(Json(
+        serde_json::json!({"templates": templates, "next_after": next}),
+    ))
 }
 
 fn not_found(what: &'static str) -> impl Fn(StoreError) -> ApiError {

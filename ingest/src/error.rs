@@ -18,10 +18,18 @@ pub struct Detail {
 #[derive(Debug)]
 pub enum ApiError {
     /// Bad input: every bad item is in `details`; nothing was written.
-    Invalid { status: StatusCode, code: &'static str, message: String, details: Vec<Detail> },
+    Invalid {
+        status: StatusCode,
+        code: &'static str,
+        message: String,
+        details: Vec<Detail>,
+    },
     Unauthorized,
     NotFound(&'static str),
-    Conflict { code: &'static str, message: String },
+    Conflict {
+        code: &'static str,
+        message: String,
+    },
     /// A dependency (store, bus) is down; the client should retry.
     Unavailable(String),
     /// A bug or an unexpected failure: logged, shown to the client only as `internal`.
@@ -31,7 +39,12 @@ pub enum ApiError {
 impl ApiError {
     /// A 422 with one detail.
     pub fn invalid(code: &'static str, message: impl Into<String>) -> Self {
-        ApiError::Invalid { status: StatusCode::UNPROCESSABLE_ENTITY, code, message: message.into(), details: vec![] }
+        ApiError::Invalid {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code,
+            message: message.into(),
+            details: vec![],
+        }
     }
 
     /// A 422 naming every bad item; the top-level code is the items' code when they share one.
@@ -40,9 +53,22 @@ impl ApiError {
             Some(first) if details.iter().all(|d| d.code == first.code) => first.code,
             _ => "invalid_request",
         };
-        let message = details.iter().map(|d| format!("{}: {}", d.path, d.message)).collect::<Vec<_>>().join("; ");
-        let status = if code == "unknown_template" { StatusCode::NOT_FOUND } else { StatusCode::UNPROCESSABLE_ENTITY };
-        ApiError::Invalid { status, code, message, details }
+        let message = details
+            .iter()
+            .map(|d| format!("{}: {}", d.path, d.message))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let status = if code == "unknown_template" {
+            StatusCode::NOT_FOUND
+        } else {
+            StatusCode::UNPROCESSABLE_ENTITY
+        };
+        ApiError::Invalid {
+            status,
+            code,
+            message,
+            details,
+        }
     }
 
     /// The machine-readable code.
@@ -61,8 +87,13 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound => ApiError::NotFound("not found"),
-            StoreError::Conflict(m) => ApiError::Conflict { code: "conflict", message: m },
-            StoreError::Db(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => ApiError::Unavailable(e.to_string()),
+            StoreError::Conflict(m) => ApiError::Conflict {
+                code: "conflict",
+                message: m,
+            },
+            StoreError::Db(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => {
+                ApiError::Unavailable(e.to_string())
+            }
             e => ApiError::Internal(e.to_string()),
         }
     }
@@ -78,7 +109,12 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let code = self.code();
         let (status, message, details) = match self {
-            ApiError::Invalid { status, message, details, .. } => (status, message, details),
+            ApiError::Invalid {
+                status,
+                message,
+                details,
+                ..
+            } => (status, message, details),
             ApiError::Unauthorized => (
                 StatusCode::UNAUTHORIZED,
                 "a valid API key is required: Authorization: Bearer <key>".to_string(),
@@ -88,11 +124,19 @@ impl IntoResponse for ApiError {
             ApiError::Conflict { message, .. } => (StatusCode::CONFLICT, message, vec![]),
             ApiError::Unavailable(cause) => {
                 tracing::warn!(%cause, "dependency unavailable");
-                (StatusCode::SERVICE_UNAVAILABLE, "temporarily unavailable, retry later".to_string(), vec![])
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "temporarily unavailable, retry later".to_string(),
+                    vec![],
+                )
             }
             ApiError::Internal(cause) => {
                 tracing::error!(%cause, "internal error");
-                (StatusCode::INTERNAL_SERVER_ERROR, "internal error".to_string(), vec![])
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal error".to_string(),
+                    vec![],
+                )
             }
         };
         let mut error = serde_json::json!({"code": code, "message": message});
@@ -101,7 +145,8 @@ impl IntoResponse for ApiError {
         }
         let mut resp = (status, axum::Json(serde_json::json!({ "error": error }))).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
+            resp.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("1"));
         }
         resp
     }

@@ -12,14 +12,14 @@ mod send;
 pub use error::{ApiError, Detail};
 
 use auth::Caches;
+use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::routing::{get, post};
-use axum::Router;
+use herald_core::Channel;
 use herald_core::bus::Bus;
 use herald_core::config::HttpConfig;
 use herald_core::store::Store;
 use herald_core::telemetry::Metrics;
-use herald_core::Channel;
 use std::sync::Arc;
 
 /// Checks a channel's account config or template content; supplied by the dispatch crate, which
@@ -50,9 +50,24 @@ struct Inner {
 
 impl ApiState {
     /// Builds the shared state.
-    pub fn new(store: Store, bus: Arc<dyn Bus>, metrics: Arc<Metrics>, config: HttpConfig, checks: ChannelChecks) -> Self {
+    pub fn new(
+        store: Store,
+        bus: Arc<dyn Bus>,
+        metrics: Arc<Metrics>,
+        config: HttpConfig,
+        checks: ChannelChecks,
+    ) -> Self {
         let caches = Caches::new(config.cache_ttl);
-        ApiState { inner: Arc::new(Inner { store, bus, metrics, config, checks, caches }) }
+        ApiState {
+            inner: Arc::new(Inner {
+                store,
+                bus,
+                metrics,
+                config,
+                checks,
+                caches,
+            }),
+        }
     }
 }
 
@@ -65,12 +80,20 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/send", post(send::send))
         .route("/v1/send/batch", post(send::send_batch))
         .route("/v1/messages/{id}", get(read::trace))
-        .route("/v1/accounts", post(catalog::create_account).get(catalog::list_accounts))
+        .route(
+            "/v1/accounts",
+            post(catalog::create_account).get(catalog::list_accounts),
+        )
         .route("/v1/accounts/{id}", get(catalog::get_account))
-        .route("/v1/templates", post(catalog::create_template).get(catalog::list_templates))
+        .route(
+            "/v1/templates",
+            post(catalog::create_template).get(catalog::list_templates),
+        )
         .route(
             "/v1/templates/{id}",
-            get(catalog::get_template).put(catalog::update_template).delete(catalog::delete_template),
+            get(catalog::get_template)
+                .put(catalog::update_template)
+                .delete(catalog::delete_template),
         )
         .route("/v1/inbox/{receiver}", get(read::inbox))
         .route("/v1/inbox/{receiver}/read", post(read::mark_read))
@@ -85,7 +108,10 @@ async fn health(State(state): State<ApiState>) -> Result<axum::Json<serde_json::
 
 async fn metrics(State(state): State<ApiState>) -> ([(&'static str, &'static str); 1], String) {
     (
-        [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.inner.metrics.render(),
     )
 }

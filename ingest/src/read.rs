@@ -3,20 +3,28 @@
 use crate::auth::AuthApp;
 use crate::body::JsonBody;
 use crate::{ApiError, ApiState};
-use axum::extract::{Path, Query, State};
 use axum::Json;
+use axum::extract::{Path, Query, State};
 use herald_core::MessageId;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 /// `GET /v1/messages/{id}`: the current state and every event, oldest first.
 ///
 /// Events come from the store's index, which the warehouse sink fills after each commit, so a
 /// message appears here within the sink's flush interval of each state change.
-pub async fn trace(State(state): State<ApiState>, AuthApp(app): AuthApp, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    let id: MessageId = id.parse().map_err(|_| ApiError::invalid("bad_message_id", "a message id is a UUID"))?;
+pub async fn trace(
+    State(state): State<ApiState>,
+    AuthApp(app): AuthApp,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id: MessageId = id
+        .parse()
+        .map_err(|_| ApiError::invalid("bad_message_id", "a message id is a UUID"))?;
     let events = state.inner.store.message_events(&app.name, &id).await?;
-    let last = events.last().ok_or(ApiError::NotFound("no such message (events appear within the warehouse flush interval)"))?;
+    let last = events.last().ok_or(ApiError::NotFound(
+        "no such message (events appear within the warehouse flush interval)",
+    ))?;
     Ok(Json(json!({
         "message_id": id,
         "state": last.state,
@@ -48,13 +56,32 @@ pub async fn inbox(
     let before = match q.cursor.as_deref() {
         None | Some("") => None,
         Some(c) => {
-            let (ts, id) = c.split_once('_').ok_or_else(|| ApiError::invalid("bad_cursor", "use the next_cursor of the previous page"))?;
-            Some((ts.parse().map_err(|_| ApiError::invalid("bad_cursor", "use the next_cursor of the previous page"))?, id.to_string()))
+            let (ts, id) = c.split_once('_').ok_or_else(|| {
+                ApiError::invalid("bad_cursor", "use the next_cursor of the previous page")
+            })?;
+            Some((
+                ts.parse().map_err(|_| {
+                    ApiError::invalid("bad_cursor", "use the next_cursor of the previous page")
+                })?,
+                id.to_string(),
+            ))
         }
     };
-    let entries = state.inner.store.inbox(&app.name, &receiver, before, limit, q.unread).await?;
-    let next = (entries.len() as i64 == limit).then(|| entries.last().map(|e| format!("{}_{}", e.created_at, e.message_id))).flatten();
-    Ok(Json(json!({"receiver": receiver, "messages": entries, "next_cursor": next})))
+    let entries = state
+        .inner
+        .store
+        .inbox(&app.name, &receiver, before, limit, q.unread)
+        .await?;
+    let next = (entries.len() as i64 == limit)
+        .then(|| {
+            entries
+                .last()
+                .map(|e| format!("{}_{}", e.created_at, e.message_id))
+        })
+        .flatten();
+    Ok(Json(
+        json!({"receiver": receiver, "messages": entries, "next_cursor": next}),
+    ))
 }
 
 /// Body of `POST /v1/inbox/{receiver}/read`.
@@ -72,6 +99,10 @@ pub async fn mark_read(
     Path(receiver): Path<String>,
     body: JsonBody<ReadBody>,
 ) -> Result<Json<Value>, ApiError> {
-    let changed = state.inner.store.mark_read(&app.name, &receiver, &body.value.message_ids).await?;
+    let changed = state
+        .inner
+        .store
+        .mark_read(&app.name, &receiver, &body.value.message_ids)
+        .await?;
     Ok(Json(json!({"marked_read": changed})))
 }

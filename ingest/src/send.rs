@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use herald_core::bus::Record;
 use herald_core::domain::parse_receiver;
 use herald_core::store::Claim;
-use herald_core::template::{render, RenderError};
+use herald_core::template::{RenderError, render};
 use herald_core::wire::REQUESTS_TOPIC;
 use herald_core::{MessageId, MessageRecord};
 use serde::{Deserialize, Serialize};
@@ -70,8 +70,23 @@ pub async fn send(
     body: JsonBody<SendBody>,
 ) -> Result<Response, ApiError> {
     let b = &body.value;
-    let groups = vec![Group { path: String::new(), receivers: &b.receivers, variables: &b.variables, biz_id: b.biz_id.as_deref() }];
-    accept(&state, &app, &headers, &body.raw, b.template_id, b.send_at, groups, false).await
+    let groups = vec![Group {
+        path: String::new(),
+        receivers: &b.receivers,
+        variables: &b.variables,
+        biz_id: b.biz_id.as_deref(),
+    }];
+    accept(
+        &state,
+        &app,
+        &headers,
+        &body.raw,
+        b.template_id,
+        b.send_at,
+        groups,
+        false,
+    )
+    .await
 }
 
 pub async fn send_batch(
@@ -83,15 +98,39 @@ pub async fn send_batch(
     let b = &body.value;
     let max = state.inner.config.max_batch_messages;
     if b.messages.len() > max {
-        return Err(rejected(&state, ApiError::invalid("too_many_messages", format!("a batch holds at most {max} messages, got {}", b.messages.len()))));
+        return Err(rejected(
+            &state,
+            ApiError::invalid(
+                "too_many_messages",
+                format!(
+                    "a batch holds at most {max} messages, got {}",
+                    b.messages.len()
+                ),
+            ),
+        ));
     }
     let groups = b
         .messages
         .iter()
         .enumerate()
-        .map(|(i, m)| Group { path: format!("messages[{i}]."), receivers: &m.receivers, variables: &m.variables, biz_id: m.biz_id.as_deref() })
+        .map(|(i, m)| Group {
+            path: format!("messages[{i}]."),
+            receivers: &m.receivers,
+            variables: &m.variables,
+            biz_id: m.biz_id.as_deref(),
+        })
         .collect();
-    accept(&state, &app, &headers, &body.raw, b.template_id, b.send_at, groups, true).await
+    accept(
+        &state,
+        &app,
+        &headers,
+        &body.raw,
+        b.template_id,
+        b.send_at,
+        groups,
+        true,
+    )
+    .await
 }
 
 /// Receivers sharing variables: the whole of `/v1/send`, or one message of a batch.
@@ -103,7 +142,12 @@ struct Group<'a> {
 }
 
 fn rejected(state: &ApiState, e: ApiError) -> ApiError {
-    state.inner.metrics.requests_rejected.get_or_create(&herald_core::telemetry::ErrorCode { code: e.code() }).inc();
+    state
+        .inner
+        .metrics
+        .requests_rejected
+        .get_or_create(&herald_core::telemetry::ErrorCode { code: e.code() })
+        .inc();
     e
 }
 
@@ -129,33 +173,72 @@ async fn accept(
     }
     .map_err(|e| rejected(state, e))?;
 
-    let idempotency_key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let idempotency_key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     if let Some(key) = &idempotency_key {
         let hash = hex::encode(Sha256::digest(raw));
-        match state.inner.store.claim_idempotency(app.id, key, &hash).await? {
+        match state
+            .inner
+            .store
+            .claim_idempotency(app.id, key, &hash)
+            .await?
+        {
             Claim::Claimed => {}
             Claim::Done { status, response } => {
                 let status = StatusCode::from_u16(status).unwrap_or(StatusCode::ACCEPTED);
-                return Ok((status, [("content-type", "application/json"), ("idempotent-replayed", "true")], response).into_response());
+                return Ok((
+                    status,
+                    [
+                        ("content-type", "application/json"),
+                        ("idempotent-replayed", "true"),
+                    ],
+                    response,
+                )
+                    .into_response());
             }
             Claim::Mismatch => {
-                return Err(ApiError::invalid("idempotency_key_reused", "this Idempotency-Key was used with a different request body"));
+                return Err(ApiError::invalid(
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was used with a different request body",
+                ));
             }
             Claim::InProgress => {
-                return Err(ApiError::Conflict { code: "idempotency_in_progress", message: "a request with this Idempotency-Key is in progress; retry".into() });
+                return Err(ApiError::Conflict {
+                    code: "idempotency_in_progress",
+                    message: "a request with this Idempotency-Key is in progress; retry".into(),
+                });
             }
         }
     }
 
-    let request_id = records.first().map(|r| r.request_id.clone()).unwrap_or_default();
+    let request_id = records
+        .first()
+        .map(|r| r.request_id.clone())
+        .unwrap_or_default();
     let accepted: Vec<Accepted> = records
         .iter()
-        .zip(groups.iter().enumerate().flat_map(|(i, g)| g.receivers.iter().map(move |_| i)))
-        .map(|(r, i)| Accepted { message_id: r.message_id, receiver: r.receiver.clone(), index: batch.then_some(i) })
+        .zip(
+            groups
+                .iter()
+                .enumerate()
+                .flat_map(|(i, g)| g.receivers.iter().map(move |_| i)),
+        )
+        .map(|(r, i)| Accepted {
+            message_id: r.message_id,
+            receiver: r.receiver.clone(),
+            index: batch.then_some(i),
+        })
         .collect();
     let bus_records = records
         .iter()
-        .map(|r| Record::new(r.receiver.as_bytes().to_vec(), serde_json::to_vec(r).unwrap_or_default()))
+        .map(|r| {
+            Record::new(
+                r.receiver.as_bytes().to_vec(),
+                serde_json::to_vec(r).unwrap_or_default(),
+            )
+        })
         .collect();
     if let Err(e) = state.inner.bus.publish(REQUESTS_TOPIC, bus_records).await {
         if let Some(key) = &idempotency_key {
@@ -167,14 +250,24 @@ async fn accept(
     if let Some(key) = &idempotency_key {
         // The messages are published: a failure to store the answer must not turn into an error
         // that makes the client send them again.
-        if let Err(e) = state.inner.store.finish_idempotency(app.id, key, 202, &body).await {
+        if let Err(e) = state
+            .inner
+            .store
+            .finish_idempotency(app.id, key, 202, &body)
+            .await
+        {
             tracing::error!(error = %e, "could not store the idempotent answer");
         }
     }
     let m = &state.inner.metrics;
     m.requests_accepted.inc();
     m.messages_accepted.inc_by(records.len() as u64);
-    Ok((StatusCode::ACCEPTED, [("content-type", "application/json")], body).into_response())
+    Ok((
+        StatusCode::ACCEPTED,
+        [("content-type", "application/json")],
+        body,
+    )
+        .into_response())
 }
 
 /// Validates every group and renders one record per receiver, or names every bad item.
@@ -190,67 +283,111 @@ fn build_records(
     let template = &t.template;
     let mut details = Vec::new();
     let now = Utc::now();
-    if let Some(at) = send_at {
-        if at > now + chrono::Duration::seconds(1) {
-            details.push(Detail { path: "send_at".into(), code: "scheduling_not_supported", message: "scheduled sends (send_at in the future) are not implemented yet".into() });
-        }
+    if let Some(at) = send_at
+        && at > now + chrono::Duration::seconds(1)
+    {
+        details.push(Detail {
+            path: "send_at".into(),
+            code: "scheduling_not_supported",
+            message: "scheduled sends (send_at in the future) are not implemented yet".into(),
+        });
     }
     let total: usize = groups.iter().map(|g| g.receivers.len()).sum();
-    let max_total = if batch { config.max_batch_receivers } else { config.max_receivers };
+    let max_total = if batch {
+        config.max_batch_receivers
+    } else {
+        config.max_receivers
+    };
     if total > max_total {
-        details.push(Detail { path: "receivers".into(), code: "too_many_receivers", message: format!("at most {max_total} receivers per request, got {total}") });
+        details.push(Detail {
+            path: "receivers".into(),
+            code: "too_many_receivers",
+            message: format!("at most {max_total} receivers per request, got {total}"),
+        });
     }
     let request_id = uuid::Uuid::now_v7().to_string();
     let mut records = Vec::with_capacity(total.min(max_total));
     for g in groups {
         if g.receivers.is_empty() {
-            details.push(Detail { path: format!("{}receivers", g.path), code: "no_receivers", message: "at least one receiver is required".into() });
+            details.push(Detail {
+                path: format!("{}receivers", g.path),
+                code: "no_receivers",
+                message: "at least one receiver is required".into(),
+            });
         }
         if g.receivers.len() > config.max_receivers {
-            details.push(Detail { path: format!("{}receivers", g.path), code: "too_many_receivers", message: format!("at most {} receivers, got {}", config.max_receivers, g.receivers.len()) });
+            details.push(Detail {
+                path: format!("{}receivers", g.path),
+                code: "too_many_receivers",
+                message: format!(
+                    "at most {} receivers, got {}",
+                    config.max_receivers,
+                    g.receivers.len()
+                ),
+            });
         }
         if g.biz_id.is_some_and(|b| b.len() > MAX_BIZ_ID) {
-            details.push(Detail { path: format!("{}biz_id", g.path), code: "bad_biz_id", message: format!("biz_id is longer than {MAX_BIZ_ID} bytes") });
+            details.push(Detail {
+                path: format!("{}biz_id", g.path),
+                code: "bad_biz_id",
+                message: format!("biz_id is longer than {MAX_BIZ_ID} bytes"),
+            });
         }
         let content = match render(&template.content, g.variables) {
             Ok(c) => Some(c),
             Err(RenderError::MissingVariables(names)) => {
                 for name in names {
-                    details.push(Detail { path: format!("{}variables.{name}", g.path), code: "missing_variable", message: format!("the template needs variable `{name}`") });
+                    details.push(Detail {
+                        path: format!("{}variables.{name}", g.path),
+                        code: "missing_variable",
+                        message: format!("the template needs variable `{name}`"),
+                    });
                 }
                 None
             }
             Err(e @ RenderError::TooLarge) => {
-                details.push(Detail { path: format!("{}variables", g.path), code: "content_too_large", message: e.to_string() });
+                details.push(Detail {
+                    path: format!("{}variables", g.path),
+                    code: "content_too_large",
+                    message: e.to_string(),
+                });
                 None
             }
         };
         for (i, raw) in g.receivers.iter().enumerate() {
             match parse_receiver(template.channel, raw) {
                 Ok(receiver) => {
-                    if let Some(content) = &content {
-                        if details.is_empty() {
-                            records.push(MessageRecord {
-                                v: 1,
-                                message_id: MessageId::new(),
-                                request_id: request_id.clone(),
-                                biz_id: g.biz_id.map(str::to_owned),
-                                app: app.name.clone(),
-                                template_id: template.id,
-                                channel: template.channel,
-                                msg_type: template.msg_type,
-                                account_id: template.account_id,
-                                receiver,
-                                content: content.clone(),
-                                accepted_at: now,
-                                send_at: None,
-                            });
-                        }
+                    if let Some(content) = &content
+                        && details.is_empty()
+                    {
+                        records.push(MessageRecord {
+                            v: 1,
+                            message_id: MessageId::new(),
+                            request_id: request_id.clone(),
+                            biz_id: g.biz_id.map(str::to_owned),
+                            app: app.name.clone(),
+                            template_id: template.id,
+                            channel: template.channel,
+                            msg_type: template.msg_type,
+                            account_id: template.account_id,
+                            receiver,
+                            content: content.clone(),
+                            accepted_at: now,
+                            send_at: None,
+                        });
                     }
                 }
-                Err(message) => details.push(Detail { path: format!("{}receivers[{i}]", g.path), code: "bad_receiver", message }),
+                Err(message) => details.push(Detail {
+                    path: format!("{}receivers[{i}]", g.path),
+                    code: "bad_receiver",
+                    message,
+                }),
             }
         }
     }
-    if details.is_empty() { Ok(records) } else { Err(ApiError::from_details(details)) }
+    if details.is_empty() {
+        Ok(records)
+    } else {
+        Err(ApiError::from_details(details))
+    }
 }

@@ -1,11 +1,11 @@
 //! Email and webhook end to end: herald sends to a real SMTP server and to an HTTP receiver that
 //! verifies the signature independently.
 
-use crate::support::{message_ids, SmtpSink, TestApp};
+use crate::support::{SmtpSink, TestApp, message_ids};
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use hmac::{Hmac, Mac};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use sha2::Sha256;
 use std::sync::{Arc, Mutex};
 
@@ -39,9 +39,22 @@ async fn email_arrives_with_subject_and_both_bodies() {
     assert_eq!(m["rcpt_tos"], json!(["ann@example.com"]));
     assert_eq!(m["subject"], "Order A-1 shipped");
     assert_eq!(m["message_id"], format!("<{}@herald>", ids[0]));
-    let parts: Vec<(&str, &str)> = m["parts"].as_array().unwrap().iter().map(|p| (p["content_type"].as_str().unwrap(), p["content"].as_str().unwrap().trim())).collect();
+    let parts: Vec<(&str, &str)> = m["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["content_type"].as_str().unwrap(),
+                p["content"].as_str().unwrap().trim(),
+            )
+        })
+        .collect();
     assert!(parts.contains(&("text/plain", "Hi Ann")), "{parts:?}");
-    assert!(parts.contains(&("text/html", "<p>Hi <b>Ann</b></p>")), "{parts:?}");
+    assert!(
+        parts.contains(&("text/html", "<p>Hi <b>Ann</b></p>")),
+        "{parts:?}"
+    );
     app.stop().await;
 }
 
@@ -59,19 +72,32 @@ async fn receiver(secret: &'static str) -> (String, Arc<Mutex<Seen>>) {
     let handler = move |headers: HeaderMap, body: Bytes| {
         let seen = s.clone();
         async move {
-            let ts = headers.get("x-herald-timestamp").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
-            let sig = headers.get("x-herald-signature").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+            let ts = headers
+                .get("x-herald-timestamp")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            let sig = headers
+                .get("x-herald-signature")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
             let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
             mac.update(ts.as_bytes());
             mac.update(b".");
             mac.update(&body);
             let expected = format!("v1={}", hex::encode(mac.finalize().into_bytes()));
-            let fresh = ts.parse::<i64>().is_ok_and(|t| (chrono_now() - t).abs() < 300);
+            let fresh = ts
+                .parse::<i64>()
+                .is_ok_and(|t| (chrono_now() - t).abs() < 300);
             if sig != expected || !fresh {
                 seen.lock().unwrap().rejected += 1;
                 return StatusCode::UNAUTHORIZED;
             }
-            seen.lock().unwrap().verified.push(serde_json::from_slice(&body).unwrap());
+            seen.lock()
+                .unwrap()
+                .verified
+                .push(serde_json::from_slice(&body).unwrap());
             StatusCode::OK
         }
     };
@@ -83,7 +109,10 @@ async fn receiver(secret: &'static str) -> (String, Arc<Mutex<Seen>>) {
 }
 
 fn chrono_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 #[tokio::test]
@@ -106,17 +135,21 @@ async fn webhook_is_signed_and_a_wrong_secret_fails_permanently() {
     let good_id = &message_ids(&good)[0];
     let sent = app.wait_for_state(good_id, "sent").await;
     assert_eq!(sent["events"][3]["vendor"], "webhook");
-    let failed = app.wait_for_state(&message_ids(&bad)[0], "send_failed").await;
+    let failed = app
+        .wait_for_state(&message_ids(&bad)[0], "send_failed")
+        .await;
     assert_eq!(failed["events"][3]["error_code"], "webhook_4xx", "{failed}");
 
-    let seen = seen.lock().unwrap();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
     assert_eq!(seen.rejected, 1);
     assert_eq!(seen.verified.len(), 1);
     let body = &seen.verified[0];
     assert_eq!(body["message_id"], good_id.as_str());
     assert_eq!(body["receiver"], "shop-1");
     assert_eq!(body["biz_id"], "b1");
-    assert_eq!(body["content"], json!({"event": "order.paid", "order": "A-9"}));
-    drop(seen);
+    assert_eq!(
+        body["content"],
+        json!({"event": "order.paid", "order": "A-9"})
+    );
     app.stop().await;
 }

@@ -3,7 +3,7 @@
 //! warehouse holds exactly one `sent` event for each.
 
 use crate::support::SmtpSink;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use std::collections::{HashMap, HashSet};
 use std::net::TcpListener;
 use std::path::Path;
@@ -22,7 +22,11 @@ struct Serve {
 }
 
 fn serve(dir: &Path) -> Serve {
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let child = Command::new(env!("CARGO_BIN_EXE_herald"))
         .arg("--data-dir")
         .arg(dir)
@@ -41,20 +45,44 @@ fn serve(dir: &Path) -> Serve {
     Serve { child, base }
 }
 
-async fn post(http: &reqwest::Client, base: &str, key: &str, path: &str, body: Value) -> Result<(u16, Value), reqwest::Error> {
-    let resp = http.post(format!("{base}{path}")).bearer_auth(key).json(&body).send().await?;
+async fn post(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    path: &str,
+    body: Value,
+) -> Result<(u16, Value), reqwest::Error> {
+    let resp = http
+        .post(format!("{base}{path}"))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await?;
     let status = resp.status().as_u16();
     Ok((status, resp.json().await.unwrap_or(Value::Null)))
 }
 
 /// Sends batches from `start` until `stop_at` messages are accepted (or the server dies);
 /// records accepted ids by channel.
-async fn load(base: String, key: String, templates: (i64, i64), accepted: Arc<Mutex<(Vec<String>, Vec<String>)>>, stop_at: usize, start: usize) {
+async fn load(
+    base: String,
+    key: String,
+    templates: (i64, i64),
+    accepted: Arc<Mutex<(Vec<String>, Vec<String>)>>,
+    stop_at: usize,
+    start: usize,
+) {
     let http = reqwest::Client::new();
     let counter = Arc::new(std::sync::atomic::AtomicUsize::new(start));
     let mut tasks = Vec::new();
     for _ in 0..4 {
-        let (http, base, key, accepted, counter) = (http.clone(), base.clone(), key.clone(), accepted.clone(), counter.clone());
+        let (http, base, key, accepted, counter) = (
+            http.clone(),
+            base.clone(),
+            key.clone(),
+            accepted.clone(),
+            counter.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             loop {
                 let done = { let a = accepted.lock().unwrap(); a.0.len() + a.1.len() };
@@ -89,9 +117,18 @@ async fn load(base: String, key: String, templates: (i64, i64), accepted: Arc<Mu
 async fn kill_9_midway_loses_nothing_and_sends_nothing_twice() {
     let dir = tempfile::tempdir().unwrap();
     let smtp = SmtpSink::start();
-    let out = Command::new(env!("CARGO_BIN_EXE_herald")).arg("--data-dir").arg(dir.path()).args(["apps", "create", "crash"]).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["apps", "create", "crash"])
+        .output()
+        .unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
-    let key = text.lines().find_map(|l| l.strip_prefix("api key: ")).unwrap().to_string();
+    let key = text
+        .lines()
+        .find_map(|l| l.strip_prefix("api key: "))
+        .unwrap()
+        .to_string();
 
     let mut first = serve(dir.path());
     let http = reqwest::Client::new();
@@ -102,24 +139,52 @@ async fn kill_9_midway_loses_nothing_and_sends_nothing_twice() {
         json!({"name": "i", "channel": "inbox", "msg_type": "notice", "content": {"title": "t {$name}", "content": "c"}})).await.unwrap();
     let (_, email_t) = post(&http, &first.base, &key, "/v1/templates",
         json!({"name": "e", "channel": "email", "msg_type": "notice", "account_id": account["id"], "content": {"subject": "Hello {$name}", "text": "plain {$name}", "html": "<p>html {$name}</p>"}})).await.unwrap();
-    let templates = (inbox_t["id"].as_i64().unwrap(), email_t["id"].as_i64().unwrap());
+    let templates = (
+        inbox_t["id"].as_i64().unwrap(),
+        email_t["id"].as_i64().unwrap(),
+    );
 
     let accepted = Arc::new(Mutex::new((Vec::new(), Vec::new())));
     // Load until half is accepted, then SIGKILL while requests and sends are in flight.
-    let loader = tokio::spawn(load(first.base.clone(), key.clone(), templates, accepted.clone(), usize::MAX, 0));
-    while { let a = accepted.lock().unwrap(); a.0.len() + a.1.len() } < TOTAL / 2 {
+    let loader = tokio::spawn(load(
+        first.base.clone(),
+        key.clone(),
+        templates,
+        accepted.clone(),
+        usize::MAX,
+        0,
+    ));
+    while {
+        let a = accepted.lock().unwrap();
+        a.0.len() + a.1.len()
+    } < TOTAL / 2
+    {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     first.child.kill().unwrap();
     first.child.wait().unwrap();
     loader.await.unwrap();
-    let at_kill = { let a = accepted.lock().unwrap(); a.0.len() + a.1.len() };
+    let at_kill = {
+        let a = accepted.lock().unwrap();
+        a.0.len() + a.1.len()
+    };
 
     let second = serve(dir.path());
-    load(second.base.clone(), key.clone(), templates, accepted.clone(), TOTAL, 1_000_000).await;
+    load(
+        second.base.clone(),
+        key.clone(),
+        templates,
+        accepted.clone(),
+        TOTAL,
+        1_000_000,
+    )
+    .await;
     let (inbox_ids, email_ids) = accepted.lock().unwrap().clone();
     assert!(inbox_ids.len() + email_ids.len() >= TOTAL);
-    assert!(at_kill < TOTAL, "the kill came after everything was accepted");
+    assert!(
+        at_kill < TOTAL,
+        "the kill came after everything was accepted"
+    );
 
     // Wait until the warehouse has a `sent` event for every accepted message.
     let warehouse = dir.path().join("warehouse");
@@ -127,21 +192,44 @@ async fn kill_9_midway_loses_nothing_and_sends_nothing_twice() {
     let deadline = Instant::now() + Duration::from_secs(120);
     let sent: HashMap<String, u64> = loop {
         let csv = crate::support::sql_csv(&warehouse, "SELECT CAST(message_id AS VARCHAR) AS m, count(*) AS n FROM delivery_events WHERE state = 'sent' GROUP BY message_id").await;
-        let sent: HashMap<String, u64> = csv.lines().skip(1).filter_map(|l| l.split_once(',')).map(|(m, n)| (m.to_string(), n.trim().parse().unwrap())).collect();
+        let sent: HashMap<String, u64> = csv
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_once(','))
+            .map(|(m, n)| (m.to_string(), n.trim().parse().unwrap()))
+            .collect();
         if all.iter().all(|id| sent.contains_key(id)) {
             break sent;
         }
-        assert!(Instant::now() < deadline, "{} accepted messages never reached sent", all.iter().filter(|id| !sent.contains_key(*id)).count());
+        assert!(
+            Instant::now() < deadline,
+            "{} accepted messages never reached sent",
+            all.iter().filter(|id| !sent.contains_key(*id)).count()
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let twice: Vec<_> = sent.iter().filter(|(_, n)| **n != 1).collect();
-    assert!(twice.is_empty(), "messages with more than one sent event: {twice:?}");
+    assert!(
+        twice.is_empty(),
+        "messages with more than one sent event: {twice:?}"
+    );
 
     // The inbox holds each accepted inbox message exactly once (its key is the message id).
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", dir.path().join("herald.db").display())).await.unwrap();
-    let stored: Vec<String> = sqlx::query_scalar("SELECT message_id FROM inbox").fetch_all(&pool).await.unwrap();
+    let pool = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        dir.path().join("herald.db").display()
+    ))
+    .await
+    .unwrap();
+    let stored: Vec<String> = sqlx::query_scalar("SELECT message_id FROM inbox")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
     let stored: HashSet<String> = stored.into_iter().collect();
-    assert!(inbox_ids.iter().all(|id| stored.contains(id)), "an accepted inbox message is missing");
+    assert!(
+        inbox_ids.iter().all(|id| stored.contains(id)),
+        "an accepted inbox message is missing"
+    );
 
     // The SMTP server got every accepted email; copies only for crashes inside the SMTP call.
     let received = smtp.message_ids();
@@ -149,15 +237,36 @@ async fn kill_9_midway_loses_nothing_and_sends_nothing_twice() {
     for id in &received {
         *per_id.entry(id.clone()).or_default() += 1;
     }
-    let missing = email_ids.iter().filter(|id| !per_id.contains_key(&format!("<{id}@herald>"))).count();
+    let missing = email_ids
+        .iter()
+        .filter(|id| !per_id.contains_key(&format!("<{id}@herald>")))
+        .count();
     assert_eq!(missing, 0, "accepted emails the SMTP server never received");
     let copies: usize = per_id.values().map(|n| n - 1).sum();
-    let metrics = reqwest::get(format!("{}/metrics", second.base)).await.unwrap().text().await.unwrap();
-    let counted: f64 = metrics.lines().find(|l| l.starts_with("herald_possible_duplicates_total ")).and_then(|l| l.rsplit(' ').next()).unwrap().parse().unwrap();
-    assert!(copies as f64 <= counted, "{copies} duplicate emails but only {counted} reported");
+    let metrics = reqwest::get(format!("{}/metrics", second.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let counted: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("herald_possible_duplicates_total "))
+        .and_then(|l| l.rsplit(' ').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        copies as f64 <= counted,
+        "{copies} duplicate emails but only {counted} reported"
+    );
     eprintln!(
         "crash test: {} accepted ({} before the kill), {} inbox, {} email, {} emails received, {copies} duplicate emails (reported: {counted})",
-        all.len(), at_kill, inbox_ids.len(), email_ids.len(), received.len()
+        all.len(),
+        at_kill,
+        inbox_ids.len(),
+        email_ids.len(),
+        received.len()
     );
     let mut second = second;
     second.child.kill().unwrap();

@@ -3,7 +3,7 @@
 use herald::{Application, Roles};
 use herald_core::config::Config;
 use herald_core::store::Store;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -21,8 +21,10 @@ pub struct TestApp {
 
 /// The config every test starts from: a temp data dir, a free port, fast warehouse flushes.
 pub fn test_config(dir: &Path) -> Config {
-    let mut c = Config::default();
-    c.data_dir = dir.to_path_buf();
+    let mut c = Config {
+        data_dir: dir.to_path_buf(),
+        ..Config::default()
+    };
     c.http.listen = "127.0.0.1:0".into();
     c.http.cache_ttl = Duration::from_millis(100);
     c.analytics.flush_interval = Duration::from_millis(100);
@@ -45,7 +47,14 @@ impl TestApp {
         let addr = app.address();
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(app.run(rx));
-        TestApp { addr, key, dir, http: reqwest::Client::new(), stop, task: Some(task) }
+        TestApp {
+            addr,
+            key,
+            dir,
+            http: reqwest::Client::new(),
+            stop,
+            task: Some(task),
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -57,11 +66,22 @@ impl TestApp {
     }
 
     /// A request with this app's key.
-    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         self.call_as(&self.key, method, path, body).await
     }
 
-    pub async fn call_as(&self, key: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    pub async fn call_as(
+        &self,
+        key: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let mut req = self.http.request(method, self.url(path)).bearer_auth(key);
         if let Some(b) = body {
             req = req.json(&b);
@@ -69,7 +89,10 @@ impl TestApp {
         let resp = req.send().await.unwrap();
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
@@ -101,14 +124,25 @@ impl TestApp {
             if s == 200 && t["state"] == state {
                 return t;
             }
-            assert!(Instant::now() < deadline, "message {id} never reached {state}: {s} {t}");
+            assert!(
+                Instant::now() < deadline,
+                "message {id} never reached {state}: {s} {t}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     /// The counter `name` (with labels, as printed) from `/metrics`.
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = self.http.get(self.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         text.lines()
             .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
             .and_then(|l| l.rsplit(' ').next())
@@ -132,7 +166,12 @@ pub async fn sql_csv(warehouse: &Path, sql: &str) -> String {
 
 /// Message ids of a `202` answer.
 pub fn message_ids(answer: &Value) -> Vec<String> {
-    answer["messages"].as_array().unwrap().iter().map(|m| m["message_id"].as_str().unwrap().to_string()).collect()
+    answer["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["message_id"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// The test SMTP server (`tests/support/smtp_sink.py`, aiosmtpd): writes each message it
@@ -164,11 +203,15 @@ impl SmtpSink {
             .spawn()
             .expect("python3 is needed for the SMTP test server");
         let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         let port = line
             .strip_prefix("READY ")
             .and_then(|p| p.trim().parse().ok())
-            .unwrap_or_else(|| panic!("the SMTP sink did not start (is aiosmtpd installed?): {line:?}"));
+            .unwrap_or_else(|| {
+                panic!("the SMTP sink did not start (is aiosmtpd installed?): {line:?}")
+            });
         SmtpSink { port, dir, child }
     }
 
@@ -180,12 +223,18 @@ impl SmtpSink {
             .filter(|p| p.extension().is_some_and(|x| x == "json"))
             .collect();
         files.sort();
-        files.iter().map(|p| serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()).collect()
+        files
+            .iter()
+            .map(|p| serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap())
+            .collect()
     }
 
     /// The Message-ID header of every message received so far.
     pub fn message_ids(&self) -> Vec<String> {
-        self.messages().iter().map(|m| m["message_id"].as_str().unwrap_or_default().to_string()).collect()
+        self.messages()
+            .iter()
+            .map(|m| m["message_id"].as_str().unwrap_or_default().to_string())
+            .collect()
     }
 }
 

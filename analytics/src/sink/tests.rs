@@ -325,7 +325,10 @@ async fn adhoc_throughput() {
     for (i, e) in events.iter_mut().enumerate() {
         e.ts = crate::testing::t0() + chrono::Duration::microseconds(i as i64 * 7_200); // 2 hours
     }
-    let payloads: Vec<Vec<u8>> = events.iter().map(|e| serde_json::to_vec(e).unwrap()).collect();
+    let payloads: Vec<Vec<u8>> = events
+        .iter()
+        .map(|e| serde_json::to_vec(e).unwrap())
+        .collect();
     let bytes: usize = payloads.iter().map(Vec::len).sum();
     eprintln!("avg json {} bytes", bytes / n);
     let t = Instant::now();
@@ -342,14 +345,29 @@ async fn adhoc_throughput() {
     let wh = Warehouse::local(dir.path());
     let t = Instant::now();
     for (i, c) in events.chunks(100_000).enumerate() {
-        wh.write_parquet(&format!("x/{i}.parquet"), &events_to_batch(c)).unwrap();
+        wh.write_parquet(&format!("x/{i}.parquet"), &events_to_batch(c))
+            .unwrap();
     }
-    eprintln!("batch+parquet: {:.0}/s", n as f64 / t.elapsed().as_secs_f64());
+    eprintln!(
+        "batch+parquet: {:.0}/s",
+        n as f64 / t.elapsed().as_secs_f64()
+    );
 
-    let (dir, bus, index) = (tempfile::tempdir().unwrap(), MemBus::default(), Arc::new(crate::NoIndex));
+    let (dir, bus, index) = (
+        tempfile::tempdir().unwrap(),
+        MemBus::default(),
+        Arc::new(crate::NoIndex),
+    );
     bus.publish_events(&events).await;
     let bus_dyn: Arc<dyn Bus> = Arc::new(bus.clone());
-    let mut sink = Sink::recover(bus_dyn, Warehouse::local(dir.path()), index, SinkConfig::default()).await.unwrap();
+    let mut sink = Sink::recover(
+        bus_dyn,
+        Warehouse::local(dir.path()),
+        index,
+        SinkConfig::default(),
+    )
+    .await
+    .unwrap();
     let t = Instant::now();
     sink.process_available().await.unwrap();
     let secs = t.elapsed().as_secs_f64();
@@ -359,8 +377,15 @@ async fn adhoc_throughput() {
 }
 
 fn walk(p: &Path) -> u64 {
-    std::fs::read_dir(p).unwrap().map(|e| {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_dir() { walk(&e.path()) } else { e.metadata().unwrap().len() }
-    }).sum()
+    std::fs::read_dir(p)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                walk(&e.path())
+            } else {
+                e.metadata().unwrap().len()
+            }
+        })
+        .sum()
 }

@@ -79,7 +79,12 @@ impl Store {
             })
             .collect::<Result<_, _>>()?;
         // Events of one batch can share a timestamp; pipeline order breaks the tie.
-        let rank = |s: State| State::ALL.iter().position(|x| *x == s).unwrap_or(usize::MAX);
+        let rank = |s: State| {
+            State::ALL
+                .iter()
+                .position(|x| *x == s)
+                .unwrap_or(usize::MAX)
+        };
         events.sort_by_key(|e| (e.ts, rank(e.state)));
         Ok(events.into_iter().filter(|e| e.app == app).collect())
     }
