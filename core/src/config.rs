@@ -105,7 +105,7 @@ pub struct AnalyticsConfig {
 impl Default for AnalyticsConfig {
     fn default() -> Self {
         AnalyticsConfig {
-            flush_rows: 100_000,
+            flush_rows: 20_000,
             flush_interval: Duration::from_secs(1),
         }
     }

@@ -369,7 +369,15 @@ async fn adhoc_throughput() {
     .await
     .unwrap();
     let t = Instant::now();
-    sink.process_available().await.unwrap();
+    let stats = sink.stats();
+    let mut flush_ms = 0;
+    let mut last = 0;
+    while sink.poll_once().await.unwrap() > 0 {
+        let f = stats.last_flush_ms.load(Ordering::Relaxed);
+        if f != last { last = f; flush_ms += stats.last_flush_duration_ms.load(Ordering::Relaxed); }
+    }
+    sink.flush().await.unwrap();
+    eprintln!("flush total {flush_ms} ms");
     let secs = t.elapsed().as_secs_f64();
     eprintln!("end to end: {:.0}/s ({secs:.2}s)", n as f64 / secs);
     let size: u64 = walk(dir.path());

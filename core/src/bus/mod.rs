@@ -57,6 +57,8 @@ pub enum BusError {
     UnknownTopic(String),
     #[error("consumer group `{group}` already has a member on topic `{topic}`")]
     GroupBusy { group: String, topic: String },
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
     #[error("the bus is closed")]
     Closed,
     #[error("bus I/O failed: {0}")]

@@ -56,7 +56,7 @@ impl Store {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true)
-            .pragma("cache_size", "-16000");
+            .pragma("cache_size", "-4000");
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)

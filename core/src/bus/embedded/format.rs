@@ -40,9 +40,8 @@ pub(super) fn parse_segment_name(name: &str) -> Option<u64> {
 /// through encoding.
 pub(super) fn check_record(record: &Record) -> Result<(), BusError> {
     let too_big = |what: &str| {
-        BusError::Io(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("record {what} too large for the embedded log's frame format"),
+        BusError::InvalidArgument(format!(
+            "record {what} too large for the embedded log's frame format"
         ))
     };
     if record.key.len() > u32::MAX as usize {
