@@ -27,7 +27,6 @@ use lettre::transport::smtp::{AsyncSmtpTransport, PoolConfig};
 use lettre::{Address, AsyncTransport, Message, Tokio1Executor};
 use serde::Deserialize;
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -37,28 +36,7 @@ const VENDOR: &str = "smtp";
 /// Most connections kept open to one account's server.
 const POOL_MAX_CONNECTIONS: u32 = 8;
 
-/// A credential read from an account's config: usable, but never printed.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a credential.
-    pub fn new(secret: impl Into<String>) -> Self {
-        Secret(secret.into())
-    }
-
-    /// The credential itself, for the one place that must send it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
+pub use herald_core::config::Secret;
 
 /// How the connection to the SMTP server is secured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]

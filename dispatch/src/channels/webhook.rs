@@ -37,10 +37,10 @@
 //! and `5xx` are retryable, honouring `Retry-After`; other statuses are permanent. Redirects are
 //! not followed: a `POST` must not silently turn into a `GET` elsewhere.
 
-use super::email::Secret;
 use super::{SendError, SendOutcome, Sender};
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
+use herald_core::config::Secret;
 use herald_core::{MessageId, MessageRecord};
 use hmac::{Hmac, Mac};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
