@@ -26,7 +26,7 @@ pub enum AnalyticsError {
     #[error("warehouse data: {0}")]
     Corrupt(String),
     #[error("background task failed: {0}")]
-    Task(#[from] tokio::task::JoinError),
+    Task(#[source] tokio::task::JoinError),
 }
 
 impl AnalyticsError {

@@ -18,6 +18,11 @@
 //! 4. commits the manifest's positions to the bus;
 //! 5. hands the flushed events to the [`EventIndex`].
 //!
+//! Steps 1–2 run on a blocking thread while the next batch is read (`Sink::start_flush`,
+//! `Sink::land`); at most one flush is before its commit point at any time, so manifests are
+//! written in order and each one's positions include every earlier one's. A flush that fails
+//! before its commit point puts its events back in front of the buffer.
+//!
 //! Steps 3–5 are idempotent and are done by `Sink::finish` both after a flush and, for the
 //! newest manifest, on start ([`Sink::recover`]), which first deletes staging files that no
 //! manifest lists (a flush that crashed before its commit point: its records were never
@@ -28,8 +33,8 @@
 //! pending; it is retried before anything else.
 //!
 //! Separately, dispatch re-emits events after its own crash with `redelivered` set and the
-//! same deterministic `event_id`; such an event is dropped if its id is in the buffer or
-//! already known to the index ([`EventIndex::known`]).
+//! same deterministic `event_id`; such an event is dropped if its id is in the buffer, in the
+//! flush being written, or already known to the index ([`EventIndex::known`]).
 
 use crate::error::AnalyticsError;
 use crate::index::EventIndex;
@@ -40,11 +45,12 @@ use herald_core::bus::{Bus, Consumer, Delivered};
 use herald_core::wire::DELIVERY_TOPIC;
 use herald_core::{DeliveryEvent, MessageId};
 use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
-use tokio::task::spawn_blocking;
+use tokio::task::{JoinHandle, spawn_blocking};
 
 /// The consumer group of the sink on [`DELIVERY_TOPIC`].
 pub const CONSUMER_GROUP: &str = "herald-analytics";
@@ -133,7 +139,46 @@ struct Committed {
     events: Option<Vec<DeliveryEvent>>,
 }
 
+/// Events read since the last flush started.
+#[derive(Default)]
+struct Batch {
+    events: Vec<DeliveryEvent>,
+    /// The ids of `events`, to recognise redelivered copies.
+    ids: HashSet<String>,
+    /// Per bus partition, the next offset after the records read into this batch.
+    positions: BTreeMap<u32, u64>,
+    /// When the first record of this batch was read.
+    since: Option<Instant>,
+}
+
+impl Batch {
+    /// Whether no record (not even a dropped one) was read into the batch.
+    fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+
+    /// Puts `earlier` (a flush that failed before its commit point) back in front.
+    fn prepend(&mut self, mut earlier: Batch) {
+        earlier.events.append(&mut self.events);
+        self.events = earlier.events;
+        self.ids.extend(earlier.ids);
+        merge_positions(&mut self.positions, &earlier.positions);
+        self.since = earlier.since.or(self.since);
+    }
+}
+
+/// A flush writing its files and manifest on a blocking thread while the next batch is read.
+struct InFlight {
+    task: JoinHandle<(Vec<DeliveryEvent>, Result<Manifest, AnalyticsError>)>,
+    /// The batch without its events (which are with the task).
+    batch: Batch,
+    started: Instant,
+}
+
 /// Streams delivery events from the bus into the warehouse, exactly once.
+///
+/// After an error that is not [retryable](AnalyticsError::is_retryable), drop the sink and
+/// [recover](Sink::recover) a new one.
 pub struct Sink {
     consumer: Box<dyn Consumer>,
     warehouse: Warehouse,
@@ -144,13 +189,14 @@ pub struct Sink {
     committed: BTreeMap<u32, u64>,
     /// Records polled but not yet admitted into the buffer (kept when admission fails).
     inbox: Vec<Delivered>,
-    buffer: Vec<DeliveryEvent>,
-    buffer_ids: HashSet<String>,
-    /// Positions after the records admitted since the last flush.
-    buffer_positions: BTreeMap<u32, u64>,
-    buffer_since: Option<Instant>,
+    buffer: Batch,
+    /// At most one flush before its commit point, so manifests are written in order.
+    inflight: Option<InFlight>,
     unfinished: Option<Committed>,
     next_seq: u64,
+    /// The warehouse's writer lock; a flush in flight holds it too, so that even a dropped
+    /// sink's last flush ends before another sink can start.
+    lock: Arc<File>,
     pub(crate) faults: Faults,
 }
 
@@ -164,19 +210,20 @@ impl Sink {
         index: Arc<dyn EventIndex>,
         config: SinkConfig,
     ) -> Result<Sink, AnalyticsError> {
-        let consumer = bus.subscribe(DELIVERY_TOPIC, CONSUMER_GROUP).await?;
         let wh = warehouse.clone();
-        let newest = spawn_blocking(move || {
+        let (lock, newest) = joined(spawn_blocking(move || {
+            let lock = wh.lock_for_sink()?;
             let newest = Manifest::newest(&wh)?;
             Manifest::delete_unlisted_staging(newest.as_ref(), &wh)?;
-            Ok::<_, AnalyticsError>(newest)
-        })
+            Ok::<_, AnalyticsError>((lock, newest))
+        }))
         .await??;
+        let consumer = bus.subscribe(DELIVERY_TOPIC, CONSUMER_GROUP).await?;
         if let Some(m) = &newest {
             tracing::info!(
                 seq = m.seq,
                 files = m.files.len(),
-                "analytics sink recovering from manifest"
+                "analytics sink recovering"
             );
         }
         let mut sink = Sink {
@@ -190,15 +237,14 @@ impl Sink {
                 .map(|m| m.positions.clone())
                 .unwrap_or_default(),
             inbox: Vec::new(),
-            buffer: Vec::new(),
-            buffer_ids: HashSet::new(),
-            buffer_positions: BTreeMap::new(),
-            buffer_since: None,
+            buffer: Batch::default(),
+            inflight: None,
             next_seq: newest.as_ref().map_or(1, |m| m.seq + 1),
             unfinished: newest.map(|manifest| Committed {
                 manifest,
                 events: None,
             }),
+            lock: Arc::new(lock),
             faults: Faults::default(),
         };
         sink.finish().await?;
@@ -217,6 +263,9 @@ impl Sink {
         while !*shutdown.borrow() && shutdown.has_changed().is_ok() {
             if let Err(e) = self.poll_once().await {
                 if !e.is_retryable() {
+                    if let Err(flush) = self.land().await {
+                        tracing::warn!(error = %flush, "analytics flush in flight failed");
+                    }
                     return Err(e);
                 }
                 tracing::warn!(error = %e, "analytics sink failed; retrying");
@@ -235,9 +284,13 @@ impl Sink {
         self.flush().await
     }
 
-    /// One step: finishes a pending flush, polls once, buffers what arrived and flushes if the
-    /// buffer is full or old enough. Returns how many records the poll returned.
+    /// One step: completes a flush that is done writing, polls once, buffers what arrived and
+    /// starts a flush if the buffer is full or old enough (writing overlaps the next polls).
+    /// Returns how many records the poll returned.
     pub async fn poll_once(&mut self) -> Result<usize, AnalyticsError> {
+        if self.inflight.as_ref().is_some_and(|f| f.task.is_finished()) {
+            self.land().await?;
+        }
         self.finish().await?;
         if self.inbox.is_empty() {
             self.inbox = self
@@ -248,25 +301,37 @@ impl Sink {
         let polled = self.inbox.len();
         self.admit().await?;
         let old = self
-            .buffer_since
+            .buffer
+            .since
             .is_some_and(|t| t.elapsed() >= self.config.max_age);
-        if old || self.buffer.len() >= self.config.max_rows {
-            self.flush().await?;
+        if old || self.buffer.events.len() >= self.config.max_rows {
+            self.land().await?;
+            self.start_flush();
         }
         Ok(polled)
+    }
+
+    /// Writes everything read so far to the warehouse and commits it (the protocol in the
+    /// module docs), waiting until it is done.
+    pub async fn flush(&mut self) -> Result<(), AnalyticsError> {
+        self.land().await?;
+        self.finish().await?;
+        self.start_flush();
+        self.land().await
     }
 
     /// Decodes the inbox into the buffer, dropping redelivered duplicates. Leaves the inbox as
     /// it is if the index cannot be asked.
     async fn admit(&mut self) -> Result<(), AnalyticsError> {
         let mut events = Vec::with_capacity(self.inbox.len());
-        let mut positions = Vec::new();
+        let mut positions = BTreeMap::<u32, u64>::new();
         let mut malformed = 0;
         for d in &self.inbox {
             if d.offset < self.committed.get(&d.partition).copied().unwrap_or(0) {
                 continue; // already in the warehouse (redelivered by the bus after a restart)
             }
-            positions.push((d.partition, d.offset + 1));
+            let p = positions.entry(d.partition).or_default();
+            *p = (*p).max(d.offset + 1);
             match serde_json::from_slice::<DeliveryEvent>(&d.record.payload) {
                 Ok(e) => events.push(e),
                 Err(e) => {
@@ -278,7 +343,7 @@ impl Sink {
         }
         let suspects: Vec<(MessageId, String)> = events
             .iter()
-            .filter(|e| e.redelivered && !self.buffer_ids.contains(&e.event_id))
+            .filter(|e| e.redelivered && !self.seen(&e.event_id))
             .map(|e| (e.message_id, e.event_id.clone()))
             .collect();
         let known = if suspects.is_empty() {
@@ -291,23 +356,18 @@ impl Sink {
         };
 
         self.inbox.clear();
-        if !positions.is_empty() && self.buffer_since.is_none() {
-            self.buffer_since = Some(Instant::now());
+        if !positions.is_empty() && self.buffer.since.is_none() {
+            self.buffer.since = Some(Instant::now());
         }
-        for (partition, next) in positions {
-            let p = self.buffer_positions.entry(partition).or_default();
-            *p = (*p).max(next);
-        }
+        merge_positions(&mut self.buffer.positions, &positions);
         let mut duplicates = 0;
         for e in events {
-            if e.redelivered
-                && (known.contains(&e.event_id) || self.buffer_ids.contains(&e.event_id))
-            {
+            if e.redelivered && (known.contains(&e.event_id) || self.seen(&e.event_id)) {
                 duplicates += 1;
                 continue;
             }
-            self.buffer_ids.insert(e.event_id.clone());
-            self.buffer.push(e);
+            self.buffer.ids.insert(e.event_id.clone());
+            self.buffer.events.push(e);
         }
         self.stats
             .duplicates_dropped
@@ -318,23 +378,29 @@ impl Sink {
         Ok(())
     }
 
-    /// Writes the buffer to the warehouse and commits it (the protocol in the module docs).
-    /// Does nothing if no record was read since the last flush.
-    pub async fn flush(&mut self) -> Result<(), AnalyticsError> {
-        self.finish().await?;
-        if self.buffer_positions.is_empty() {
-            return Ok(());
+    /// Whether event `id` is buffered or in the flush in flight.
+    fn seen(&self, id: &str) -> bool {
+        self.buffer.ids.contains(id)
+            || self
+                .inflight
+                .as_ref()
+                .is_some_and(|f| f.batch.ids.contains(id))
+    }
+
+    /// Starts writing the buffer (staged files, then the manifest) on a blocking thread.
+    /// Requires that no flush is in flight.
+    fn start_flush(&mut self) {
+        if self.buffer.is_empty() {
+            return;
         }
-        let started = Instant::now();
-        let seq = self.next_seq;
+        let mut batch = std::mem::take(&mut self.buffer);
+        let mut events = std::mem::take(&mut batch.events);
         let mut positions = self.committed.clone();
-        for (&partition, &next) in &self.buffer_positions {
-            let p = positions.entry(partition).or_default();
-            *p = (*p).max(next);
-        }
-        let (wh, faults) = (self.warehouse.clone(), self.faults);
-        let mut events = std::mem::take(&mut self.buffer);
-        let (events, written) = spawn_blocking(move || {
+        merge_positions(&mut positions, &batch.positions);
+        let (wh, faults, seq) = (self.warehouse.clone(), self.faults, self.next_seq);
+        let lock = self.lock.clone();
+        let task = spawn_blocking(move || {
+            let _lock = lock;
             let written = stage(&wh, seq, &mut events).and_then(|files| {
                 faults.check(Step::AfterStaging)?;
                 let manifest = Manifest::new(seq, files, positions);
@@ -342,47 +408,56 @@ impl Sink {
                 Ok(manifest)
             });
             (events, written)
-        })
-        .await?;
+        });
+        self.inflight = Some(InFlight {
+            task,
+            batch,
+            started: Instant::now(),
+        });
+    }
+
+    /// Waits for the flush in flight, if any, and completes it; if it failed before its
+    /// commit point, puts its events back into the buffer.
+    async fn land(&mut self) -> Result<(), AnalyticsError> {
+        let Some(InFlight {
+            task,
+            mut batch,
+            started,
+        }) = self.inflight.take()
+        else {
+            return Ok(());
+        };
+        let (events, written) = joined(task).await?;
         let manifest = match written {
             Ok(manifest) => manifest,
             Err(e) => {
-                self.buffer = events; // not committed: try again later
+                batch.events = events;
+                self.buffer.prepend(batch); // not committed: written again by a later flush
                 return Err(e);
             }
         };
 
         // Committed: from here on the flush is only ever completed, never redone.
         let rows: u64 = manifest.files.iter().map(|f| f.rows).sum();
-        self.stats.events_written.fetch_add(rows, Ordering::Relaxed);
         let files = manifest.files.len() as u64;
+        self.stats.events_written.fetch_add(rows, Ordering::Relaxed);
         self.stats.files_written.fetch_add(files, Ordering::Relaxed);
         self.committed = manifest.positions.clone();
-        self.next_seq = seq + 1;
-        self.buffer_ids.clear();
-        self.buffer_positions.clear();
-        self.buffer_since = None;
+        self.next_seq = manifest.seq + 1;
+        let seq = manifest.seq;
         self.unfinished = Some(Committed {
             manifest,
             events: Some(events),
         });
         self.finish().await?;
 
-        let elapsed = started.elapsed();
-        tracing::debug!(
-            seq,
-            rows,
-            files,
-            ms = elapsed.as_millis() as u64,
-            "analytics flush"
-        );
-        let now_ms = chrono::Utc::now().timestamp_millis();
-        self.stats
-            .last_flush_ms
-            .store(u64::try_from(now_ms).unwrap_or(0), Ordering::Relaxed);
+        let elapsed = started.elapsed().as_millis() as u64;
+        tracing::debug!(seq, rows, files, ms = elapsed, "analytics flush");
+        let now_ms = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
+        self.stats.last_flush_ms.store(now_ms, Ordering::Relaxed);
         self.stats
             .last_flush_duration_ms
-            .store(elapsed.as_millis() as u64, Ordering::Relaxed);
+            .store(elapsed, Ordering::Relaxed);
         Ok(())
     }
 
@@ -403,11 +478,11 @@ impl Sink {
         self.faults.check(Step::AfterManifest)?;
         let (wh, manifest) = (self.warehouse.clone(), committed.manifest.clone());
         let (keep, read_back) = (self.config.keep_manifests, committed.events.is_none());
-        let read = spawn_blocking(move || {
+        let read = joined(spawn_blocking(move || {
             manifest.complete_renames(&wh)?;
             Manifest::prune(&wh, keep)?;
             read_back.then(|| manifest.read_events(&wh)).transpose()
-        })
+        }))
         .await??;
         let events = committed
             .events
@@ -421,6 +496,23 @@ impl Sink {
             .index(events)
             .await
             .map_err(AnalyticsError::Index)
+    }
+}
+
+/// Raises each partition's position in `into` to the one in `from`.
+fn merge_positions(into: &mut BTreeMap<u32, u64>, from: &BTreeMap<u32, u64>) {
+    for (&partition, &next) in from {
+        let p = into.entry(partition).or_default();
+        *p = (*p).max(next);
+    }
+}
+
+/// The result of a blocking task; a panic in it is resumed here.
+async fn joined<T>(task: JoinHandle<T>) -> Result<T, AnalyticsError> {
+    match task.await {
+        Ok(value) => Ok(value),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(AnalyticsError::Task(e)),
     }
 }
 

@@ -11,7 +11,7 @@ use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::{EnabledStatistics, WriterProperties};
 use herald_core::DeliveryEvent;
-use std::fs::{self, File};
+use std::fs::{self, File, TryLockError};
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 
@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 pub(crate) const STAGING: &str = "_staging";
 /// Directory of the sink's commit manifests.
 pub(crate) const MANIFESTS: &str = "_manifests";
+/// File locked by the one sink writing to the warehouse.
+const SINK_LOCK: &str = "_sink.lock";
 
 /// A warehouse rooted at a local directory.
 #[derive(Debug, Clone)]
@@ -35,6 +37,28 @@ impl Warehouse {
     /// The root directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Takes the warehouse's writer lock, held until the returned file is closed; fails if
+    /// another sink (in this process or another) holds it.
+    pub(crate) fn lock_for_sink(&self) -> Result<File, AnalyticsError> {
+        let path = self.path(SINK_LOCK);
+        create_parent(&path)?;
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .at(&path)?;
+        match file.try_lock() {
+            Ok(()) => Ok(file),
+            Err(TryLockError::WouldBlock) => Err(std::io::Error::new(
+                ErrorKind::WouldBlock,
+                "the warehouse is in use by another sink",
+            ))
+            .at(&path),
+            Err(TryLockError::Error(e)) => Err(e).at(&path),
+        }
     }
 
     /// The `delivery_events` partition (hive style, UTC) holding an event at `ts`.

@@ -214,6 +214,88 @@ async fn a_crash_before_indexing_loses_and_duplicates_nothing() {
 }
 
 #[tokio::test]
+async fn a_sink_that_keeps_running_after_a_failed_flush_retries_it_exactly_once() {
+    for step in [
+        Step::AfterStaging,
+        Step::AfterManifest,
+        Step::BeforeBusCommit,
+        Step::BeforeIndex,
+    ] {
+        let (dir, bus, index) = (
+            tempfile::tempdir().unwrap(),
+            MemBus::default(),
+            Arc::default(),
+        );
+        let events = sample_events(300, 0);
+        bus.publish_events(&events[..200]).await;
+        let mut sink = start(&bus, dir.path(), &index).await;
+        sink.faults.crash_at = Some(step);
+        assert!(sink.process_available().await.is_err());
+        sink.faults.crash_at = None;
+        bus.publish_events(&events[200..]).await;
+        sink.process_available().await.unwrap();
+
+        assert_eq!(table(dir.path()).await, by_id(events.clone()), "{step:?}");
+        assert_eq!(indexed(&index), by_id(events), "{step:?}");
+        assert_eq!(lag(&bus).await, 0);
+        assert_eq!(sink.stats().events_written.load(Ordering::Relaxed), 300);
+    }
+}
+
+#[tokio::test]
+async fn a_redelivered_copy_of_an_event_being_flushed_is_dropped() {
+    let (dir, bus, index) = (
+        tempfile::tempdir().unwrap(),
+        MemBus::default(),
+        Arc::default(),
+    );
+    let e = sample_events(3, 0);
+    bus.publish_events(&e).await;
+    let mut sink = start(&bus, dir.path(), &index).await;
+    sink.poll_once().await.unwrap();
+    sink.start_flush();
+    assert!(sink.inflight.is_some());
+    let copy = DeliveryEvent {
+        redelivered: true,
+        ..e[1].clone()
+    };
+    bus.publish_events(&[copy]).await;
+    sink.inbox = sink.consumer.poll(10, Duration::ZERO).await.unwrap();
+    sink.admit().await.unwrap();
+    sink.process_available().await.unwrap();
+
+    assert_eq!(table(dir.path()).await, by_id(e));
+    assert_eq!(sink.stats().duplicates_dropped.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn only_one_sink_writes_to_a_warehouse_at_a_time() {
+    let (dir, bus, index) = (
+        tempfile::tempdir().unwrap(),
+        MemBus::default(),
+        Arc::default(),
+    );
+    let first = start(&bus, dir.path(), &index).await;
+    let bus_dyn: Arc<dyn Bus> = Arc::new(bus.clone());
+    let second = Sink::recover(
+        bus_dyn,
+        Warehouse::local(dir.path()),
+        index.clone(),
+        config(),
+    )
+    .await;
+    assert!(
+        second
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("in use by another sink")
+    );
+    drop(first);
+    start(&bus, dir.path(), &index).await;
+}
+
+#[tokio::test]
 async fn redelivered_duplicates_are_dropped_and_new_events_kept() {
     let (dir, bus, index) = (
         tempfile::tempdir().unwrap(),
