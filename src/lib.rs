@@ -128,7 +128,7 @@ impl Application {
             let d = Dispatcher::new(
                 self.store.clone(),
                 self.bus.clone(),
-                Senders::new(),
+                Senders::new(self.store.clone()),
                 self.metrics.clone(),
                 self.config.dispatch.clone(),
             );

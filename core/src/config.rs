@@ -80,6 +80,18 @@ pub struct DispatchConfig {
     pub batch_size: usize,
     /// Most vendor calls in flight at once per worker.
     pub concurrency: usize,
+    /// Most vendor calls per message: the first and its retries of retryable errors.
+    pub max_attempts: u32,
+    /// Backoff before the first retry; it doubles per retry, with full jitter.
+    #[serde(deserialize_with = "duration")]
+    pub retry_base: Duration,
+    /// Longest wait a worker spends before a retry (a vendor's `Retry-After` included); a longer
+    /// one ends the message as `send_failed` until durable deferral exists.
+    #[serde(deserialize_with = "duration")]
+    pub max_retry_wait: Duration,
+    /// How often sent messages without a receipt are asked for at vendors that are polled.
+    #[serde(deserialize_with = "duration")]
+    pub receipt_poll_interval: Duration,
 }
 
 impl Default for DispatchConfig {
@@ -87,6 +99,10 @@ impl Default for DispatchConfig {
         DispatchConfig {
             batch_size: 1024,
             concurrency: 64,
+            max_attempts: 3,
+            retry_base: Duration::from_millis(200),
+            max_retry_wait: Duration::from_secs(10),
+            receipt_poll_interval: Duration::from_secs(30),
         }
     }
 }

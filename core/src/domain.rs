@@ -5,7 +5,8 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
-/// A delivery channel: where a message goes.
+/// A delivery channel: where a message goes. A channel may have several vendors (SMS); each
+/// channel account names one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Channel {
@@ -15,18 +16,62 @@ pub enum Channel {
     Email,
     /// A signed JSON POST to the account's URL.
     Webhook,
+    /// SMS through Tencent Cloud, Alibaba Cloud or Yunpian; receivers are phone numbers.
+    Sms,
+    /// WeChat official account template messages; receivers are openids.
+    WechatOfficial,
+    /// WeChat mini program subscribe messages; receivers are openids.
+    WechatMini,
+    /// WeCom (WeChat Work) app messages; receivers are user ids or `@all`.
+    WecomApp,
+    /// A WeCom group robot; receivers are the user ids (or `@all`) to mention.
+    WecomRobot,
+    /// A DingTalk group robot; receivers are the mobiles or user ids (or `@all`) to mention.
+    DingtalkRobot,
+    /// DingTalk work notices; receivers are user ids or `@all`.
+    DingtalkWork,
+    /// A Feishu/Lark group robot; receivers are the open ids (or `@all`) to mention.
+    FeishuRobot,
+    /// Feishu/Lark app messages; receivers are ids of the account's `receive_id_type`.
+    FeishuApp,
+    /// App push through GeTui; receivers are client ids (cid).
+    Push,
 }
 
 impl Channel {
     /// Every channel, in a stable order.
-    pub const ALL: [Channel; 3] = [Channel::Inbox, Channel::Email, Channel::Webhook];
+    pub const ALL: [Channel; 13] = [
+        Channel::Inbox,
+        Channel::Email,
+        Channel::Webhook,
+        Channel::Sms,
+        Channel::WechatOfficial,
+        Channel::WechatMini,
+        Channel::WecomApp,
+        Channel::WecomRobot,
+        Channel::DingtalkRobot,
+        Channel::DingtalkWork,
+        Channel::FeishuRobot,
+        Channel::FeishuApp,
+        Channel::Push,
+    ];
 
-    /// The wire name (`inbox`, `email`, `webhook`).
+    /// The wire name (`inbox`, `email`, `sms`, `wecom_app`, ...).
     pub fn as_str(self) -> &'static str {
         match self {
             Channel::Inbox => "inbox",
             Channel::Email => "email",
             Channel::Webhook => "webhook",
+            Channel::Sms => "sms",
+            Channel::WechatOfficial => "wechat_official",
+            Channel::WechatMini => "wechat_mini",
+            Channel::WecomApp => "wecom_app",
+            Channel::WecomRobot => "wecom_robot",
+            Channel::DingtalkRobot => "dingtalk_robot",
+            Channel::DingtalkWork => "dingtalk_work",
+            Channel::FeishuRobot => "feishu_robot",
+            Channel::FeishuApp => "feishu_app",
+            Channel::Push => "push",
         }
     }
 }
@@ -43,7 +88,13 @@ impl FromStr for Channel {
         Channel::ALL
             .into_iter()
             .find(|c| c.as_str() == s)
-            .ok_or_else(|| format!("unknown channel `{s}` (expected inbox, email or webhook)"))
+            .ok_or_else(|| {
+                let names: Vec<&str> = Channel::ALL.iter().map(|c| c.as_str()).collect();
+                format!(
+                    "unknown channel `{s}` (expected one of {})",
+                    names.join(", ")
+                )
+            })
     }
 }
 
@@ -112,7 +163,8 @@ impl FromStr for MessageId {
     }
 }
 
-/// Checks a receiver for a channel and returns it normalised (trimmed; email lower-cased domain).
+/// Checks a receiver for a channel and returns it normalised: email addresses with a lower-cased
+/// domain, phone numbers in E.164 (`+8613812345678`), other ids trimmed.
 pub fn parse_receiver(channel: Channel, raw: &str) -> Result<String, String> {
     let r = raw.trim();
     if r.is_empty() {
@@ -126,7 +178,8 @@ pub fn parse_receiver(channel: Channel, raw: &str) -> Result<String, String> {
     }
     match channel {
         Channel::Email => parse_email(r),
-        Channel::Inbox | Channel::Webhook => Ok(r.to_string()),
+        Channel::Sms => parse_phone(r),
+        _ => Ok(r.to_string()),
     }
 }
 
@@ -145,6 +198,62 @@ fn parse_email(r: &str) -> Result<String, String> {
     Ok(format!("{local}@{}", domain.to_ascii_lowercase()))
 }
 
+/// A phone number in E.164. Mainland China mobiles may be given bare (`13812345678`) or with
+/// `86`, `+86` or `0086`, and must fall in a number range the MIIT has assigned to mobile
+/// networks; other numbers must be `+` and 8 to 15 digits with a country code.
+pub fn parse_phone(r: &str) -> Result<String, String> {
+    let compact: String = r.chars().filter(|c| !matches!(c, ' ' | '-')).collect();
+    let bad = || format!("`{r}` is not a phone number (E.164, or a mainland China mobile)");
+    if !compact
+        .trim_start_matches('+')
+        .bytes()
+        .all(|b| b.is_ascii_digit())
+        || compact.len() < 2
+        || compact[1..].contains('+')
+    {
+        return Err(bad());
+    }
+    let mainland = compact
+        .strip_prefix("+86")
+        .or_else(|| compact.strip_prefix("0086"))
+        .or_else(|| compact.strip_prefix("86").filter(|n| n.len() == 11))
+        .or_else(|| (compact.len() == 11 && compact.starts_with('1')).then_some(&compact[..]));
+    if let Some(national) = mainland {
+        return if is_mainland_mobile(national) {
+            Ok(format!("+86{national}"))
+        } else {
+            Err(format!(
+                "`{r}` is not a mainland China mobile number (11 digits in an assigned range)"
+            ))
+        };
+    }
+    let digits = compact.strip_prefix('+').ok_or_else(bad)?;
+    if !(8..=15).contains(&digits.len()) || digits.starts_with('0') {
+        return Err(bad());
+    }
+    Ok(compact)
+}
+
+/// Whether an 11-digit national number falls in a mainland China mobile range (China Mobile,
+/// Unicom, Telecom, Broadnet and the virtual operators' 162/165/167/170/171 blocks, and the
+/// 14x data-card and IoT ranges that accept SMS), as assigned by the MIIT up to 2024.
+fn is_mainland_mobile(n: &str) -> bool {
+    if n.len() != 11 || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return false;
+    }
+    let b = n.as_bytes();
+    let (second, third) = (b[1] - b'0', b[2] - b'0');
+    match second {
+        3 | 8 => true,
+        4 => matches!(third, 5..=9),
+        5 => third != 4,
+        6 => matches!(third, 2 | 5 | 6 | 7),
+        7 => matches!(third, 0..=8),
+        9 => third != 4,
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,7 +263,7 @@ mod tests {
         for c in Channel::ALL {
             assert_eq!(c.as_str().parse::<Channel>().unwrap(), c);
         }
-        assert!("sms".parse::<Channel>().is_err());
+        assert!("fax".parse::<Channel>().is_err());
     }
 
     #[test]
@@ -180,5 +289,34 @@ mod tests {
         assert!(parse_receiver(Channel::Inbox, "  ").is_err());
         assert!(parse_receiver(Channel::Inbox, "a\u{0}b").is_err());
         assert_eq!(parse_receiver(Channel::Inbox, "user-1").unwrap(), "user-1");
+    }
+
+    #[test]
+    fn phone_numbers_become_e164() {
+        for (raw, want) in [
+            ("13812345678", "+8613812345678"),
+            ("+86 138-1234-5678", "+8613812345678"),
+            ("8619912345678", "+8619912345678"),
+            ("008617012345678", "+8617012345678"),
+            ("+14155550123", "+14155550123"),
+            ("+442071838750", "+442071838750"),
+        ] {
+            assert_eq!(parse_phone(raw).unwrap(), want, "{raw}");
+        }
+        for bad in [
+            "12012345678",
+            "+8612012345678",
+            "1381234567",
+            "+86138123456789",
+            "15412345678",
+            "19412345678",
+            "4155550123",
+            "+0123456789",
+            "+1234",
+            "138a2345678",
+            "+86+13812345678",
+        ] {
+            assert!(parse_phone(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -10,4 +10,4 @@ pub mod template;
 pub mod wire;
 
 pub use domain::{Channel, MessageId, MsgType};
-pub use wire::{DeliveryEvent, MessageRecord, State};
+pub use wire::{DeliveryEvent, MessageRecord, Receipt, State};

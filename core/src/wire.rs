@@ -171,6 +171,26 @@ impl DeliveryEvent {
     }
 }
 
+/// A vendor's delivery receipt for one receiver of a sent message, pushed to
+/// `POST /v1/receipts/{vendor}` or pulled by dispatch. It becomes a `delivered` or
+/// `delivery_failed` event joined to the message by (`vendor`, `vendor_message_id`, `receiver`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// The vendor name as on the `sent` event (`tencent`, `aliyun`, `yunpian`, `dingtalk`, ...).
+    pub vendor: String,
+    pub vendor_message_id: String,
+    /// The receiver as herald sent it (phone numbers in E.164); `None` when the vendor's id
+    /// names one receiver already.
+    pub receiver: Option<String>,
+    /// Whether the vendor reports the message delivered (else failed).
+    pub delivered: bool,
+    /// The vendor's status or error code, on failure.
+    pub error_code: Option<String>,
+    pub error_detail: Option<String>,
+    /// When the vendor says it happened.
+    pub at: DateTime<Utc>,
+}
+
 /// The event id of `message_id` reaching `state` on `attempt`: the first 16 bytes of a SHA-256,
 /// formatted as a UUID. Deterministic so that re-emission after a crash can be recognised.
 pub fn event_id(message_id: &MessageId, state: State, attempt: u32) -> String {

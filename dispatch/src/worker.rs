@@ -76,11 +76,35 @@ struct Work {
     redelivered: bool,
     /// The ledger's final state, when the message must not be sent again.
     done: Option<(LedgerState, u32)>,
+    /// The attempt number of the first vendor call in this batch.
     attempt: u32,
-    result: Option<Result<SendOutcome, SendError>>,
+    /// Every vendor call made for this message in this batch, in order.
+    tries: Vec<Try>,
+}
+
+/// One vendor call for one message.
+struct Try {
+    attempt: u32,
     sending_at: chrono::DateTime<chrono::Utc>,
     done_at: chrono::DateTime<chrono::Utc>,
     latency_ms: u64,
+    result: Result<SendOutcome, SendError>,
+    /// Another call follows this failed one.
+    retried: bool,
+}
+
+impl Work {
+    /// The last call's result, once the message was tried.
+    fn last(&self) -> Option<&Try> {
+        self.tries.last()
+    }
+}
+
+/// Messages for one account, sent together.
+struct Group<'a> {
+    channel: Channel,
+    account_id: Option<i64>,
+    items: Vec<(usize, &'a MessageRecord, u32)>,
 }
 
 impl Dispatcher {
@@ -146,10 +170,7 @@ impl Dispatcher {
                     redelivered: false,
                     done: None,
                     attempt: 1,
-                    result: None,
-                    sending_at: received_at,
-                    done_at: received_at,
-                    latency_ms: 0,
+                    tries: Vec::new(),
                 }),
                 Err(e) => {
                     let mut r = d.record.clone();
@@ -202,10 +223,10 @@ impl Dispatcher {
             if w.done.is_some() {
                 continue;
             }
-            match &w.result {
-                Some(Ok(_)) => {
+            match w.last() {
+                Some(t @ Try { result: Ok(_), .. }) => {
                     outcome.sent += 1;
-                    final_rows.push((w.record.message_id, LedgerState::Sent, w.attempt));
+                    final_rows.push((w.record.message_id, LedgerState::Sent, t.attempt));
                     if w.record.channel == Channel::Inbox {
                         inbox.push(SentInbox {
                             message_id: w.record.message_id,
@@ -216,17 +237,31 @@ impl Dispatcher {
                         });
                     }
                 }
-                Some(Err(_)) | None => {
+                last => {
                     outcome.failed += 1;
-                    final_rows.push((w.record.message_id, LedgerState::SendFailed, w.attempt));
+                    let attempt = last.map_or(w.attempt, |t| t.attempt);
+                    final_rows.push((w.record.message_id, LedgerState::SendFailed, attempt));
                 }
             }
         }
         self.store.record_ledger(&final_rows, &inbox).await?;
 
-        let events: Vec<Record> = work
+        let events: Vec<DeliveryEvent> = work
             .iter()
             .flat_map(|w| self.events_of(w, received_at))
+            .collect();
+        let with_receipts: Vec<DeliveryEvent> = events
+            .iter()
+            .filter(|e| {
+                e.state == State::Sent
+                    && e.channel != Channel::Inbox
+                    && e.vendor_message_id.is_some()
+            })
+            .cloned()
+            .collect();
+        self.store.record_vendor_messages(&with_receipts).await?;
+        let events: Vec<Record> = events
+            .into_iter()
             .map(|e| {
                 Record::new(
                     e.receiver.as_bytes().to_vec(),
@@ -238,71 +273,184 @@ impl Dispatcher {
         Ok(outcome)
     }
 
-    /// Sends every message that needs it: receivers in parallel, one receiver's messages in order.
+    /// Sends every message that needs it, one receiver's messages in order: the k-th message of
+    /// each receiver goes in round k. Within a round, messages for one account are handed to
+    /// their channel's batch API together, and different accounts' groups run concurrently.
     async fn send_all(&self, work: &mut [Work]) {
-        let mut by_receiver: HashMap<String, Vec<&mut Work>> = HashMap::new();
-        for w in work.iter_mut().filter(|w| w.done.is_none()) {
-            by_receiver
-                .entry(w.record.receiver.clone())
-                .or_default()
-                .push(w);
+        let now = chrono::Utc::now();
+        let mut by_receiver: HashMap<&str, Vec<usize>> = HashMap::new();
+        for w in work.iter_mut() {
+            if w.done.is_none() && w.record.channel == Channel::Inbox {
+                // Stored with the ledger row; nothing to call.
+                w.tries.push(Try {
+                    attempt: w.attempt,
+                    sending_at: now,
+                    done_at: now,
+                    latency_ms: 0,
+                    result: Ok(SendOutcome {
+                        vendor: "herald".into(),
+                        vendor_message_id: Some(w.record.message_id.to_string()),
+                        billing_units: None,
+                    }),
+                    retried: false,
+                });
+            }
         }
-        stream::iter(by_receiver.into_values())
-            .for_each_concurrent(self.config.concurrency.max(1), |group| async move {
-                for w in group {
-                    let span = tracing::info_span!("send", message_id = %w.record.message_id, channel = %w.record.channel);
-                    w.sending_at = chrono::Utc::now();
-                    let started = Instant::now();
-                    w.result = Some(self.send_one(&w.record).instrument(span).await);
-                    w.latency_ms = started.elapsed().as_millis() as u64;
-                    w.done_at = chrono::Utc::now();
-                    if w.record.channel != Channel::Inbox {
-                        self.record_vendor_outcome(w).await;
-                    }
-                }
+        for (i, w) in work.iter().enumerate() {
+            if w.done.is_none() && w.tries.is_empty() {
+                by_receiver.entry(&w.record.receiver).or_default().push(i);
+            }
+        }
+        let queues: Vec<Vec<usize>> = by_receiver.into_values().collect();
+        let rounds = queues.iter().map(Vec::len).max().unwrap_or(0);
+        for round in 0..rounds {
+            let picked: Vec<usize> = queues
+                .iter()
+                .filter_map(|q| q.get(round))
+                .copied()
+                .collect();
+            let tries = self.send_round(work, &picked).await;
+            for (i, t) in tries {
+                work[i].tries = t;
+            }
+        }
+    }
+
+    /// Sends one round's messages and returns each one's vendor calls.
+    async fn send_round(&self, work: &[Work], picked: &[usize]) -> Vec<(usize, Vec<Try>)> {
+        let mut groups: HashMap<(Channel, Option<i64>), Group<'_>> = HashMap::new();
+        for &i in picked {
+            let r = &work[i].record;
+            groups
+                .entry((r.channel, r.account_id))
+                .or_insert_with(|| Group {
+                    channel: r.channel,
+                    account_id: r.account_id,
+                    items: Vec::new(),
+                })
+                .items
+                .push((i, r, work[i].attempt));
+        }
+        let mut chunks = Vec::new();
+        for group in groups.into_values() {
+            let Some(sender) = self.senders.for_channel(group.channel) else {
+                continue;
+            };
+            let size = sender.max_batch().max(1);
+            let mut items = group.items;
+            while !items.is_empty() {
+                let rest = items.split_off(items.len().min(size));
+                chunks.push((group.channel, group.account_id, sender, items));
+                items = rest;
+            }
+        }
+        // Futures built up front (not in a stream's closure), which keeps the future `Send`.
+        let calls: Vec<_> = chunks
+            .into_iter()
+            .map(|(channel, account_id, sender, items)| {
+                let span = tracing::info_span!("send", %channel, count = items.len());
+                self.deliver(channel, account_id, sender, items)
+                    .instrument(span)
             })
+            .collect();
+        let done: Vec<Vec<(usize, Vec<Try>)>> = stream::iter(calls)
+            .buffer_unordered(self.config.concurrency.max(1))
+            .collect()
             .await;
+        done.into_iter().flatten().collect()
     }
 
-    /// Records one vendor outcome in the ledger as soon as the vendor answered, so a crash later
-    /// in the batch cannot make this message look in-flight. The batch's final ledger write
-    /// repeats it; a failure here is only logged.
-    async fn record_vendor_outcome(&self, w: &Work) {
-        let state = match &w.result {
-            Some(Ok(_)) => LedgerState::Sent,
-            _ => LedgerState::SendFailed,
-        };
-        let row = [(w.record.message_id, state, w.attempt)];
-        if let Err(e) = self.store.record_ledger(&row, &[]).await {
-            tracing::warn!(error = %e, message_id = %w.record.message_id, "ledger write after a send failed; the batch write retries it");
-        }
-    }
-
-    async fn send_one(&self, record: &MessageRecord) -> Result<SendOutcome, SendError> {
-        if record.channel == Channel::Inbox {
-            // Stored with the ledger row; nothing to call.
-            return Ok(SendOutcome {
-                vendor: "herald".into(),
-                vendor_message_id: Some(record.message_id.to_string()),
-                billing_units: None,
-            });
-        }
-        let account = match record.account_id {
-            Some(id) => self.account(id).await,
+    /// Sends `items` through one account, retrying retryable failures with exponential backoff
+    /// and full jitter while attempts and the inline wait allow; records each call's outcome in
+    /// the ledger as soon as the vendor answered.
+    async fn deliver(
+        &self,
+        channel: Channel,
+        account_id: Option<i64>,
+        sender: &dyn Sender,
+        items: Vec<(usize, &MessageRecord, u32)>,
+    ) -> Vec<(usize, Vec<Try>)> {
+        let mut tries: Vec<Vec<Try>> = items.iter().map(|_| Vec::new()).collect();
+        let account = match account_id {
+            Some(id) => self.account(id).await.filter(|a| a.channel == channel),
             None => None,
         };
-        let Some(account) = account.filter(|a| a.channel == record.channel) else {
-            return Err(SendError::Permanent {
-                code: "unknown_account".into(),
-                detail: "the template's channel account no longer exists".into(),
-            });
-        };
-        let sender: &dyn Sender = match record.channel {
-            Channel::Email => &self.senders.email,
-            Channel::Webhook => &self.senders.webhook,
-            Channel::Inbox => unreachable!("handled above"),
-        };
-        sender.send(record, account.id, &account.config).await
+        let mut pending: Vec<usize> = (0..items.len()).collect();
+        let mut retry = 0u32;
+        while !pending.is_empty() {
+            let records: Vec<&MessageRecord> = pending.iter().map(|&k| items[k].1).collect();
+            let sending_at = chrono::Utc::now();
+            let started = Instant::now();
+            let results = match &account {
+                None => records
+                    .iter()
+                    .map(|_| {
+                        Err(SendError::Permanent {
+                            code: "unknown_account".into(),
+                            detail: "the template's channel account no longer exists".into(),
+                        })
+                    })
+                    .collect(),
+                Some(a) if records.len() == 1 => {
+                    vec![sender.send(records[0], a.id, &a.config).await]
+                }
+                Some(a) => sender.send_batch(&records, a.id, &a.config).await,
+            };
+            let latency_ms = started.elapsed().as_millis() as u64;
+            let done_at = chrono::Utc::now();
+
+            let mut again = Vec::new();
+            let mut wait = Duration::ZERO;
+            let mut ledger_rows = Vec::with_capacity(pending.len());
+            for (&k, result) in pending.iter().zip(results) {
+                let (_, record, first) = items[k];
+                let attempt = first + retry;
+                let delay = match &result {
+                    Err(SendError::Retryable { retry_after, .. })
+                        if attempt < self.config.max_attempts =>
+                    {
+                        Some(retry_delay(&self.config, retry, *retry_after))
+                            .filter(|d| *d <= self.config.max_retry_wait)
+                    }
+                    _ => None,
+                };
+                ledger_rows.push(match (&result, delay) {
+                    (_, Some(_)) => (record.message_id, LedgerState::Sending, attempt + 1),
+                    (Ok(_), None) => (record.message_id, LedgerState::Sent, attempt),
+                    (Err(_), None) => (record.message_id, LedgerState::SendFailed, attempt),
+                });
+                if let Some(d) = delay {
+                    wait = wait.max(d);
+                    again.push(k);
+                }
+                tries[k].push(Try {
+                    attempt,
+                    sending_at,
+                    done_at,
+                    latency_ms,
+                    result,
+                    retried: delay.is_some(),
+                });
+            }
+            if account.is_some() {
+                self.record_vendor_outcomes(&ledger_rows).await;
+            }
+            if !again.is_empty() {
+                tokio::time::sleep(wait).await;
+            }
+            pending = again;
+            retry += 1;
+        }
+        items.iter().map(|(i, _, _)| *i).zip(tries).collect()
+    }
+
+    /// Records vendor outcomes in the ledger as soon as the vendor answered, so a crash later
+    /// in the batch cannot make these messages look in-flight. The batch's final ledger write
+    /// repeats them; a failure here is only logged.
+    async fn record_vendor_outcomes(&self, rows: &[(MessageId, LedgerState, u32)]) {
+        if let Err(e) = self.store.record_ledger(rows, &[]).await {
+            tracing::warn!(error = %e, count = rows.len(), "ledger write after a send failed; the batch write retries it");
+        }
     }
 
     async fn account(&self, id: i64) -> Option<Account> {
@@ -330,59 +478,79 @@ impl Dispatcher {
         found
     }
 
-    /// The delivery events of one message, in order: accepted, received, sending, sent/send_failed.
+    /// The delivery events of one message, in order: accepted, received, then per vendor call
+    /// sending and retrying / sent / send_failed.
     fn events_of(
         &self,
         w: &Work,
         received_at: chrono::DateTime<chrono::Utc>,
     ) -> Vec<DeliveryEvent> {
         let r = &w.record;
-        let ev = |state: State, ts| {
-            let mut e = DeliveryEvent::for_record(r, state, w.attempt);
+        let ev = |state: State, attempt: u32, ts| {
+            let mut e = DeliveryEvent::for_record(r, state, attempt);
             e.ts = ts;
             e.redelivered = w.redelivered;
             e
         };
         let mut out = vec![
-            ev(State::Accepted, r.accepted_at),
-            ev(State::Received, received_at),
+            ev(State::Accepted, w.attempt, r.accepted_at),
+            ev(State::Received, w.attempt, received_at),
         ];
-        match (&w.done, &w.result) {
-            (Some((LedgerState::Sent, _)), _) => {
-                out.push(ev(State::Sending, received_at));
-                out.push(ev(State::Sent, received_at));
+        match &w.done {
+            Some((LedgerState::Sent, attempt)) => {
+                out.push(ev(State::Sending, *attempt, received_at));
+                out.push(ev(State::Sent, *attempt, received_at));
             }
-            (Some(_), _) => {
-                out.push(ev(State::Sending, received_at));
-                let mut e = ev(State::SendFailed, received_at);
+            Some((_, attempt)) => {
+                out.push(ev(State::Sending, *attempt, received_at));
+                let mut e = ev(State::SendFailed, *attempt, received_at);
                 e.error_code = Some("unknown".into());
                 out.push(e);
             }
-            (None, Some(result)) => {
-                out.push(ev(State::Sending, w.sending_at));
-                let mut e = match result {
-                    Ok(o) => {
-                        let mut e = ev(State::Sent, w.done_at);
-                        e.vendor = Some(o.vendor.clone());
-                        e.vendor_message_id = o.vendor_message_id.clone();
-                        e.billing_units = o.billing_units;
-                        e
-                    }
-                    Err(err) => {
-                        let mut e = ev(State::SendFailed, w.done_at);
-                        e.error_code = Some(err.code().to_string());
-                        e.error_detail = Some(err.detail().to_string());
-                        e
-                    }
-                };
-                e.latency_ms = Some(w.latency_ms);
-                out.push(e);
+            None => {
+                for t in &w.tries {
+                    out.push(ev(State::Sending, t.attempt, t.sending_at));
+                    let mut e = match &t.result {
+                        Ok(o) => {
+                            let mut e = ev(State::Sent, t.attempt, t.done_at);
+                            e.vendor = Some(o.vendor.clone());
+                            e.vendor_message_id = o.vendor_message_id.clone();
+                            e.billing_units = o.billing_units;
+                            e
+                        }
+                        Err(err) => {
+                            let state = if t.retried {
+                                State::Retrying
+                            } else {
+                                State::SendFailed
+                            };
+                            let mut e = ev(state, t.attempt, t.done_at);
+                            e.error_code = Some(err.code().to_string());
+                            e.error_detail = Some(err.detail().to_string());
+                            e
+                        }
+                    };
+                    e.latency_ms = Some(t.latency_ms);
+                    out.push(e);
+                }
             }
-            (None, None) => {}
         }
         for e in &out {
             self.metrics.event(r.channel, e.state);
         }
         out
     }
+}
+
+/// The wait before retry number `retry + 1`: the vendor's `Retry-After` when it gave one, else
+/// full jitter over `retry_base * 2^retry`, capped at `max_retry_wait`.
+fn retry_delay(config: &DispatchConfig, retry: u32, retry_after: Option<Duration>) -> Duration {
+    if let Some(d) = retry_after {
+        return d;
+    }
+    let ceiling = config
+        .retry_base
+        .saturating_mul(1 << retry.min(20))
+        .min(config.max_retry_wait);
+    ceiling.mul_f64(rand::random::<f64>())
 }

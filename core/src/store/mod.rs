@@ -1,5 +1,6 @@
 //! The store (sqlx over SQLite): apps and API keys, channel accounts, templates, idempotency
-//! keys, the send ledger, the per-message event index behind the trace API, and the inbox.
+//! keys, the send ledger, the per-message event index behind the trace API, the inbox, and
+//! vendor state (access tokens, vendor message ids for receipts).
 //! Migrations live in `sql/migrations/sqlite/`.
 
 mod catalog;
@@ -7,11 +8,13 @@ mod events;
 mod idempotency;
 mod inbox;
 mod ledger;
+mod vendors;
 
 pub use catalog::{Account, App, NewTemplate, Template, hash_key};
 pub use idempotency::Claim;
 pub use inbox::InboxEntry;
 pub use ledger::{LedgerState, SentInbox};
+pub use vendors::PendingReceipt;
 
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};

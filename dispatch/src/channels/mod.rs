@@ -1,23 +1,40 @@
 //! Channels: one module per vendor, each with its account config, its client and its tests.
-//! [`Senders::from_config`] builds all of them; the worker picks one by the record's channel.
+//! [`Senders::new`] builds all of them; the worker picks one by the record's channel.
 //!
 //! The inbox channel is not a [`Sender`]: its "send" is a row in the store written in the same
 //! transaction as the send ledger, which makes it exactly-once (see `worker`).
+//!
+//! Every vendor account's config may set `base_url`, which replaces the vendor's API origin
+//! (tests point it at a local server).
 
+pub mod dingtalk;
 pub mod email;
+pub mod feishu;
+pub mod getui;
+pub mod http;
+pub mod sms;
+#[cfg(test)]
+pub mod testkit;
+pub mod token;
 pub mod webhook;
+pub mod wechat;
+pub mod wecom;
 
 use async_trait::async_trait;
-use herald_core::{Channel, MessageRecord};
+use herald_core::store::{PendingReceipt, Store};
+use herald_core::{Channel, DeliveryEvent, MessageRecord, Receipt};
 use serde_json::Value;
+use std::sync::Arc;
 use std::time::Duration;
+use token::TokenCache;
 
 /// What a vendor said when it took a message.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SendOutcome {
-    /// The vendor's name as it appears on delivery events (`smtp`, `webhook`, ...).
+    /// The vendor's name as it appears on delivery events (`smtp`, `webhook`, `tencent`, ...).
     pub vendor: String,
-    /// The vendor's id for the message, when it gives one (SMTP: the Message-ID header).
+    /// The vendor's id for the message, when it gives one (SMTP: the Message-ID header). Receipts
+    /// and recalls find the message by it.
     pub vendor_message_id: Option<String>,
     /// Units the vendor bills for this message (SMS segments); `None` where billing is per message.
     pub billing_units: Option<u32>,
@@ -26,12 +43,13 @@ pub struct SendOutcome {
 /// Why a send failed, and whether trying again can help.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {
-    /// A transient failure (timeout, 5xx, 429, SMTP 4xx): the same message may succeed later.
+    /// A transient failure (timeout, 5xx, 429, SMTP 4xx, a vendor's rate-limit or busy code):
+    /// the same message may succeed later.
     #[error("{code}: {detail}")]
     Retryable {
         code: String,
         detail: String,
-        /// The vendor's `Retry-After`, when it sent one.
+        /// How long the vendor asked to wait (`Retry-After`), when it said.
         retry_after: Option<Duration>,
     },
     /// A failure that will repeat (bad credentials, bad receiver, 4xx, SMTP 5xx).
@@ -58,19 +76,126 @@ impl SendError {
     pub fn is_retryable(&self) -> bool {
         matches!(self, SendError::Retryable { .. })
     }
+
+    /// The `not_supported` answer of an operation a vendor does not offer.
+    pub fn not_supported(what: &str) -> Self {
+        SendError::Permanent {
+            code: "not_supported".into(),
+            detail: format!("{what} is not supported by this channel"),
+        }
+    }
+}
+
+/// A file to upload to a vendor, which answers with the media id that messages then reference.
+#[derive(Debug, Clone)]
+pub struct Media {
+    /// The vendor's media type: `image`, `voice`, `video` or `file`.
+    pub kind: String,
+    pub filename: String,
+    pub content_type: String,
+    pub bytes: bytes::Bytes,
 }
 
 /// A channel client. `account` is the channel account's stored config (JSON), which each
 /// implementation parses into its own config struct.
 #[async_trait]
 pub trait Sender: Send + Sync {
+    /// The most messages one [`send_batch`](Self::send_batch) call should get; 1 (the default)
+    /// when the vendor has no batch API.
+    fn max_batch(&self) -> usize {
+        1
+    }
+
     /// Sends one rendered message to its receiver.
     async fn send(
         &self,
         record: &MessageRecord,
         account_id: i64,
-        account: &serde_json::Value,
+        account: &Value,
     ) -> Result<SendOutcome, SendError>;
+
+    /// Sends several messages through one account, using the vendor's batch API where it has one
+    /// (messages with the same content share a request); one result per record, in order. A
+    /// failure for one receiver is that receiver's result, not the whole batch's.
+    async fn send_batch(
+        &self,
+        records: &[&MessageRecord],
+        account_id: i64,
+        account: &Value,
+    ) -> Vec<Result<SendOutcome, SendError>> {
+        let mut out = Vec::with_capacity(records.len());
+        for record in records {
+            out.push(self.send(record, account_id, account).await);
+        }
+        out
+    }
+
+    /// Recalls a sent message through the vendor; `sent` is its `sent` event (vendor message id,
+    /// receiver, channel). `not_supported` by default.
+    async fn recall(
+        &self,
+        _sent: &DeliveryEvent,
+        _account_id: i64,
+        _account: &Value,
+    ) -> Result<(), SendError> {
+        Err(SendError::not_supported("recall"))
+    }
+
+    /// Asks the vendor for the receipts of `pending` messages sent through this account; those
+    /// without a receipt yet are simply absent from the answer. Nothing by default (vendors that
+    /// push receipts, or have none).
+    async fn pull_receipts(
+        &self,
+        _account_id: i64,
+        _account: &Value,
+        _pending: &[PendingReceipt],
+    ) -> Result<Vec<Receipt>, SendError> {
+        Ok(Vec::new())
+    }
+
+    /// Uploads `media` for messages of `channel` that reference a media id; returns the id.
+    /// `not_supported` by default.
+    async fn upload_media(
+        &self,
+        _channel: Channel,
+        _account_id: i64,
+        _account: &Value,
+        _media: &Media,
+    ) -> Result<String, SendError> {
+        Err(SendError::not_supported("media upload"))
+    }
+}
+
+/// What a vendor's receipt push parsed into, and what the vendor expects as the answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiptPush {
+    pub receipts: Vec<Receipt>,
+    /// The answer's content type and body, as the vendor documents it.
+    pub ack: (&'static str, &'static str),
+}
+
+/// Parses a receipt push (`POST /v1/receipts/{vendor}`) from `vendor`.
+pub fn parse_receipt_push(vendor: &str, body: &[u8]) -> Result<ReceiptPush, String> {
+    let (receipts, ack) = match vendor {
+        "tencent" => (
+            sms::tencent::parse_receipt_push(body)?,
+            sms::tencent::RECEIPT_ACK,
+        ),
+        "aliyun" => (
+            sms::aliyun::parse_receipt_push(body)?,
+            sms::aliyun::RECEIPT_ACK,
+        ),
+        "yunpian" => (
+            sms::yunpian::parse_receipt_push(body)?,
+            sms::yunpian::RECEIPT_ACK,
+        ),
+        other => {
+            return Err(format!(
+                "no receipt push from `{other}` (expected tencent, aliyun or yunpian)"
+            ));
+        }
+    };
+    Ok(ReceiptPush { receipts, ack })
 }
 
 /// Checks a channel account's config when it is created: the config must parse as the channel's
@@ -80,6 +205,12 @@ pub fn check_account(channel: Channel, config: &Value) -> Result<(), String> {
         Channel::Inbox => Ok(()),
         Channel::Email => email::EmailAccount::parse(config).map(drop),
         Channel::Webhook => webhook::WebhookAccount::parse(config).map(drop),
+        Channel::Sms => sms::SmsAccount::parse(config).map(drop),
+        Channel::WechatOfficial | Channel::WechatMini => wechat::check_account(channel, config),
+        Channel::WecomApp | Channel::WecomRobot => wecom::check_account(channel, config),
+        Channel::DingtalkRobot | Channel::DingtalkWork => dingtalk::check_account(channel, config),
+        Channel::FeishuRobot | Channel::FeishuApp => feishu::check_account(channel, config),
+        Channel::Push => getui::check_account(channel, config),
     }
 }
 
@@ -117,29 +248,60 @@ pub fn check_content(channel: Channel, content: &Value) -> Result<(), String> {
             }
         }
         Channel::Webhook => {}
+        Channel::Sms => sms::check_content(content)?,
+        Channel::WechatOfficial | Channel::WechatMini => wechat::check_content(channel, content)?,
+        Channel::WecomApp | Channel::WecomRobot => wecom::check_content(channel, content)?,
+        Channel::DingtalkRobot | Channel::DingtalkWork => {
+            dingtalk::check_content(channel, content)?
+        }
+        Channel::FeishuRobot | Channel::FeishuApp => feishu::check_content(channel, content)?,
+        Channel::Push => getui::check_content(channel, content)?,
     }
     Ok(())
 }
 
-/// Every channel client, built once.
+/// Every channel client, built once, sharing one HTTP connection pool and one token cache.
 pub struct Senders {
     pub email: email::EmailSender,
     pub webhook: webhook::WebhookSender,
+    pub sms: sms::SmsSender,
+    pub wechat: wechat::WechatSender,
+    pub wecom: wecom::WecomSender,
+    pub dingtalk: dingtalk::DingtalkSender,
+    pub feishu: feishu::FeishuSender,
+    pub getui: getui::GetuiSender,
 }
 
 impl Senders {
-    /// Builds every channel client.
-    pub fn new() -> Self {
+    /// Builds every channel client; vendor tokens are shared through `store`.
+    pub fn new(store: Store) -> Self {
+        let client = http::client();
+        let tokens = Arc::new(TokenCache::new(store));
         Senders {
             email: email::EmailSender::new(),
-            webhook: webhook::WebhookSender::new(),
+            webhook: webhook::WebhookSender::new(client.clone()),
+            sms: sms::SmsSender::new(client.clone()),
+            wechat: wechat::WechatSender::new(client.clone(), Arc::clone(&tokens)),
+            wecom: wecom::WecomSender::new(client.clone(), Arc::clone(&tokens)),
+            dingtalk: dingtalk::DingtalkSender::new(client.clone(), Arc::clone(&tokens)),
+            feishu: feishu::FeishuSender::new(client.clone(), Arc::clone(&tokens)),
+            getui: getui::GetuiSender::new(client, tokens),
         }
     }
-}
 
-impl Default for Senders {
-    fn default() -> Self {
-        Self::new()
+    /// The client of `channel`; `None` for the inbox, which has none.
+    pub fn for_channel(&self, channel: Channel) -> Option<&dyn Sender> {
+        Some(match channel {
+            Channel::Inbox => return None,
+            Channel::Email => &self.email,
+            Channel::Webhook => &self.webhook,
+            Channel::Sms => &self.sms,
+            Channel::WechatOfficial | Channel::WechatMini => &self.wechat,
+            Channel::WecomApp | Channel::WecomRobot => &self.wecom,
+            Channel::DingtalkRobot | Channel::DingtalkWork => &self.dingtalk,
+            Channel::FeishuRobot | Channel::FeishuApp => &self.feishu,
+            Channel::Push => &self.getui,
+        })
     }
 }
 

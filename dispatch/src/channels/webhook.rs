@@ -37,14 +37,15 @@
 //! and `5xx` are retryable, honouring `Retry-After`; other statuses are permanent. Redirects are
 //! not followed: a `POST` must not silently turn into a `GET` elsewhere.
 
+use super::http::{self, bad_account};
 use super::{SendError, SendOutcome, Sender};
 use async_trait::async_trait;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{SecondsFormat, Utc};
 use herald_core::config::Secret;
 use herald_core::{MessageId, MessageRecord};
 use hmac::{Hmac, Mac};
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
-use reqwest::{Client, StatusCode, Url};
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use reqwest::{Client, Url};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use std::collections::BTreeMap;
@@ -52,9 +53,6 @@ use std::time::Duration;
 
 /// The vendor name on delivery events.
 const VENDOR: &str = "webhook";
-
-/// Most bytes of an error response's body quoted in the error detail.
-const DETAIL_BODY_BYTES: usize = 256;
 
 /// The `X-Herald-Signature` value for a request: `v1=` and the lowercase hex of
 /// `HMAC-SHA256(secret, "<timestamp>.<body>")`. The [module docs](crate::channels::webhook) say
@@ -176,25 +174,9 @@ pub struct WebhookSender {
 }
 
 impl WebhookSender {
-    /// Builds the shared HTTP client.
-    ///
-    /// # Panics
-    /// If the TLS backend cannot be initialised, which is a build defect, not a runtime state.
-    pub fn new() -> Self {
-        let client = Client::builder()
-            .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(5))
-            .pool_idle_timeout(Duration::from_secs(90))
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .expect("the HTTP client (rustls) builds");
+    /// A client over the shared HTTP connection pool.
+    pub fn new(client: Client) -> Self {
         WebhookSender { client }
-    }
-}
-
-impl Default for WebhookSender {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -238,7 +220,7 @@ impl Sender for WebhookSender {
             .body(body)
             .send()
             .await
-            .map_err(request_error)?;
+            .map_err(|e| http::request_error(VENDOR, e))?;
 
         let status = response.status();
         if status.is_success() {
@@ -253,101 +235,15 @@ impl Sender for WebhookSender {
                 billing_units: None,
             });
         }
-        let retry_after = response
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, Utc::now()));
-        let detail = format!("HTTP {status}{}", body_excerpt(response).await);
-        Err(status_error(status, detail, retry_after))
+        let headers = response.headers().clone();
+        let detail = format!("HTTP {status}{}", http::body_excerpt(response).await);
+        Err(http::status_error(VENDOR, status, &headers, detail))
     }
 }
 
 /// Formats a value that is always a valid header value (digits, a UUID, hex).
 fn header_value(value: impl ToString) -> HeaderValue {
     HeaderValue::from_str(&value.to_string()).expect("digits, hex and UUIDs are valid headers")
-}
-
-/// Maps a non-2xx status.
-fn status_error(status: StatusCode, detail: String, retry_after: Option<Duration>) -> SendError {
-    let retryable = |code: &str| SendError::Retryable {
-        code: code.into(),
-        detail: detail.clone(),
-        retry_after,
-    };
-    match status.as_u16() {
-        408 => retryable("webhook_408"),
-        429 => retryable("webhook_429"),
-        500..=599 => retryable("webhook_5xx"),
-        400..=499 => SendError::Permanent {
-            code: "webhook_4xx".into(),
-            detail,
-        },
-        // 3xx (redirects are not followed) and stray 1xx: the URL needs fixing.
-        _ => SendError::Permanent {
-            code: "webhook_status".into(),
-            detail,
-        },
-    }
-}
-
-/// Maps a failure to get a response at all.
-fn request_error(e: reqwest::Error) -> SendError {
-    let code = if e.is_timeout() {
-        "webhook_timeout"
-    } else if e.is_connect() {
-        "webhook_connect"
-    } else {
-        "webhook_network"
-    };
-    SendError::Retryable {
-        code: code.into(),
-        // The URL may hold credentials; the error text would quote it.
-        detail: e.without_url().to_string(),
-        retry_after: None,
-    }
-}
-
-/// `: <the start of the body>` for an error detail, or nothing if the body is empty or unreadable.
-async fn body_excerpt(mut response: reqwest::Response) -> String {
-    let mut body = Vec::new();
-    while body.len() < DETAIL_BODY_BYTES {
-        match response.chunk().await {
-            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
-            _ => break,
-        }
-    }
-    body.truncate(DETAIL_BODY_BYTES);
-    let text = String::from_utf8_lossy(&body);
-    let text = text.trim();
-    if text.is_empty() {
-        String::new()
-    } else {
-        format!(": {text}")
-    }
-}
-
-/// A `Retry-After` value: delay seconds, or an HTTP date (IMF-fixdate, e.g.
-/// `Wed, 21 Oct 2015 07:28:00 GMT`; the obsolete RFC 850 and asctime forms are not read).
-/// A date in the past means "now".
-fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
-    let value = value.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let at = DateTime::parse_from_rfc2822(value).ok()?;
-    Some(
-        (at.with_timezone(&Utc) - now)
-            .to_std()
-            .unwrap_or(Duration::ZERO),
-    )
-}
-
-fn bad_account(detail: impl Into<String>) -> SendError {
-    SendError::Permanent {
-        code: "bad_account".into(),
-        detail: detail.into(),
-    }
 }
 
 #[cfg(test)]
@@ -358,6 +254,7 @@ mod tests {
     use axum::extract::State;
     use axum::http::{HeaderMap as AxumHeaders, StatusCode as AxumStatus, Uri};
     use axum::response::{IntoResponse, Response};
+    use chrono::DateTime;
     use herald_core::{Channel, MsgType};
     use serde_json::{Value, json};
     use std::sync::{Arc, Mutex};
@@ -484,7 +381,7 @@ mod tests {
     #[tokio::test]
     async fn posts_a_signed_json_body_that_the_receiver_verifies() {
         let (base, seen) = start_receiver(SECRET).await;
-        let sender = WebhookSender::new();
+        let sender = WebhookSender::new(http::client());
         let r = record();
         let mut config = account(format!("{base}/ok"));
         config["headers"] = json!({"Authorization": "Bearer abc"});
@@ -540,7 +437,7 @@ mod tests {
     #[tokio::test]
     async fn statuses_map_to_retryable_or_permanent() {
         let (base, seen) = start_receiver(SECRET).await;
-        let sender = WebhookSender::new();
+        let sender = WebhookSender::new(http::client());
         let r = record();
 
         let err = sender
@@ -597,7 +494,7 @@ mod tests {
     #[tokio::test]
     async fn timeouts_and_refused_connections_are_retryable() {
         let (base, _seen) = start_receiver(SECRET).await;
-        let sender = WebhookSender::new();
+        let sender = WebhookSender::new(http::client());
         let mut config = account(format!("{base}/slow"));
         config["timeout_ms"] = json!(300);
         let started = std::time::Instant::now();
@@ -659,25 +556,5 @@ mod tests {
                 "{config}: {err}"
             );
         }
-    }
-
-    #[test]
-    fn retry_after_reads_seconds_and_dates() {
-        let now = DateTime::parse_from_rfc3339("2015-10-21T07:28:00Z")
-            .unwrap()
-            .with_timezone(&Utc);
-        let secs = |s: u64| Some(Duration::from_secs(s));
-        assert_eq!(parse_retry_after("7", now), secs(7));
-        assert_eq!(parse_retry_after(" 120 ", now), secs(120));
-        assert_eq!(
-            parse_retry_after("Wed, 21 Oct 2015 07:29:30 GMT", now),
-            secs(90)
-        );
-        assert_eq!(
-            parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
-            secs(0)
-        );
-        assert_eq!(parse_retry_after("soon", now), None);
-        assert_eq!(parse_retry_after("-5", now), None);
     }
 }

@@ -1,0 +1,163 @@
+//! Vendor state shared by every dispatch worker: access tokens, and the vendor id of each sent
+//! message, which receipts are joined to.
+
+use super::{Store, StoreError, now_ms};
+use crate::wire::DeliveryEvent;
+use sqlx::{QueryBuilder, Row, Sqlite};
+
+/// A sent message awaiting its receipt, as a receipt poller needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingReceipt {
+    pub vendor_message_id: String,
+    pub receiver: String,
+    /// Unix milliseconds.
+    pub sent_at: i64,
+}
+
+/// Rows per multi-row statement (SQLite binds at most 32,766 parameters).
+const CHUNK: usize = 1000;
+
+impl Store {
+    /// The stored token under `key` and its expiry (unix ms), if any.
+    pub async fn vendor_token(&self, key: &str) -> Result<Option<(String, i64)>, StoreError> {
+        let row = sqlx::query("SELECT token, expires_at FROM vendor_tokens WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+
+    /// Stores `token` under `key` until `expires_at` (unix ms).
+    pub async fn put_vendor_token(
+        &self,
+        key: &str,
+        token: &str,
+        expires_at: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT OR REPLACE INTO vendor_tokens (key, token, expires_at) VALUES (?, ?, ?)",
+        )
+        .bind(key)
+        .bind(token)
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Forgets the token under `key` if it is still `token` (a vendor said it expired).
+    pub async fn drop_vendor_token(&self, key: &str, token: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM vendor_tokens WHERE key = ? AND token = ?")
+            .bind(key)
+            .bind(token)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Remembers the vendor ids of `sent` events (those with a vendor and a vendor id), so that
+    /// receipts find their message. Writing one again changes nothing.
+    pub async fn record_vendor_messages(&self, sent: &[DeliveryEvent]) -> Result<(), StoreError> {
+        let rows: Vec<&DeliveryEvent> = sent
+            .iter()
+            .filter(|e| e.vendor.is_some() && e.vendor_message_id.is_some())
+            .collect();
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for chunk in rows.chunks(CHUNK) {
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT OR IGNORE INTO vendor_messages \
+                 (vendor, vendor_message_id, receiver, message_id, account_id, sent_at, event) ",
+            );
+            q.push_values(chunk, |mut b, e| {
+                b.push_bind(e.vendor.as_deref())
+                    .push_bind(e.vendor_message_id.as_deref())
+                    .push_bind(&e.receiver)
+                    .push_bind(e.message_id.to_string())
+                    .push_bind(e.account_id)
+                    .push_bind(e.ts.timestamp_millis())
+                    .push_bind(serde_json::to_string(e).unwrap_or_default());
+            });
+            q.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The `sent` events a receipt for (`vendor`, `vendor_message_id`) refers to: the one for
+    /// `receiver` when given, else every receiver under that id.
+    pub async fn sent_by_vendor_id(
+        &self,
+        vendor: &str,
+        vendor_message_id: &str,
+        receiver: Option<&str>,
+    ) -> Result<Vec<DeliveryEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT event FROM vendor_messages WHERE vendor = ? AND vendor_message_id = ? \
+             AND (? IS NULL OR receiver = ?)",
+        )
+        .bind(vendor)
+        .bind(vendor_message_id)
+        .bind(receiver)
+        .bind(receiver)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                serde_json::from_str(r.get::<&str, _>(0))
+                    .map_err(|e| StoreError::Corrupt(format!("vendor message event: {e}")))
+            })
+            .collect()
+    }
+
+    /// Marks the receipt of (`vendor`, `vendor_message_id`, `receiver`) as arrived, so pollers
+    /// stop asking for it.
+    pub async fn mark_receipt(
+        &self,
+        vendor: &str,
+        vendor_message_id: &str,
+        receiver: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE vendor_messages SET receipt_at = ? \
+             WHERE vendor = ? AND vendor_message_id = ? AND receiver = ?",
+        )
+        .bind(now_ms())
+        .bind(vendor)
+        .bind(vendor_message_id)
+        .bind(receiver)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Up to `limit` messages sent through `account_id` since `since_ms` that have no receipt
+    /// yet, oldest first.
+    pub async fn pending_receipts(
+        &self,
+        account_id: i64,
+        since_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<PendingReceipt>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT vendor_message_id, receiver, sent_at FROM vendor_messages \
+             WHERE account_id = ? AND receipt_at IS NULL AND sent_at >= ? \
+             ORDER BY sent_at LIMIT ?",
+        )
+        .bind(account_id)
+        .bind(since_ms)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| PendingReceipt {
+                vendor_message_id: r.get(0),
+                receiver: r.get(1),
+                sent_at: r.get(2),
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,66 @@
+//! Tencent SMS (stub: replaced by the vendor implementation).
+
+use crate::channels::{SendError, SendOutcome};
+use herald_core::store::PendingReceipt;
+use herald_core::{MessageRecord, Receipt};
+use reqwest::Client;
+use serde_json::Value;
+
+/// What the vendor expects in answer to a receipt push: content type and body.
+pub const RECEIPT_ACK: (&str, &str) = ("text/plain", "");
+
+/// A Tencent SMS account.
+pub struct TencentAccount {
+    pub sign_name: String,
+}
+
+impl TencentAccount {
+    /// Parses the account config (without its `vendor` field).
+    pub fn parse(_config: &Value) -> Result<Self, String> {
+        Err("not implemented".into())
+    }
+}
+
+/// Checks the template content's `tencent` entry.
+pub fn check_content(_entry: &Value) -> Result<(), String> {
+    Err("not implemented".into())
+}
+
+/// Parses a receipt push body.
+pub fn parse_receipt_push(_body: &[u8]) -> Result<Vec<Receipt>, String> {
+    Err("not implemented".into())
+}
+
+/// The Tencent SMS client.
+pub struct TencentSms {
+    _client: Client,
+}
+
+impl TencentSms {
+    /// A client over the shared HTTP pool.
+    pub fn new(client: Client) -> Self {
+        TencentSms { _client: client }
+    }
+
+    /// Sends `records` (any number; the client splits them into vendor requests), one result
+    /// per record in order.
+    pub async fn send(
+        &self,
+        _account: &TencentAccount,
+        records: &[&MessageRecord],
+    ) -> Vec<Result<SendOutcome, SendError>> {
+        records
+            .iter()
+            .map(|_| Err(SendError::not_supported("tencent")))
+            .collect()
+    }
+
+    /// Pulls receipts for `pending` messages.
+    pub async fn pull_receipts(
+        &self,
+        _account: &TencentAccount,
+        _pending: &[PendingReceipt],
+    ) -> Result<Vec<Receipt>, SendError> {
+        Ok(Vec::new())
+    }
+}

@@ -1,0 +1,66 @@
+//! Yunpian SMS (stub: replaced by the vendor implementation).
+
+use crate::channels::{SendError, SendOutcome};
+use herald_core::store::PendingReceipt;
+use herald_core::{MessageRecord, Receipt};
+use reqwest::Client;
+use serde_json::Value;
+
+/// What the vendor expects in answer to a receipt push: content type and body.
+pub const RECEIPT_ACK: (&str, &str) = ("text/plain", "");
+
+/// A Yunpian SMS account.
+pub struct YunpianAccount {
+    pub sign_name: Option<String>,
+}
+
+impl YunpianAccount {
+    /// Parses the account config (without its `vendor` field).
+    pub fn parse(_config: &Value) -> Result<Self, String> {
+        Err("not implemented".into())
+    }
+}
+
+/// Checks the template content's `yunpian` entry.
+pub fn check_content(_entry: &Value) -> Result<(), String> {
+    Err("not implemented".into())
+}
+
+/// Parses a receipt push body.
+pub fn parse_receipt_push(_body: &[u8]) -> Result<Vec<Receipt>, String> {
+    Err("not implemented".into())
+}
+
+/// The Yunpian SMS client.
+pub struct YunpianSms {
+    _client: Client,
+}
+
+impl YunpianSms {
+    /// A client over the shared HTTP pool.
+    pub fn new(client: Client) -> Self {
+        YunpianSms { _client: client }
+    }
+
+    /// Sends `records` (any number; the client splits them into vendor requests), one result
+    /// per record in order.
+    pub async fn send(
+        &self,
+        _account: &YunpianAccount,
+        records: &[&MessageRecord],
+    ) -> Vec<Result<SendOutcome, SendError>> {
+        records
+            .iter()
+            .map(|_| Err(SendError::not_supported("yunpian")))
+            .collect()
+    }
+
+    /// Pulls receipts for `pending` messages.
+    pub async fn pull_receipts(
+        &self,
+        _account: &YunpianAccount,
+        _pending: &[PendingReceipt],
+    ) -> Result<Vec<Receipt>, SendError> {
+        Ok(Vec::new())
+    }
+}
