@@ -6,16 +6,17 @@ pub mod bench;
 
 use anyhow::Context;
 use herald_analytics::{EventIndex, Sink, SinkConfig, SinkStats, Warehouse};
-use herald_core::MessageId;
 use herald_core::bus::Bus;
 use herald_core::bus::embedded::EmbeddedBus;
 use herald_core::config::Config;
+use herald_core::store::Account;
 use herald_core::store::Store;
 use herald_core::telemetry::{Metrics, TopicGroup};
 use herald_core::wire::{DELIVERY_TOPIC, DeliveryEvent, REQUESTS_TOPIC};
-use herald_dispatch::Dispatcher;
-use herald_dispatch::channels::{self, Senders};
-use herald_ingest::{ApiState, ChannelChecks};
+use herald_core::{Channel, MessageId, Receipt};
+use herald_dispatch::channels::{self, Media, SendError, Senders};
+use herald_dispatch::{Dispatcher, ReceiptPoller};
+use herald_ingest::{ApiState, Channels, MediaUpload, VendorFailure};
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -124,16 +125,29 @@ impl Application {
             let rx = shutdown.clone();
             tasks.spawn(async move { sink.run(rx).await.context("warehouse sink") });
         }
+        let senders = Arc::new(Senders::new(self.store.clone()));
         if self.roles.dispatch {
             let d = Dispatcher::new(
                 self.store.clone(),
                 self.bus.clone(),
-                Senders::new(self.store.clone()),
+                Arc::clone(&senders),
                 self.metrics.clone(),
                 self.config.dispatch.clone(),
             );
             let rx = shutdown.clone();
             tasks.spawn(async move { d.run(rx).await.context("dispatch worker") });
+            let poller = ReceiptPoller {
+                store: self.store.clone(),
+                bus: self.bus.clone(),
+                senders: Arc::clone(&senders),
+                metrics: self.metrics.clone(),
+                interval: self.config.dispatch.receipt_poll_interval,
+            };
+            let rx = shutdown.clone();
+            tasks.spawn(async move {
+                poller.run(rx).await;
+                Ok(())
+            });
         }
         tasks.spawn(watch(
             self.bus.clone(),
@@ -142,16 +156,12 @@ impl Application {
             shutdown.clone(),
         ));
         if self.roles.ingest {
-            let checks = ChannelChecks {
-                account: channels::check_account,
-                content: channels::check_content,
-            };
             let state = ApiState::new(
                 self.store.clone(),
                 self.bus.clone(),
                 self.metrics.clone(),
                 self.config.http.clone(),
-                checks,
+                Arc::new(ChannelServices(senders)),
             );
             let app = herald_ingest::router(state);
             let mut rx = shutdown.clone();
@@ -221,5 +231,56 @@ impl EventIndex for StoreIndex {
 
     async fn known(&self, ids: &[(MessageId, String)]) -> anyhow::Result<HashSet<String>> {
         Ok(self.0.known_events(ids).await?)
+    }
+}
+
+/// The channel clients as ingest sees them.
+struct ChannelServices(Arc<Senders>);
+
+#[async_trait::async_trait]
+impl Channels for ChannelServices {
+    fn check_account(&self, channel: Channel, config: &serde_json::Value) -> Result<(), String> {
+        channels::check_account(channel, config)
+    }
+
+    fn check_content(&self, channel: Channel, content: &serde_json::Value) -> Result<(), String> {
+        channels::check_content(channel, content)
+    }
+
+    fn parse_receipt_push(
+        &self,
+        vendor: &str,
+        body: &[u8],
+    ) -> Result<(Vec<Receipt>, &'static str, &'static str), String> {
+        let push = channels::parse_receipt_push(vendor, body)?;
+        Ok((push.receipts, push.ack.0, push.ack.1))
+    }
+
+    async fn upload_media(
+        &self,
+        account: &Account,
+        upload: MediaUpload,
+    ) -> Result<String, VendorFailure> {
+        let Some(sender) = self.0.for_channel(account.channel) else {
+            return Err(failure(SendError::not_supported("media upload")));
+        };
+        let media = Media {
+            kind: upload.kind,
+            filename: upload.filename,
+            content_type: upload.content_type,
+            bytes: upload.bytes,
+        };
+        sender
+            .upload_media(account.channel, account.id, &account.config, &media)
+            .await
+            .map_err(failure)
+    }
+}
+
+fn failure(e: SendError) -> VendorFailure {
+    VendorFailure {
+        code: e.code().to_string(),
+        detail: e.detail().to_string(),
+        retryable: e.is_retryable(),
     }
 }

@@ -57,6 +57,9 @@ pub struct HttpConfig {
     /// How long API keys and templates are cached before the store is asked again.
     #[serde(deserialize_with = "duration")]
     pub cache_ttl: Duration,
+    /// When set, vendors' receipt pushes (`POST /v1/receipts/{vendor}`) must carry it as
+    /// `?token=`; configure the callback URL at the vendor with it.
+    pub receipt_token: Option<Secret>,
 }
 
 impl Default for HttpConfig {
@@ -68,6 +71,7 @@ impl Default for HttpConfig {
             max_batch_messages: 1000,
             max_batch_receivers: 10_000,
             cache_ttl: Duration::from_secs(5),
+            receipt_token: None,
         }
     }
 }

@@ -45,6 +45,16 @@ pub struct Metrics {
     pub warehouse_events: Counter,
     /// Re-emitted delivery events the warehouse sink dropped as copies.
     pub warehouse_duplicates_dropped: Counter,
+    /// Vendor receipts, pushed or pulled, by vendor and whether they matched a sent message.
+    pub receipts: Family<VendorOutcome, Counter>,
+}
+
+/// Labels of a vendor receipt.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VendorOutcome {
+    pub vendor: String,
+    /// `matched` or `unmatched`.
+    pub outcome: &'static str,
 }
 
 /// Label of an error code.
@@ -67,6 +77,7 @@ impl Metrics {
             possible_duplicates: Counter::default(),
             warehouse_events: Counter::default(),
             warehouse_duplicates_dropped: Counter::default(),
+            receipts: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -114,6 +125,11 @@ impl Metrics {
             "Re-emitted delivery events dropped by the warehouse sink",
             m.warehouse_duplicates_dropped.clone(),
         );
+        registry.register(
+            "receipts",
+            "Vendor receipts by vendor and whether they matched a sent message",
+            m.receipts.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -125,6 +141,20 @@ impl Metrics {
                 state: state.as_str(),
             })
             .inc();
+    }
+
+    /// Counts receipts of `vendor`: `matched` ones joined to a sent message, `unmatched` ones not.
+    pub fn receipts(&self, vendor: &str, matched: usize, unmatched: usize) {
+        for (outcome, n) in [("matched", matched), ("unmatched", unmatched)] {
+            if n > 0 {
+                self.receipts
+                    .get_or_create(&VendorOutcome {
+                        vendor: vendor.to_string(),
+                        outcome,
+                    })
+                    .inc_by(n as u64);
+            }
+        }
     }
 
     /// The Prometheus text exposition of every metric.

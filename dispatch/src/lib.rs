@@ -1,6 +1,8 @@
-//! herald-dispatch: the consumer loop, the send pipeline and the channels.
+//! herald-dispatch: the consumer loop, the send pipeline, the channels and the receipt poller.
 
 pub mod channels;
+pub mod receipts;
 pub mod worker;
 
+pub use receipts::ReceiptPoller;
 pub use worker::{BatchOutcome, DispatchError, Dispatcher};

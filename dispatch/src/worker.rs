@@ -63,7 +63,7 @@ pub struct BatchOutcome {
 pub struct Dispatcher {
     store: Store,
     bus: Arc<dyn Bus>,
-    senders: Senders,
+    senders: Arc<Senders>,
     metrics: Arc<Metrics>,
     config: DispatchConfig,
     accounts: Mutex<HashMap<i64, (Option<Account>, Instant)>>,
@@ -112,7 +112,7 @@ impl Dispatcher {
     pub fn new(
         store: Store,
         bus: Arc<dyn Bus>,
-        senders: Senders,
+        senders: Arc<Senders>,
         metrics: Arc<Metrics>,
         config: DispatchConfig,
     ) -> Self {

@@ -87,7 +87,7 @@ pub async fn create_account(
     let mut details = Vec::new();
     name_ok("name", &b.name, &mut details);
     if let Some(c) = channel("channel", &b.channel, &mut details) {
-        if let Err(message) = (state.inner.checks.account)(c, &b.config) {
+        if let Err(message) = state.inner.channels.check_account(c, &b.config) {
             details.push(Detail {
                 path: "config".into(),
                 code: "bad_account_config",
@@ -149,7 +149,7 @@ async fn check_template(
         })
         .ok();
     if let Some(c) = channel {
-        if let Err(message) = (state.inner.checks.content)(c, &b.content) {
+        if let Err(message) = state.inner.channels.check_content(c, &b.content) {
             details.push(Detail {
                 path: "content".into(),
                 code: "bad_content",

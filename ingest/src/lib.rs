@@ -1,6 +1,6 @@
 //! herald-ingest: the HTTP API. Authenticates apps, validates and renders send requests, and
 //! publishes one record per receiver to `herald.requests`; also serves templates, accounts,
-//! traces, the inbox, `/health` and `/metrics`.
+//! media upload, vendor receipt pushes, traces, the inbox, `/health` and `/metrics`.
 
 mod auth;
 mod body;
@@ -8,6 +8,7 @@ mod catalog;
 mod error;
 mod read;
 mod send;
+mod vendors;
 
 pub use error::{ApiError, Detail};
 
@@ -15,22 +16,57 @@ use auth::Caches;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::routing::{get, post};
-use herald_core::Channel;
 use herald_core::bus::Bus;
 use herald_core::config::HttpConfig;
+use herald_core::store::Account;
 use herald_core::store::Store;
 use herald_core::telemetry::Metrics;
+use herald_core::{Channel, Receipt};
 use std::sync::Arc;
 
-/// Checks a channel's account config or template content; supplied by the dispatch crate, which
-/// owns the channel clients.
-pub type ChannelCheck = fn(Channel, &serde_json::Value) -> Result<(), String>;
+/// What ingest needs from the channel clients, which the dispatch crate owns: validation of
+/// account configs and template contents, parsing of vendors' receipt pushes, and media upload.
+#[async_trait::async_trait]
+pub trait Channels: Send + Sync {
+    /// Checks a channel account's config.
+    fn check_account(&self, channel: Channel, config: &serde_json::Value) -> Result<(), String>;
 
-/// Channel-specific validation used when accounts and templates are created.
-#[derive(Clone, Copy)]
-pub struct ChannelChecks {
-    pub account: ChannelCheck,
-    pub content: ChannelCheck,
+    /// Checks a template's content for its channel.
+    fn check_content(&self, channel: Channel, content: &serde_json::Value) -> Result<(), String>;
+
+    /// Parses a vendor's receipt push into receipts and the answer the vendor expects
+    /// (content type, body).
+    fn parse_receipt_push(
+        &self,
+        vendor: &str,
+        body: &[u8],
+    ) -> Result<(Vec<Receipt>, &'static str, &'static str), String>;
+
+    /// Uploads a file through `account` and returns the vendor's media id.
+    async fn upload_media(
+        &self,
+        account: &Account,
+        upload: MediaUpload,
+    ) -> Result<String, VendorFailure>;
+}
+
+/// A file for `POST /v1/accounts/{id}/media`.
+#[derive(Debug, Clone)]
+pub struct MediaUpload {
+    /// The vendor's media type: `image`, `voice`, `video` or `file`.
+    pub kind: String,
+    pub filename: String,
+    pub content_type: String,
+    pub bytes: bytes::Bytes,
+}
+
+/// A vendor's refusal or failure, as answered to the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VendorFailure {
+    pub code: String,
+    pub detail: String,
+    /// Whether trying again later may succeed.
+    pub retryable: bool,
 }
 
 /// Everything a handler needs.
@@ -44,7 +80,7 @@ struct Inner {
     bus: Arc<dyn Bus>,
     metrics: Arc<Metrics>,
     config: HttpConfig,
-    checks: ChannelChecks,
+    channels: Arc<dyn Channels>,
     caches: Caches,
 }
 
@@ -55,7 +91,7 @@ impl ApiState {
         bus: Arc<dyn Bus>,
         metrics: Arc<Metrics>,
         config: HttpConfig,
-        checks: ChannelChecks,
+        channels: Arc<dyn Channels>,
     ) -> Self {
         let caches = Caches::new(config.cache_ttl);
         ApiState {
@@ -64,7 +100,7 @@ impl ApiState {
                 bus,
                 metrics,
                 config,
-                checks,
+                channels,
                 caches,
             }),
         }
@@ -85,6 +121,8 @@ pub fn router(state: ApiState) -> Router {
             post(catalog::create_account).get(catalog::list_accounts),
         )
         .route("/v1/accounts/{id}", get(catalog::get_account))
+        .route("/v1/accounts/{id}/media", post(vendors::upload_media))
+        .route("/v1/receipts/{vendor}", post(vendors::receipts))
         .route(
             "/v1/templates",
             post(catalog::create_template).get(catalog::list_templates),

@@ -175,6 +175,18 @@ impl Store {
         rows.iter().map(account_from_row).collect()
     }
 
+    /// Every live account of `channel`, whichever app owns it (receipt pollers).
+    pub async fn accounts_of_channel(&self, channel: Channel) -> Result<Vec<Account>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, name, channel, config, created_at, updated_at FROM accounts
+             WHERE channel = ? AND deleted_at IS NULL ORDER BY id",
+        )
+        .bind(channel.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(account_from_row).collect()
+    }
+
     /// Creates a template.
     pub async fn create_template(&self, app: i64, t: &NewTemplate) -> Result<Template, StoreError> {
         let now = now_ms();

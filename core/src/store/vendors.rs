@@ -2,7 +2,7 @@
 //! message, which receipts are joined to.
 
 use super::{Store, StoreError, now_ms};
-use crate::wire::DeliveryEvent;
+use crate::wire::{DeliveryEvent, Receipt, State, event_id};
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 /// A sent message awaiting its receipt, as a receipt poller needs it.
@@ -112,27 +112,6 @@ impl Store {
             .collect()
     }
 
-    /// Marks the receipt of (`vendor`, `vendor_message_id`, `receiver`) as arrived, so pollers
-    /// stop asking for it.
-    pub async fn mark_receipt(
-        &self,
-        vendor: &str,
-        vendor_message_id: &str,
-        receiver: &str,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE vendor_messages SET receipt_at = ? \
-             WHERE vendor = ? AND vendor_message_id = ? AND receiver = ?",
-        )
-        .bind(now_ms())
-        .bind(vendor)
-        .bind(vendor_message_id)
-        .bind(receiver)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
     /// Up to `limit` messages sent through `account_id` since `since_ms` that have no receipt
     /// yet, oldest first.
     pub async fn pending_receipts(
@@ -159,5 +138,64 @@ impl Store {
                 sent_at: r.get(2),
             })
             .collect())
+    }
+
+    /// The `delivered` / `delivery_failed` events of `receipts`, each joined to its `sent` event
+    /// by vendor, vendor id and receiver (when the receipt names one), and the receipts that
+    /// matched no sent message. Event ids are deterministic, so a receipt seen twice yields the
+    /// same event, which the warehouse keeps once.
+    pub async fn receipt_events(
+        &self,
+        receipts: &[Receipt],
+    ) -> Result<(Vec<DeliveryEvent>, Vec<Receipt>), StoreError> {
+        let mut events = Vec::with_capacity(receipts.len());
+        let mut unmatched = Vec::new();
+        for r in receipts {
+            let sent = self
+                .sent_by_vendor_id(&r.vendor, &r.vendor_message_id, r.receiver.as_deref())
+                .await?;
+            if sent.is_empty() {
+                unmatched.push(r.clone());
+            }
+            for mut e in sent {
+                e.state = if r.delivered {
+                    State::Delivered
+                } else {
+                    State::DeliveryFailed
+                };
+                e.event_id = event_id(&e.message_id, e.state, e.attempt);
+                // From the send to the receiver's handset, as the vendor reports it.
+                e.latency_ms = u64::try_from((r.at - e.ts).num_milliseconds()).ok();
+                e.ts = r.at;
+                e.error_code = r.error_code.clone();
+                e.error_detail = r.error_detail.clone();
+                e.cost_micros = None;
+                e.billing_units = None;
+                e.redelivered = false;
+                events.push(e);
+            }
+        }
+        Ok((events, unmatched))
+    }
+
+    /// Marks the receipts of `events` (from [`receipt_events`](Self::receipt_events)) as arrived,
+    /// once their events are published, so pollers stop asking for them.
+    pub async fn mark_receipts(&self, events: &[DeliveryEvent]) -> Result<(), StoreError> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        for e in events {
+            sqlx::query(
+                "UPDATE vendor_messages SET receipt_at = ? \
+                 WHERE vendor = ? AND vendor_message_id = ? AND receiver = ?",
+            )
+            .bind(now)
+            .bind(e.vendor.as_deref())
+            .bind(e.vendor_message_id.as_deref())
+            .bind(&e.receiver)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 }
