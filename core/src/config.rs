@@ -96,6 +96,12 @@ pub struct DispatchConfig {
     /// How often sent messages without a receipt are asked for at vendors that are polled.
     #[serde(deserialize_with = "duration")]
     pub receipt_poll_interval: Duration,
+    /// Largest email attachment fetched, in bytes.
+    pub attachment_max_bytes: usize,
+    /// Whether URLs herald fetches on a user's behalf (email attachments) may resolve to
+    /// private, loopback or link-local addresses. Off by default: such URLs reach into herald's
+    /// own network.
+    pub allow_private_urls: bool,
 }
 
 impl Default for DispatchConfig {
@@ -107,6 +113,8 @@ impl Default for DispatchConfig {
             retry_base: Duration::from_millis(200),
             max_retry_wait: Duration::from_secs(10),
             receipt_poll_interval: Duration::from_secs(30),
+            attachment_max_bytes: 10 * 1024 * 1024,
+            allow_private_urls: false,
         }
     }
 }

@@ -153,3 +153,82 @@ async fn webhook_is_signed_and_a_wrong_secret_fails_permanently() {
     );
     app.stop().await;
 }
+
+/// A receiver that fails each message's first `failures` calls with `503 Retry-After: 0`.
+async fn flaky_receiver(failures: usize) -> (String, Arc<Mutex<Vec<String>>>) {
+    let calls = Arc::new(Mutex::new(Vec::<String>::new()));
+    let c = calls.clone();
+    let handler = move |headers: HeaderMap| {
+        let calls = c.clone();
+        async move {
+            let id = headers
+                .get("x-herald-message-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            let mut calls = calls.lock().unwrap();
+            calls.push(id.clone());
+            let seen = calls.iter().filter(|c| **c == id).count();
+            if seen <= failures {
+                (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "0")])
+            } else {
+                (StatusCode::OK, [("retry-after", "0")])
+            }
+        }
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let router = axum::Router::new().route("/hook", axum::routing::post(handler));
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (url, calls)
+}
+
+#[tokio::test]
+async fn retryable_failures_are_retried_up_to_max_attempts() {
+    let (twice_url, twice_calls) = flaky_receiver(2).await;
+    let (always_url, always_calls) = flaky_receiver(usize::MAX).await;
+    let app = TestApp::spawn_with(|c| c.dispatch.max_attempts = 3).await;
+    let mut ids = Vec::new();
+    for url in [&twice_url, &always_url] {
+        let (_, account) = app
+            .post("/v1/accounts", json!({"name": "hook", "channel": "webhook", "config": {"url": url, "secret": "s"}}))
+            .await;
+        let (_, t) = app
+            .post("/v1/templates", json!({"name": "hook", "channel": "webhook", "msg_type": "notice", "account_id": account["id"], "content": {"n": "1"}}))
+            .await;
+        let (s, a) = app
+            .post("/v1/send", json!({"template_id": t["id"], "receivers": ["r1"]}))
+            .await;
+        assert_eq!(s, 202, "{a}");
+        ids.push(message_ids(&a)[0].clone());
+    }
+
+    let sent = app.wait_for_state(&ids[0], "sent").await;
+    let states: Vec<(&str, u64)> = sent["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["state"].as_str().unwrap(), e["attempt"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        &states[2..],
+        [
+            ("sending", 1),
+            ("retrying", 1),
+            ("sending", 2),
+            ("retrying", 2),
+            ("sending", 3),
+            ("sent", 3)
+        ],
+        "{sent}"
+    );
+    assert_eq!(sent["events"][3]["error_code"], "webhook_5xx");
+    assert_eq!(twice_calls.lock().unwrap().len(), 3);
+
+    let failed = app.wait_for_state(&ids[1], "send_failed").await;
+    let last = failed["events"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["attempt"], 3, "{failed}");
+    assert_eq!(last["error_code"], "webhook_5xx");
+    assert_eq!(always_calls.lock().unwrap().len(), 3);
+    app.stop().await;
+}

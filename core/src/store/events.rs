@@ -78,14 +78,15 @@ impl Store {
                     .map_err(|e| StoreError::Corrupt(e.to_string()))
             })
             .collect::<Result<_, _>>()?;
-        // Events of one batch can share a timestamp; pipeline order breaks the tie.
+        // Events of one batch can share a timestamp; the attempt, then pipeline order, breaks
+        // the tie.
         let rank = |s: State| {
             State::ALL
                 .iter()
                 .position(|x| *x == s)
                 .unwrap_or(usize::MAX)
         };
-        events.sort_by_key(|e| (e.ts, rank(e.state)));
+        events.sort_by_key(|e| (e.ts, e.attempt, rank(e.state)));
         Ok(events.into_iter().filter(|e| e.app == app).collect())
     }
 }
