@@ -24,18 +24,27 @@ pub struct BenchArgs {
     /// Messages sent through the end-to-end measurement.
     #[arg(long, default_value_t = 200_000)]
     pub e2e_messages: usize,
-    /// Only run these figures (comma-separated: accept, batch, e2e).
-    #[arg(long, default_value = "accept,batch,e2e")]
+    /// Messages sent through each vendor measurement (webhook, SMS batched and unbatched).
+    #[arg(long, default_value_t = 50_000)]
+    pub vendor_messages: usize,
+    /// Only run these figures (comma-separated: accept, batch, e2e, vendor).
+    #[arg(long, default_value = "accept,batch,e2e,vendor")]
     pub only: String,
     /// Internal: serve the bare baseline handler on this address and nothing else.
     #[arg(long, hide = true)]
     pub baseline_server: Option<String>,
+    /// Internal: serve the local vendor (webhook receiver, Tencent `SendSms`) on this address.
+    #[arg(long, hide = true)]
+    pub vendor_server: Option<String>,
 }
 
 /// Runs the harness.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(addr) = &args.baseline_server {
         return baseline_server(addr).await;
+    }
+    if let Some(addr) = &args.vendor_server {
+        return vendor::serve(addr).await;
     }
     let only: Vec<&str> = args.only.split(',').map(str::trim).collect();
     let mut rows = Vec::new();
@@ -128,6 +137,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             None,
         ));
     }
+    if only.contains(&"vendor") {
+        rows.extend(vendor::figures(&args).await?);
+    }
     println!("\n| figure | value | unit | ratio to baseline | p99 ms |\n|---|---:|---|---:|---:|");
     for r in rows {
         println!(
@@ -152,7 +164,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 struct Row {
-    label: &'static str,
+    label: String,
     value: f64,
     unit: &'static str,
     ratio: f64,
@@ -161,14 +173,14 @@ struct Row {
 
 impl Row {
     fn new(
-        label: &'static str,
+        label: impl Into<String>,
         value: f64,
         unit: &'static str,
         ratio: f64,
         p99_ms: Option<f64>,
     ) -> Self {
         Row {
-            label,
+            label: label.into(),
             value,
             unit,
             ratio,
@@ -196,9 +208,14 @@ fn free_addr() -> anyhow::Result<SocketAddr> {
 
 impl Server {
     fn baseline() -> anyhow::Result<Server> {
+        Self::internal("--baseline-server")
+    }
+
+    /// This binary serving one of the harness's internal servers (`flag`) on a free port.
+    fn internal(flag: &str) -> anyhow::Result<Server> {
         let addr = free_addr()?;
         let child = Command::new(std::env::current_exe()?)
-            .args(["bench", "--baseline-server", &addr.to_string()])
+            .args(["bench", flag, &addr.to_string()])
             .stdout(Stdio::null())
             .spawn()?;
         let s = Server { child, addr };
@@ -251,6 +268,11 @@ struct Herald {
 
 impl Herald {
     async fn start(roles: &str) -> anyhow::Result<Herald> {
+        Self::start_with(roles, &[]).await
+    }
+
+    /// Starts `herald serve` with extra `HERALD_*` environment settings.
+    async fn start_with(roles: &str, env: &[(&str, &str)]) -> anyhow::Result<Herald> {
         let dir = std::env::temp_dir().join(format!("herald-bench-{}", uuid::Uuid::now_v7()));
         std::fs::create_dir_all(&dir)?;
         let exe = std::env::current_exe()?;
@@ -271,6 +293,7 @@ impl Herald {
             .arg(&dir)
             .args(["serve", "--listen", &addr.to_string(), "--roles", roles])
             .env("HERALD_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .spawn()?;
         let server = Server { child, addr };
@@ -298,6 +321,24 @@ impl Herald {
             template_id,
             dir,
         })
+    }
+
+    /// POSTs JSON to the API with the bench app's key and returns the answer, which must have
+    /// status `want`.
+    async fn post(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+        want: u16,
+    ) -> anyhow::Result<serde_json::Value> {
+        let client = setup_client::Client::new(self.server.addr);
+        let (status, text) = client
+            .post(path, &self.key, body.to_string().into_bytes())
+            .await?;
+        if status != want {
+            bail!("POST {path}: {status} {text}");
+        }
+        Ok(serde_json::from_str(&text)?)
     }
 
     fn send_body(&self, receivers: usize) -> Vec<u8> {
@@ -374,12 +415,13 @@ async fn sent_count(warehouse: &Path) -> anyhow::Result<u64> {
 }
 
 /// What a load run measured.
-struct LoadResult {
-    rps: f64,
-    p99_ms: f64,
+pub struct LoadResult {
+    pub rps: f64,
+    pub p99_ms: f64,
 }
 
-/// A closed loop of `connections` keep-alive connections POSTing `body` to `path` for `seconds`.
+/// A closed loop of `connections` keep-alive connections POSTing `body` to `path` for `seconds`;
+/// every answer must be `202`.
 async fn load(
     addr: SocketAddr,
     path: &str,
@@ -433,6 +475,8 @@ async fn load(
     })
 }
 
+mod vendor;
+
 /// A minimal HTTP/1.1 client for the harness's few setup calls.
 mod setup_client {
     use http_body_util::{BodyExt, Full};
@@ -448,6 +492,22 @@ mod setup_client {
         }
 
         /// POSTs JSON; returns the status and the body text.
+        /// GETs `path`; returns the status and the body text.
+        pub async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+            let stream = tokio::net::TcpStream::connect(self.addr).await?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            let req = hyper::Request::get(path)
+                .header("host", "bench")
+                .body(Full::new(bytes::Bytes::new()))?;
+            let resp = sender.send_request(req).await?;
+            let status = resp.status().as_u16();
+            let text =
+                String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).into_owned();
+            Ok((status, text))
+        }
+
         pub async fn post(
             &self,
             path: &str,

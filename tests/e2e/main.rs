@@ -4,4 +4,5 @@
 mod api;
 mod channels;
 mod crash;
+mod sms;
 mod support;
