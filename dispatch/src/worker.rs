@@ -278,7 +278,6 @@ impl Dispatcher {
     /// their channel's batch API together, and different accounts' groups run concurrently.
     async fn send_all(&self, work: &mut [Work]) {
         let now = chrono::Utc::now();
-        let mut by_receiver: HashMap<&str, Vec<usize>> = HashMap::new();
         for w in work.iter_mut() {
             if w.done.is_none() && w.record.channel == Channel::Inbox {
                 // Stored with the ledger row; nothing to call.
@@ -296,12 +295,18 @@ impl Dispatcher {
                 });
             }
         }
+        // One queue per receiver, in the order receivers first appear on the bus.
+        let mut queue_of: HashMap<&str, usize> = HashMap::new();
+        let mut queues: Vec<Vec<usize>> = Vec::new();
         for (i, w) in work.iter().enumerate() {
             if w.done.is_none() && w.tries.is_empty() {
-                by_receiver.entry(&w.record.receiver).or_default().push(i);
+                let q = *queue_of.entry(&w.record.receiver).or_insert_with(|| {
+                    queues.push(Vec::new());
+                    queues.len() - 1
+                });
+                queues[q].push(i);
             }
         }
-        let queues: Vec<Vec<usize>> = by_receiver.into_values().collect();
         let rounds = queues.iter().map(Vec::len).max().unwrap_or(0);
         for round in 0..rounds {
             let picked: Vec<usize> = queues
@@ -318,21 +323,24 @@ impl Dispatcher {
 
     /// Sends one round's messages and returns each one's vendor calls.
     async fn send_round(&self, work: &[Work], picked: &[usize]) -> Vec<(usize, Vec<Try>)> {
-        let mut groups: HashMap<(Channel, Option<i64>), Group<'_>> = HashMap::new();
+        let mut group_of: HashMap<(Channel, Option<i64>), usize> = HashMap::new();
+        let mut groups: Vec<Group<'_>> = Vec::new();
         for &i in picked {
             let r = &work[i].record;
-            groups
+            let g = *group_of
                 .entry((r.channel, r.account_id))
-                .or_insert_with(|| Group {
-                    channel: r.channel,
-                    account_id: r.account_id,
-                    items: Vec::new(),
-                })
-                .items
-                .push((i, r, work[i].attempt));
+                .or_insert_with(|| {
+                    groups.push(Group {
+                        channel: r.channel,
+                        account_id: r.account_id,
+                        items: Vec::new(),
+                    });
+                    groups.len() - 1
+                });
+            groups[g].items.push((i, r, work[i].attempt));
         }
         let mut chunks = Vec::new();
-        for group in groups.into_values() {
+        for group in groups {
             let Some(sender) = self.senders.for_channel(group.channel) else {
                 continue;
             };

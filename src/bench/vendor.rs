@@ -114,9 +114,19 @@ pub async fn figures(args: &super::BenchArgs) -> anyhow::Result<Vec<Row>> {
             201,
         )
         .await?;
-    let rate = drive(&herald, &vendor, template["id"].as_i64().context("id")?, n, "hooks", |i| {
-        (format!("user-{i}"), json!({"name": "Ann", "code": "123456"}))
-    })
+    let rate = drive(
+        &herald,
+        &vendor,
+        template["id"].as_i64().context("id")?,
+        n,
+        "hooks",
+        |i| {
+            (
+                format!("user-{i}"),
+                json!({"name": "Ann", "code": "123456"}),
+            )
+        },
+    )
     .await?;
     rows.push(Row::new(
         "dispatch end to end to the local vendor (webhook, ingest+dispatch roles)",
@@ -224,10 +234,7 @@ async fn drive(
 fn merge_same_variables(messages: Vec<Value>) -> Vec<Value> {
     let mut out: Vec<Value> = Vec::new();
     for m in messages {
-        match out
-            .iter_mut()
-            .find(|o| o["variables"] == m["variables"])
-        {
+        match out.iter_mut().find(|o| o["variables"] == m["variables"]) {
             Some(o) => {
                 let r = m["receivers"][0].clone();
                 if let Some(a) = o["receivers"].as_array_mut() {

@@ -197,7 +197,10 @@ async fn retryable_failures_are_retried_up_to_max_attempts() {
             .post("/v1/templates", json!({"name": "hook", "channel": "webhook", "msg_type": "notice", "account_id": account["id"], "content": {"n": "1"}}))
             .await;
         let (s, a) = app
-            .post("/v1/send", json!({"template_id": t["id"], "receivers": ["r1"]}))
+            .post(
+                "/v1/send",
+                json!({"template_id": t["id"], "receivers": ["r1"]}),
+            )
             .await;
         assert_eq!(s, 202, "{a}");
         ids.push(message_ids(&a)[0].clone());

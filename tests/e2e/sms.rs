@@ -83,7 +83,9 @@ async fn tencent() -> (String, Arc<Mutex<Vec<Value>>>) {
         let seen = s.clone();
         async move {
             if let Err(why) = verify_tc3(&headers, &body) {
-                return axum::Json(json!({"Response": {"Error": {"Code": "AuthFailure.SignatureFailure", "Message": why}, "RequestId": "r"}}));
+                return axum::Json(
+                    json!({"Response": {"Error": {"Code": "AuthFailure.SignatureFailure", "Message": why}, "RequestId": "r"}}),
+                );
             }
             let req: Value = serde_json::from_slice(&body).unwrap();
             seen.lock().unwrap().push(req.clone());
@@ -100,7 +102,9 @@ async fn tencent() -> (String, Arc<Mutex<Vec<Value>>>) {
                     }
                 })
                 .collect();
-            axum::Json(json!({"Response": {"SendStatusSet": set, "RequestId": "a0aabda6-cf91-4f3e-a81f-9198114a2279"}}))
+            axum::Json(
+                json!({"Response": {"SendStatusSet": set, "RequestId": "a0aabda6-cf91-4f3e-a81f-9198114a2279"}}),
+            )
         }
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -115,9 +119,12 @@ async fn sms_batch_partial_failure_billing_units_and_pushed_receipts() {
     let (url, seen) = tencent().await;
     let app = TestApp::spawn().await;
     let (s, account) = app
-        .post("/v1/accounts", json!({"name": "tencent", "channel": "sms", "config": {
+        .post(
+            "/v1/accounts",
+            json!({"name": "tencent", "channel": "sms", "config": {
             "vendor": "tencent", "secret_id": SECRET_ID, "secret_key": SECRET_KEY,
-            "sdk_app_id": "1400006666", "sign_name": "Herald", "base_url": url}}))
+            "sdk_app_id": "1400006666", "sign_name": "Herald", "base_url": url}}),
+        )
         .await;
     assert_eq!(s, 201, "{account}");
     assert_eq!(account["config"]["secret_key"], "***");
@@ -148,9 +155,16 @@ async fn sms_batch_partial_failure_billing_units_and_pushed_receipts() {
     let requests = seen.lock().unwrap().clone();
     assert_eq!(requests.len(), 1, "{requests:?}");
     let r = &requests[0];
+    let mut numbers: Vec<&str> = r["PhoneNumberSet"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    numbers.sort_unstable();
     assert_eq!(
-        r["PhoneNumberSet"],
-        json!(["+8613800000001", "+8613800000002", "+8613800000009"])
+        numbers,
+        ["+8613800000001", "+8613800000002", "+8613800000009"]
     );
     assert_eq!(r["SmsSdkAppId"], "1400006666");
     assert_eq!(r["SignName"], "Herald");
