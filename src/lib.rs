@@ -125,7 +125,7 @@ impl Application {
             let rx = shutdown.clone();
             tasks.spawn(async move { sink.run(rx).await.context("warehouse sink") });
         }
-        let senders = Arc::new(Senders::new(self.store.clone()));
+        let senders = Arc::new(Senders::new(self.store.clone(), &self.config.dispatch));
         if self.roles.dispatch {
             let d = Dispatcher::new(
                 self.store.clone(),

@@ -1,6 +1,7 @@
 //! herald-dispatch: the consumer loop, the send pipeline, the channels and the receipt poller.
 
 pub mod channels;
+mod outcomes;
 pub mod receipts;
 pub mod worker;
 

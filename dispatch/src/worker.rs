@@ -6,8 +6,10 @@
 //! At-least-once from the bus, at-most-once to the receiver per message id:
 //! 1. a batch is polled; nothing is committed yet;
 //! 2. messages bound for a vendor are marked `sending` in the send ledger (one transaction);
-//! 3. vendors are called (concurrently across receivers, in order for one receiver), and each
-//!    outcome is written to the ledger as soon as the vendor answers;
+//! 3. vendors are called (concurrently across receivers, in order for one receiver; messages of
+//!    one account together through the vendor's batch API), retryable failures retried with
+//!    jittered backoff, and each outcome is queued for the ledger as soon as the vendor answers
+//!    (group-committed with the other answers of the moment, see `outcomes`);
 //! 4. all outcomes go to the ledger again in one transaction — inbox messages are stored in that same
 //!    transaction, so the inbox is exactly-once;
 //! 5. the batch's delivery events are published (durable);
@@ -20,6 +22,7 @@
 //! `herald_possible_duplicates_total` — the one window where a receiver can get a message twice.
 
 use crate::channels::{SendError, SendOutcome, Sender, Senders};
+use crate::outcomes::OutcomeWriter;
 use futures::stream::{self, StreamExt};
 use herald_core::bus::{Bus, BusError, Delivered, Record, next_positions};
 use herald_core::config::DispatchConfig;
@@ -67,6 +70,7 @@ pub struct Dispatcher {
     metrics: Arc<Metrics>,
     config: DispatchConfig,
     accounts: Mutex<HashMap<i64, (Option<Account>, Instant)>>,
+    outcomes: OutcomeWriter,
 }
 
 /// One message of a batch and what became of it.
@@ -116,6 +120,7 @@ impl Dispatcher {
         metrics: Arc<Metrics>,
         config: DispatchConfig,
     ) -> Self {
+        let store_for_outcomes = store.clone();
         Dispatcher {
             store,
             bus,
@@ -123,6 +128,7 @@ impl Dispatcher {
             metrics,
             config,
             accounts: Mutex::default(),
+            outcomes: OutcomeWriter::start(store_for_outcomes),
         }
     }
 
@@ -216,6 +222,8 @@ impl Dispatcher {
         self.store.record_ledger(&sending_rows, &[]).await?;
 
         self.send_all(&mut work).await;
+        // The final write below must not be overtaken by a queued earlier state.
+        self.outcomes.flush().await;
 
         let mut final_rows = Vec::new();
         let mut inbox = Vec::new();
@@ -441,7 +449,7 @@ impl Dispatcher {
                 });
             }
             if account.is_some() {
-                self.record_vendor_outcomes(&ledger_rows).await;
+                self.outcomes.record(ledger_rows);
             }
             if !again.is_empty() {
                 tokio::time::sleep(wait).await;
@@ -450,15 +458,6 @@ impl Dispatcher {
             retry += 1;
         }
         items.iter().map(|(i, _, _)| *i).zip(tries).collect()
-    }
-
-    /// Records vendor outcomes in the ledger as soon as the vendor answered, so a crash later
-    /// in the batch cannot make these messages look in-flight. The batch's final ledger write
-    /// repeats them; a failure here is only logged.
-    async fn record_vendor_outcomes(&self, rows: &[(MessageId, LedgerState, u32)]) {
-        if let Err(e) = self.store.record_ledger(rows, &[]).await {
-            tracing::warn!(error = %e, count = rows.len(), "ledger write after a send failed; the batch write retries it");
-        }
     }
 
     async fn account(&self, id: i64) -> Option<Account> {

@@ -13,7 +13,12 @@ Every message it accepts becomes two files in DIR, named by a sequence number:
     that sees it also sees the .eml:
         {"mail_from", "rcpt_tos", "peer": "ip:port" of the client's TCP connection,
          "subject", "message_id", "from", "to", "content_type",
-         "parts": [{"content_type", "content"}]}   # every leaf part, transfer-decoded to text
+         "parts": [{"content_type", "content", "filename", "content_base64"}]}
+    `parts` holds every leaf part: `content` is its body transfer-decoded to text (`null` for a
+    part that is not text, such as a binary attachment), `filename` its Content-Disposition or
+    Content-Type file name (`null` if none), and `content_base64` the base64 of its exact bytes
+    after transfer decoding (before any charset decoding), so attachments can be compared
+    byte for byte.
 
 Parsing is done by Python's standard `email` package, so tests assert on decoded text
 (quoted-printable, base64 and RFC 2047 headers undone) by a parser independent of the sender.
@@ -29,6 +34,7 @@ Needs aiosmtpd (`pip install aiosmtpd`).
 
 import argparse
 import asyncio
+import base64
 import email
 import email.policy
 import itertools
@@ -88,7 +94,14 @@ def decode(raw):
     for part in msg.walk():
         if part.is_multipart():
             continue
-        parts.append({"content_type": part.get_content_type(), "content": part.get_content()})
+        content = part.get_content()
+        payload = part.get_payload(decode=True) or b""
+        parts.append({
+            "content_type": part.get_content_type(),
+            "content": content if isinstance(content, str) else None,
+            "filename": part.get_filename(),
+            "content_base64": base64.b64encode(payload).decode("ascii"),
+        })
     return {
         "subject": str(msg["subject"]) if msg["subject"] is not None else None,
         "message_id": str(msg["message-id"]) if msg["message-id"] is not None else None,

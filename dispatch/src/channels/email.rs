@@ -7,6 +7,37 @@
 //!   and spam filters treat HTML-only mail worse;
 //! - only `text`: a single `text/plain` part.
 //!
+//! # Attachments
+//!
+//! The content may also hold `"attachments"`, at most [`MAX_ATTACHMENTS`] files that herald
+//! fetches when it sends the message:
+//!
+//! ```json
+//! {"subject": "Your invoice", "text": "Attached.",
+//!  "attachments": [{"url": "https://files.example.com/inv/{$order}.pdf"},
+//!                  {"url": "https://files.example.com/terms", "filename": "terms.pdf",
+//!                   "content_type": "application/pdf"}]}
+//! ```
+//!
+//! - `url` (required): an `http` or `https` URL without credentials, fetched with [`fetch`]:
+//!   hosts that resolve to private, loopback or link-local addresses are refused unless
+//!   `dispatch.allow_private_urls` is set, redirects are not followed, and a file larger than
+//!   `dispatch.attachment_max_bytes` is refused.
+//! - `filename` (optional): the attachment's name; by default the URL's last path segment
+//!   (percent-decoded), or `attachment-<n>` (n from 1) if it has none.
+//! - `content_type` (optional): the attachment's MIME type; by default the `Content-Type` the
+//!   server answered, or `application/octet-stream` if it sent none (or an invalid one).
+//!
+//! A message with attachments is `multipart/mixed`: the body above (the `multipart/alternative`
+//! part, or the single `text/plain` part) first, then one base64 part per attachment, in order,
+//! with `Content-Disposition: attachment; filename=...`. All attachments of a message are fetched
+//! (concurrently) before the SMTP server is contacted; if one fails, the message fails with that
+//! fetch's error (`attachment_url_refused`, `attachment_redirect`, `attachment_not_found`,
+//! `attachment_refused` and `attachment_too_large` are permanent, `attachment_unavailable`
+//! retryable; see [`fetch`]), its detail prefixed with `attachments[<index>]: `. Templates are
+//! checked when saved ([`check_attachments`]); values holding `{$placeholders}` are checked once
+//! rendered, at send time (a bad file name or content type is then `bad_content`).
+//!
 //! [`EmailSender`] keeps one pooled transport per account, so messages reuse open SMTP
 //! connections instead of paying a TCP (and TLS) handshake each. The `Message-ID` header is
 //! `<{message_id}@herald>`, deterministic so that a resend after a crash carries the same id and
@@ -18,14 +49,17 @@
 //! STARTTLS required, never a fallback to plaintext); the tests point both at the plaintext sink
 //! and check that each refuses to deliver in the clear, which shows the mode that was chosen.
 
+use super::fetch::{self, UrlPolicy};
 use super::{SendError, SendOutcome, Sender};
 use async_trait::async_trait;
 use herald_core::MessageRecord;
-use lettre::message::{Mailbox, MultiPart, SinglePart};
+use lettre::message::header::{ContentTransferEncoding, ContentType};
+use lettre::message::{Attachment, Body, Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::{AsyncSmtpTransport, PoolConfig};
 use lettre::{Address, AsyncTransport, Message, Tokio1Executor};
 use serde::Deserialize;
+use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -181,7 +215,7 @@ fn is_host(host: &str) -> bool {
             }))
 }
 
-/// The rendered content of an email template.
+/// The rendered content of an email template (`attachments` is read by [`attachment_specs`]).
 #[derive(Deserialize)]
 struct EmailContent {
     subject: String,
@@ -191,42 +225,260 @@ struct EmailContent {
     text: Option<String>,
 }
 
-/// Builds the message for `record` from `from`, with the given `Message-ID`.
-fn build_message(
-    record: &MessageRecord,
-    from: Mailbox,
-    message_id: String,
-) -> Result<Message, SendError> {
+/// Most attachments on one email.
+pub const MAX_ATTACHMENTS: usize = 10;
+
+/// One entry of the content's `attachments`, as written.
+struct AttachmentSpec {
+    url: String,
+    filename: Option<String>,
+    content_type: Option<String>,
+}
+
+/// Reads the content's `attachments` (none when absent): an array of at most
+/// [`MAX_ATTACHMENTS`] objects with a string `url` and optional string `filename` and
+/// `content_type`. Errors name the field, never quote its value (a URL may carry a token).
+fn attachment_specs(value: Option<&Value>) -> Result<Vec<AttachmentSpec>, String> {
+    let Some(value) = value else {
+        return Ok(Vec::new());
+    };
+    let items = value
+        .as_array()
+        .ok_or("`attachments` must be an array of objects")?;
+    if items.len() > MAX_ATTACHMENTS {
+        return Err(format!(
+            "`attachments` has {} entries; an email takes at most {MAX_ATTACHMENTS}",
+            items.len()
+        ));
+    }
+    let spec = |(i, item): (usize, &Value)| {
+        let obj = item
+            .as_object()
+            .ok_or_else(|| format!("`attachments[{i}]` must be an object"))?;
+        if let Some(k) = obj
+            .keys()
+            .find(|k| !["url", "filename", "content_type"].contains(&k.as_str()))
+        {
+            return Err(format!(
+                "unknown field `{k}` in `attachments[{i}]` (expected `url`, `filename`, \
+                 `content_type`)"
+            ));
+        }
+        let string = |k: &str| {
+            obj.get(k)
+                .map(|v| {
+                    v.as_str()
+                        .map(String::from)
+                        .ok_or_else(|| format!("`attachments[{i}].{k}` must be a string"))
+                })
+                .transpose()
+        };
+        Ok(AttachmentSpec {
+            url: string("url")?.ok_or_else(|| format!("`attachments[{i}]` needs a `url`"))?,
+            filename: string("filename")?,
+            content_type: string("content_type")?,
+        })
+    };
+    items.iter().enumerate().map(spec).collect()
+}
+
+/// Checks an attachment's file name: not blank, no control characters, no path separators.
+fn check_filename(name: &str) -> Result<(), &'static str> {
+    if name.trim().is_empty() {
+        Err("is empty")
+    } else if name
+        .chars()
+        .any(|c| c.is_control() || c == '/' || c == '\\')
+    {
+        Err("must be a file name: no control characters, `/` or `\\`")
+    } else {
+        Ok(())
+    }
+}
+
+/// Parses an attachment's MIME type (`type/subtype`, parameters allowed).
+fn parse_content_type(value: &str) -> Result<ContentType, String> {
+    ContentType::parse(value).map_err(|e| format!("{value:?} is not a MIME type: {e}"))
+}
+
+/// Checks an email template's `attachments` when the template is saved (`check_content`): its
+/// shape (see the [module docs](self)), and the `url` (scheme, no credentials), `filename` and
+/// `content_type` of entries that hold no `{$placeholder}`; the others are checked once
+/// rendered, when the message is sent.
+pub fn check_attachments(value: &Value) -> Result<(), String> {
+    let fixed = |s: &str| herald_core::template::placeholders(&Value::from(s)).is_empty();
+    for (i, spec) in attachment_specs(Some(value))?.into_iter().enumerate() {
+        if fixed(&spec.url) {
+            fetch::check_url(&spec.url).map_err(|why| format!("`attachments[{i}].url`: {why}"))?;
+        }
+        if let Some(name) = spec.filename.filter(|s| fixed(s)) {
+            check_filename(&name).map_err(|why| format!("`attachments[{i}].filename` {why}"))?;
+        }
+        if let Some(content_type) = spec.content_type.filter(|s| fixed(s)) {
+            parse_content_type(&content_type)
+                .map_err(|why| format!("`attachments[{i}].content_type`: {why}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// An attachment to fetch, with the name and type the template gave (checked).
+struct PlannedAttachment {
+    url: String,
+    filename: Option<String>,
+    content_type: Option<ContentType>,
+}
+
+/// The body of a message: the alternative text and HTML parts, or a single text part.
+enum MainPart {
+    Alternative(MultiPart),
+    Plain(SinglePart),
+}
+
+/// A message checked and ready to build once its attachments are fetched.
+struct Draft {
+    to: Address,
+    subject: String,
+    main: MainPart,
+    attachments: Vec<PlannedAttachment>,
+}
+
+/// Checks `record`'s content and receiver, without any network access.
+fn draft(record: &MessageRecord) -> Result<Draft, SendError> {
     let content: EmailContent = serde_json::from_value(record.content.clone())
         .map_err(|e| bad_content(format!("email content: {e}")))?;
     if content.subject.trim().is_empty() {
         return Err(bad_content("email content: `subject` is empty"));
     }
+    let attachments = attachment_specs(record.content.get("attachments"))
+        .map_err(|e| bad_content(format!("email content: {e}")))?
+        .into_iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            if let Some(name) = &spec.filename {
+                check_filename(name).map_err(|why| {
+                    bad_content(format!("email content: `attachments[{i}].filename` {why}"))
+                })?;
+            }
+            let content_type = spec
+                .content_type
+                .as_deref()
+                .map(parse_content_type)
+                .transpose()
+                .map_err(|why| {
+                    bad_content(format!(
+                        "email content: `attachments[{i}].content_type`: {why}"
+                    ))
+                })?;
+            Ok(PlannedAttachment {
+                url: spec.url,
+                filename: spec.filename,
+                content_type,
+            })
+        })
+        .collect::<Result<Vec<_>, SendError>>()?;
     let to: Address = record.receiver.parse().map_err(|e| SendError::Permanent {
         code: "bad_receiver".into(),
         detail: format!("{:?} is not an email address: {e}", record.receiver),
     })?;
     // An empty body field is a template that left it out, not a part to send.
     let non_empty = |s: Option<String>| s.filter(|s| !s.trim().is_empty());
-    let builder = Message::builder()
-        .from(from)
-        .to(Mailbox::new(None, to))
-        .subject(content.subject)
-        .message_id(Some(message_id));
-    let built = match (non_empty(content.html), non_empty(content.text)) {
+    let main = match (non_empty(content.html), non_empty(content.text)) {
         (Some(html), Some(text)) => {
-            builder.multipart(MultiPart::alternative_plain_html(text, html))
+            MainPart::Alternative(MultiPart::alternative_plain_html(text, html))
         }
         (Some(html), None) => {
             let text = html_to_text(&html);
-            builder.multipart(MultiPart::alternative_plain_html(text, html))
+            MainPart::Alternative(MultiPart::alternative_plain_html(text, html))
         }
-        (None, Some(text)) => builder.singlepart(SinglePart::plain(text)),
+        (None, Some(text)) => MainPart::Plain(SinglePart::plain(text)),
         (None, None) => {
             return Err(bad_content(
                 "email content needs a non-empty `html` or `text`",
             ));
         }
+    };
+    Ok(Draft {
+        to,
+        subject: content.subject,
+        main,
+        attachments,
+    })
+}
+
+/// Fetches `planned` attachments (concurrently) under `policy` and makes their parts, in order.
+async fn fetch_attachments(
+    policy: &UrlPolicy,
+    planned: Vec<PlannedAttachment>,
+) -> Result<Vec<SinglePart>, SendError> {
+    let part = |(i, planned): (usize, PlannedAttachment)| async move {
+        let fetched = fetch::fetch(policy, &planned.url)
+            .await
+            .map_err(|e| in_attachment(i, e))?;
+        let filename = planned
+            .filename
+            .or(fetched.filename_from_url)
+            .unwrap_or_else(|| format!("attachment-{}", i + 1));
+        let content_type = match planned.content_type {
+            Some(given) => given,
+            None => fetched
+                .content_type
+                .as_deref()
+                .and_then(|c| ContentType::parse(c).ok())
+                .map_or_else(|| parse_content_type("application/octet-stream"), Ok)
+                .map_err(bad_content)?,
+        };
+        // Always base64: the file arrives byte for byte, whatever its line endings.
+        let body = Body::new_with_encoding(fetched.bytes.to_vec(), ContentTransferEncoding::Base64)
+            .map_err(|_| bad_content(format!("attachments[{i}]: cannot encode as base64")))?;
+        Ok(Attachment::new(filename).body(body, content_type))
+    };
+    futures::future::try_join_all(planned.into_iter().enumerate().map(part)).await
+}
+
+/// `e` with its detail prefixed by the attachment's place in the content.
+fn in_attachment(i: usize, e: SendError) -> SendError {
+    match e {
+        SendError::Retryable {
+            code,
+            detail,
+            retry_after,
+        } => SendError::Retryable {
+            code,
+            detail: format!("attachments[{i}]: {detail}"),
+            retry_after,
+        },
+        SendError::Permanent { code, detail } => SendError::Permanent {
+            code,
+            detail: format!("attachments[{i}]: {detail}"),
+        },
+    }
+}
+
+/// Builds the message of `draft` with its fetched `attachments`, from `from`, with the given
+/// `Message-ID`.
+fn build_message(
+    draft: Draft,
+    attachments: Vec<SinglePart>,
+    from: Mailbox,
+    message_id: String,
+) -> Result<Message, SendError> {
+    let builder = Message::builder()
+        .from(from)
+        .to(Mailbox::new(None, draft.to))
+        .subject(draft.subject)
+        .message_id(Some(message_id));
+    let built = if attachments.is_empty() {
+        match draft.main {
+            MainPart::Alternative(alternative) => builder.multipart(alternative),
+            MainPart::Plain(text) => builder.singlepart(text),
+        }
+    } else {
+        let mixed = match draft.main {
+            MainPart::Alternative(alternative) => MultiPart::mixed().multipart(alternative),
+            MainPart::Plain(text) => MultiPart::mixed().singlepart(text),
+        };
+        builder.multipart(attachments.into_iter().fold(mixed, MultiPart::singlepart))
     };
     built.map_err(|e| bad_content(format!("email message: {e}")))
 }
@@ -358,13 +610,17 @@ pub struct EmailSender {
     /// By account id. An entry whose config no longer matches the account's is replaced (and
     /// its pool closed), so an edited account takes effect on its next message.
     pools: Mutex<HashMap<i64, Arc<Pooled>>>,
+    /// What attachment URLs may be fetched ([`UrlPolicy::from_config`]).
+    policy: UrlPolicy,
 }
 
 impl EmailSender {
-    /// A client with no connections yet; they are opened on first use.
-    pub fn new() -> Self {
+    /// A client with no connections yet; they are opened on first use. Attachments are fetched
+    /// under `policy`.
+    pub fn new(policy: UrlPolicy) -> Self {
         EmailSender {
             pools: Mutex::new(HashMap::new()),
+            policy,
         }
     }
 
@@ -398,8 +654,9 @@ impl EmailSender {
 }
 
 impl Default for EmailSender {
+    /// A client with the default attachment policy (10 MiB, public addresses only).
     fn default() -> Self {
-        Self::new()
+        Self::new(UrlPolicy::default())
     }
 }
 
@@ -412,12 +669,12 @@ impl Sender for EmailSender {
         account: &serde_json::Value,
     ) -> Result<SendOutcome, SendError> {
         let account = EmailAccount::parse(account).map_err(bad_account)?;
+        let from = account.sender_mailbox().map_err(bad_account)?;
         let message_id = format!("<{}@herald>", record.message_id);
-        let message = build_message(
-            record,
-            account.sender_mailbox().map_err(bad_account)?,
-            message_id.clone(),
-        )?;
+        let mut draft = draft(record)?;
+        let attachments =
+            fetch_attachments(&self.policy, std::mem::take(&mut draft.attachments)).await?;
+        let message = build_message(draft, attachments, from, message_id.clone())?;
         let pooled = self.pooled(account_id, account)?;
         match tokio::time::timeout(pooled.account.timeout(), pooled.transport.send(message)).await {
             Ok(Ok(_)) => Ok(SendOutcome {
@@ -626,7 +883,7 @@ mod tests {
     #[tokio::test]
     async fn sends_text_and_html_as_alternatives_over_one_connection() {
         let sink = SmtpSink::start(&[]);
-        let sender = EmailSender::new();
+        let sender = EmailSender::new(UrlPolicy::default());
         let text = "Hello Ann — your code is 1234.\nSee you.";
         let html = "<p>Hello <b>Ann</b> — your code is <code>1234</code>.</p>";
         let first = record(
@@ -681,7 +938,7 @@ mod tests {
     #[tokio::test]
     async fn html_only_gets_a_derived_text_part_and_text_only_is_plain() {
         let sink = SmtpSink::start(&[]);
-        let sender = EmailSender::new();
+        let sender = EmailSender::new(UrlPolicy::default());
         let html = "<h1>Order&nbsp;shipped</h1><p>Hi Ann,<br>your order <b>#42</b> is on its \
                     way &amp; arrives Monday.</p><style>p {color: red}</style>";
         let r = record(
@@ -713,7 +970,7 @@ mod tests {
     #[tokio::test]
     async fn smtp_4xx_is_retryable_and_5xx_permanent() {
         let sink = SmtpSink::start(&["--transient", "^busy@", "--permanent", "^nobody@"]);
-        let sender = EmailSender::new();
+        let sender = EmailSender::new(UrlPolicy::default());
         let content = json!({"subject": "s", "text": "t"});
 
         let err = sender
@@ -753,7 +1010,7 @@ mod tests {
     #[tokio::test]
     async fn tls_modes_refuse_a_plaintext_server() {
         let sink = SmtpSink::start(&[]);
-        let sender = EmailSender::new();
+        let sender = EmailSender::new(UrlPolicy::default());
         let content = json!({"subject": "s", "text": "t"});
         let mut account = sink.account();
 
@@ -778,7 +1035,7 @@ mod tests {
 
     #[tokio::test]
     async fn refused_and_silent_servers_are_retryable() {
-        let sender = EmailSender::new();
+        let sender = EmailSender::new(UrlPolicy::default());
         let content = json!({"subject": "s", "text": "t"});
 
         // Nothing listens on a port just freed.
@@ -820,7 +1077,7 @@ mod tests {
 
     #[tokio::test]
     async fn bad_content_and_receivers_are_permanent_without_connecting() {
-        let sender = EmailSender::new();
+        let sender = EmailSender::new(UrlPolicy::default());
         // Port 9 (discard) on a loopback address nothing listens on: reaching it would fail
         // as `smtp_connect`, so the codes below show the checks ran before any connection.
         let account = json!({"host": "127.0.0.1", "port": 9, "security": "plain",
@@ -925,6 +1182,325 @@ mod tests {
             !debug.contains("hunter2") && debug.contains("***"),
             "{debug}"
         );
+    }
+
+    /// The attachment parts the sink decoded: (content type, file name, exact bytes).
+    fn attachment_parts(meta: &Value) -> Vec<(String, String, Vec<u8>)> {
+        use base64::Engine;
+        meta["parts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| !p["filename"].is_null())
+            .map(|p| {
+                (
+                    p["content_type"].as_str().unwrap().to_string(),
+                    p["filename"].as_str().unwrap().to_string(),
+                    base64::engine::general_purpose::STANDARD
+                        .decode(p["content_base64"].as_str().unwrap())
+                        .unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    /// Serves `router` on 127.0.0.1; returns `http://127.0.0.1:<port>`.
+    async fn file_server(router: axum::Router) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        url
+    }
+
+    const LOCAL_FILES: UrlPolicy = UrlPolicy {
+        max_bytes: 1 << 20,
+        allow_private: true,
+    };
+
+    #[tokio::test]
+    async fn attachments_are_fetched_and_arrive_byte_exact() {
+        use axum::http::{HeaderMap, Uri, header};
+        // Every byte value, in a pseudo-random order, and text with bare LFs and non-ASCII.
+        let pdf: Vec<u8> = (0u32..70_000)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let notes = "Zeile 1\nGrüße\n\nno CRLF here\n".as_bytes().to_vec();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (seen2, pdf2, notes2) = (Arc::clone(&seen), pdf.clone(), notes.clone());
+        let router = axum::Router::new().fallback(move |uri: Uri, headers: HeaderMap| async move {
+            seen2
+                .lock()
+                .unwrap()
+                .push((uri.to_string(), headers[header::HOST].clone()));
+            match uri.path() {
+                "/files/Q3%20report.pdf" => ([(header::CONTENT_TYPE, "application/pdf")], pdf2),
+                "/notes" => ([(header::CONTENT_TYPE, "application/octet-stream")], notes2),
+                _ => (
+                    [(header::CONTENT_TYPE, "text/plain")],
+                    b"wrong path".to_vec(),
+                ),
+            }
+        });
+        let base = file_server(router).await;
+        let sink = SmtpSink::start(&[]);
+        let sender = EmailSender::new(LOCAL_FILES);
+
+        let r = record(
+            "ann@example.com",
+            json!({"subject": "Your report", "text": "Attached.", "html": "<p>Attached.</p>",
+            "attachments": [
+                {"url": format!("{base}/files/Q3%20report.pdf?token=abc")},
+                {"url": format!("{base}/notes"), "filename": "Notizen-ü.txt",
+                 "content_type": "text/plain; charset=utf-8"},
+            ]}),
+        );
+        sender.send(&r, 1, &sink.account()).await.unwrap();
+        // Text only, with an attachment whose server sends no usable type and whose URL has no
+        // file name.
+        let r = record(
+            "bob@example.com",
+            json!({"subject": "Plain", "text": "Just text.",
+                   "attachments": [{"url": format!("{base}/notes")}]}),
+        );
+        sender.send(&r, 1, &sink.account()).await.unwrap();
+
+        let messages = sink.messages();
+        assert_eq!(messages.len(), 2);
+        let (meta, raw) = &messages[0];
+        assert_eq!(meta["content_type"], "multipart/mixed");
+        // The body keeps its alternative part, nested first in the mixed message.
+        assert!(raw.contains("multipart/alternative"), "{raw}");
+        let parts: Vec<&str> = meta["parts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["content_type"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            parts,
+            ["text/plain", "text/html", "application/pdf", "text/plain"]
+        );
+        assert_eq!(
+            part(meta, "text/plain").replace("\r\n", "\n").trim_end(),
+            "Attached."
+        );
+        assert_eq!(part(meta, "text/html").trim_end(), "<p>Attached.</p>");
+        let attachments = attachment_parts(meta);
+        assert_eq!(attachments.len(), 2);
+        assert_eq!(
+            attachments[0],
+            ("application/pdf".into(), "Q3 report.pdf".into(), pdf)
+        );
+        assert_eq!(
+            attachments[1],
+            ("text/plain".into(), "Notizen-ü.txt".into(), notes.clone())
+        );
+        assert!(raw.contains("Content-Disposition: attachment;"), "{raw}");
+
+        let (meta, _) = &messages[1];
+        assert_eq!(meta["content_type"], "multipart/mixed");
+        assert_eq!(meta["parts"].as_array().unwrap().len(), 2);
+        assert_eq!(part(meta, "text/plain").trim_end(), "Just text.");
+        assert_eq!(
+            attachment_parts(meta),
+            [("application/octet-stream".into(), "notes".into(), notes)]
+        );
+
+        let seen = seen.lock().unwrap();
+        let mut paths: Vec<&str> = seen.iter().map(|(p, _)| p.as_str()).collect();
+        paths.sort();
+        assert_eq!(
+            paths,
+            ["/files/Q3%20report.pdf?token=abc", "/notes", "/notes"]
+        );
+        let host = base.trim_start_matches("http://");
+        assert!(seen.iter().all(|(_, h)| h == host), "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_attachment_fails_the_message_before_smtp() {
+        use axum::http::StatusCode;
+        use axum::response::IntoResponse;
+        let router = axum::Router::new().fallback(|uri: axum::http::Uri| async move {
+            match uri.path() {
+                "/ok.txt" => "fine".into_response(),
+                "/busy" => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [("retry-after", "3")],
+                    "later",
+                )
+                    .into_response(),
+                _ => (StatusCode::NOT_FOUND, "no such file").into_response(),
+            }
+        });
+        let base = file_server(router).await;
+        let sink = SmtpSink::start(&[]);
+        let with = |urls: &[String]| {
+            let attachments: Vec<Value> = urls.iter().map(|u| json!({"url": u})).collect();
+            record(
+                "ann@example.com",
+                json!({"subject": "s", "text": "t", "attachments": attachments}),
+            )
+        };
+        let local = EmailSender::new(LOCAL_FILES);
+
+        let err = local
+            .send(
+                &with(&[format!("{base}/ok.txt"), format!("{base}/gone.pdf")]),
+                1,
+                &sink.account(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "attachment_not_found", "{err:?}");
+        assert!(!err.is_retryable());
+        assert!(
+            err.detail().starts_with("attachments[1]: 127.0.0.1:"),
+            "{err:?}"
+        );
+
+        let err = local
+            .send(&with(&[format!("{base}/busy")]), 1, &sink.account())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            SendError::Retryable {
+                code: "attachment_unavailable".into(),
+                detail: format!(
+                    "attachments[0]: {} answered HTTP 503 Service Unavailable: later",
+                    base.trim_start_matches("http://")
+                ),
+                retry_after: Some(Duration::from_secs(3)),
+            }
+        );
+
+        let limited = EmailSender::new(UrlPolicy {
+            max_bytes: 3,
+            allow_private: true,
+        });
+        let err = limited
+            .send(&with(&[format!("{base}/ok.txt")]), 1, &sink.account())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "attachment_too_large", "{err:?}");
+
+        // The production default: the same local server is out of reach.
+        let public_only = EmailSender::new(UrlPolicy::default());
+        for url in [
+            format!("{base}/ok.txt"),
+            "ftp://files.example.com/a.pdf".into(),
+            "https://u:hunter2@files.example.com/a.pdf".into(),
+        ] {
+            let err = public_only
+                .send(&with(&[url]), 1, &sink.account())
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), "attachment_url_refused", "{err:?}");
+            assert!(!err.is_retryable());
+            assert!(err.detail().starts_with("attachments[0]: "), "{err:?}");
+            assert!(!err.detail().contains("hunter2"), "{err:?}");
+        }
+        assert!(sink.messages().is_empty(), "a message was sent");
+    }
+
+    #[tokio::test]
+    async fn bad_attachment_entries_are_bad_content_without_fetching() {
+        let sender = EmailSender::new(LOCAL_FILES);
+        // Nothing listens at port 9: a fetch or an SMTP connection would fail differently.
+        let account = json!({"host": "127.0.0.1", "port": 9, "security": "plain",
+                             "from": "noreply@herald.test"});
+        let url = "http://127.0.0.1:9/a.pdf";
+        let cases = [
+            json!("http://127.0.0.1:9/a.pdf"),
+            json!([url]),
+            json!([{"filename": "a.pdf"}]),
+            json!([{"url": 7}]),
+            json!([{"url": url, "name": "a.pdf"}]),
+            json!([{"url": url, "filename": "../a.pdf"}]),
+            json!([{"url": url, "filename": " "}]),
+            json!([{"url": url, "content_type": "pdf"}]),
+            json!(vec![json!({"url": url}); MAX_ATTACHMENTS + 1]),
+        ];
+        for attachments in cases {
+            let content = json!({"subject": "s", "text": "t", "attachments": attachments});
+            let err = sender
+                .send(&record("ann@example.com", content), 1, &account)
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), "bad_content", "{attachments}: {err:?}");
+            assert!(!err.detail().contains("127.0.0.1"), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn templates_attachments_are_checked_when_saved() {
+        let check = |attachments: Value| {
+            crate::channels::check_content(
+                Channel::Email,
+                &json!({"subject": "s", "text": "t", "attachments": attachments}),
+            )
+        };
+        check(json!([])).unwrap();
+        check(
+            json!([{"url": "https://files.example.com/a.pdf", "filename": "a.pdf",
+                      "content_type": "application/pdf"}]),
+        )
+        .unwrap();
+        // Placeholders are checked once rendered.
+        check(json!([{"url": "{$invoice_url}", "filename": "{$name}",
+                      "content_type": "{$type}"}]))
+        .unwrap();
+        check(json!(vec![
+            json!({"url": "https://x.example.com/a"});
+            MAX_ATTACHMENTS
+        ]))
+        .unwrap();
+
+        let cases = [
+            (
+                json!({"url": "https://x.example.com/a"}),
+                "must be an array",
+            ),
+            (json!([{"url": "ftp://x.example.com/a"}]), "scheme `ftp`"),
+            (
+                json!([{"url": "https://me:hunter2@x.example.com/a"}]),
+                "`attachments[0].url`: the URL carries credentials",
+            ),
+            (json!([{"url": "x.example.com/a"}]), "not a valid URL"),
+            (
+                json!([{"url": "https://x.example.com/a", "filename": "a\r\nb"}]),
+                "`attachments[0].filename` must be a file name",
+            ),
+            (
+                json!([{"url": "https://x.example.com/a", "content_type": "pdf"}]),
+                "`attachments[0].content_type`",
+            ),
+            (
+                json!([{"url": "https://x.example.com/a", "size": 3}]),
+                "unknown field `size` in `attachments[0]`",
+            ),
+            (
+                json!([{"filename": "a.pdf"}]),
+                "`attachments[0]` needs a `url`",
+            ),
+            (
+                json!([{"url": "https://x.example.com/a"}, {"url": ["x"]}]),
+                "`attachments[1].url` must be a string",
+            ),
+            (
+                json!(vec![
+                    json!({"url": "https://x.example.com/a"});
+                    MAX_ATTACHMENTS + 1
+                ]),
+                "at most 10",
+            ),
+        ];
+        for (attachments, needle) in cases {
+            let err = check(attachments.clone()).unwrap_err();
+            assert!(err.contains(needle), "{attachments}: {err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@
 pub mod dingtalk;
 pub mod email;
 pub mod feishu;
+pub mod fetch;
 pub mod getui;
 pub mod http;
 pub mod sms;
@@ -21,6 +22,7 @@ pub mod wechat;
 pub mod wecom;
 
 use async_trait::async_trait;
+use herald_core::config::DispatchConfig;
 use herald_core::store::{PendingReceipt, Store};
 use herald_core::{Channel, DeliveryEvent, MessageRecord, Receipt};
 use serde_json::Value;
@@ -216,7 +218,8 @@ pub fn check_account(channel: Channel, config: &Value) -> Result<(), String> {
 
 /// Checks a template's content fields for its channel:
 /// - inbox: `{"title"?, "content", ...}` — `content` is required, other fields are kept as given;
-/// - email: `{"subject", "html"?, "text"?}` — a subject and at least one body;
+/// - email: `{"subject", "html"?, "text"?, "attachments"?}` — a subject and at least one body
+///   (attachments: see [`email::check_attachments`]);
 /// - webhook: any JSON object, posted as the message's `content`.
 pub fn check_content(channel: Channel, content: &Value) -> Result<(), String> {
     let obj = content.as_object().ok_or("content must be a JSON object")?;
@@ -240,9 +243,12 @@ pub fn check_content(channel: Channel, content: &Value) -> Result<(), String> {
             if html.is_none() && text.is_none() {
                 return Err("an email template needs `html`, `text` or both".into());
             }
+            if let Some(attachments) = obj.get("attachments") {
+                email::check_attachments(attachments)?;
+            }
             if let Some(k) = obj
                 .keys()
-                .find(|k| !["subject", "html", "text"].contains(&k.as_str()))
+                .find(|k| !["subject", "html", "text", "attachments"].contains(&k.as_str()))
             {
                 return Err(format!("unknown email content field `{k}`"));
             }
@@ -273,12 +279,13 @@ pub struct Senders {
 }
 
 impl Senders {
-    /// Builds every channel client; vendor tokens are shared through `store`.
-    pub fn new(store: Store) -> Self {
+    /// Builds every channel client; vendor tokens are shared through `store`; `config` sets
+    /// what URLs may be fetched on a user's behalf (email attachments).
+    pub fn new(store: Store, config: &DispatchConfig) -> Self {
         let client = http::client();
         let tokens = Arc::new(TokenCache::new(store));
         Senders {
-            email: email::EmailSender::new(),
+            email: email::EmailSender::new(fetch::UrlPolicy::from_config(config)),
             webhook: webhook::WebhookSender::new(client.clone()),
             sms: sms::SmsSender::new(client.clone()),
             wechat: wechat::WechatSender::new(client.clone(), Arc::clone(&tokens)),
