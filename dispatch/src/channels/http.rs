@@ -7,6 +7,10 @@ use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::{Client, StatusCode};
 use std::time::Duration;
 
+/// Most requests one batch call (`Sender::send_batch`) has in flight at once to its vendor, when
+/// the batch needs several requests (different contents, or more numbers than one request takes).
+pub const BATCH_REQUEST_CONCURRENCY: usize = 32;
+
 /// Most bytes of an error response's body quoted in an error detail.
 const DETAIL_BODY_BYTES: usize = 256;
 

@@ -95,7 +95,7 @@
 //! - Endpoints: https://help.aliyun.com/document_detail/68360.html
 
 use super::vendor_entry;
-use crate::channels::http::{self, bad_content};
+use crate::channels::http::{self, BATCH_REQUEST_CONCURRENCY, bad_content};
 use crate::channels::{SendError, SendOutcome};
 use base64::Engine;
 use chrono::{DateTime, FixedOffset, NaiveDateTime, TimeZone, Utc};
@@ -124,9 +124,6 @@ const DEFAULT_REGION: &str = "cn-hangzhou";
 
 /// Most numbers one `SendBatchSms` takes.
 const BATCH_MAX: usize = 100;
-
-/// Requests in flight at once for one `send` or `pull_receipts` call.
-const CONCURRENCY: usize = 4;
 
 /// What Alibaba Cloud expects in answer to a receipt push: content type and body.
 pub const RECEIPT_ACK: (&str, &str) = ("application/json", r#"{"code":0,"msg":"成功"}"#);
@@ -489,7 +486,7 @@ impl AliyunSms {
         let done: Vec<Vec<(usize, Result<SendOutcome, SendError>)>> =
             futures::stream::iter(requests)
                 .map(|(template_code, batch)| self.send_batch(account, template_code, batch))
-                .buffer_unordered(CONCURRENCY)
+                .buffer_unordered(BATCH_REQUEST_CONCURRENCY)
                 .collect()
                 .await;
         for (index, result) in done.into_iter().flatten() {
@@ -544,7 +541,7 @@ impl AliyunSms {
                     })
                     .collect();
                 futures::stream::iter(sends)
-                    .buffer_unordered(CONCURRENCY)
+                    .buffer_unordered(BATCH_REQUEST_CONCURRENCY)
                     .collect()
                     .await
             }
@@ -615,7 +612,7 @@ impl AliyunSms {
             .map(|p| self.query_send_details(account, p))
             .collect();
         let answers: Vec<Result<Option<Receipt>, CallError>> = futures::stream::iter(queries)
-            .buffered(CONCURRENCY)
+            .buffered(BATCH_REQUEST_CONCURRENCY)
             .collect()
             .await;
         let mut receipts = Vec::new();

@@ -71,11 +71,12 @@
 //! - Send and receipt status codes: https://cloud.tencent.com/document/api/382/59177
 //! - Responses (the `Error` envelope): https://www.tencentcloud.com/document/product/597/35338
 
+use crate::channels::http::BATCH_REQUEST_CONCURRENCY;
 use crate::channels::http::{self, bad_content};
 use crate::channels::sms::vendor_entry;
 use crate::channels::{SendError, SendOutcome};
 use chrono::{DateTime, NaiveDateTime, TimeDelta, Utc};
-use futures::future::join_all;
+use futures::stream::{self, StreamExt};
 use herald_core::config::Secret;
 use herald_core::store::PendingReceipt;
 use herald_core::{MessageRecord, Receipt};
@@ -659,15 +660,21 @@ impl TencentSms {
             .flatten()
             .collect();
 
-        let answers = join_all(chunks.iter().map(|chunk| {
-            let numbers: Vec<&str> = chunk
-                .records
-                .iter()
-                .map(|&i| records[i].receiver.as_str())
-                .collect();
-            self.send_sms(account, chunk.content, numbers)
-        }))
-        .await;
+        let calls: Vec<_> = chunks
+            .iter()
+            .map(|chunk| {
+                let numbers: Vec<&str> = chunk
+                    .records
+                    .iter()
+                    .map(|&i| records[i].receiver.as_str())
+                    .collect();
+                self.send_sms(account, chunk.content, numbers)
+            })
+            .collect();
+        let answers: Vec<_> = stream::iter(calls)
+            .buffered(BATCH_REQUEST_CONCURRENCY)
+            .collect()
+            .await;
 
         for (chunk, answer) in chunks.iter().zip(answers) {
             for &i in &chunk.records {

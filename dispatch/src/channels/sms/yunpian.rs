@@ -78,7 +78,7 @@
 //!   "返回值示例" page
 
 use super::vendor_entry;
-use crate::channels::http::{self, bad_content};
+use crate::channels::http::{self, BATCH_REQUEST_CONCURRENCY, bad_content};
 use crate::channels::{SendError, SendOutcome};
 use chrono::{DateTime, FixedOffset, NaiveDateTime, TimeZone, Utc};
 use futures::StreamExt;
@@ -103,9 +103,6 @@ const TPL_BATCH_SEND: &str = "/v2/sms/tpl_batch_send.json";
 
 /// Most numbers one `tpl_batch_send` takes.
 const BATCH_MAX: usize = 1000;
-
-/// Requests in flight at once for one `send` call.
-const CONCURRENCY: usize = 4;
 
 /// Codes after which the same request may succeed later.
 const RETRYABLE_CODES: &[i64] = &[-4, -5, -50, -51, -53];
@@ -361,7 +358,7 @@ impl YunpianSms {
             .collect();
         let done: Vec<Vec<(usize, Result<SendOutcome, SendError>)>> =
             futures::stream::iter(requests)
-                .buffer_unordered(CONCURRENCY)
+                .buffer_unordered(BATCH_REQUEST_CONCURRENCY)
                 .collect()
                 .await;
         for (index, result) in done.into_iter().flatten() {
