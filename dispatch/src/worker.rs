@@ -62,6 +62,9 @@ pub struct BatchOutcome {
     pub dead_lettered: usize,
 }
 
+/// Channel accounts by id: the account (or that it does not exist) and when it was read.
+type AccountCache = Mutex<HashMap<i64, (Option<Arc<Account>>, Instant)>>;
+
 /// A dispatch worker.
 pub struct Dispatcher {
     store: Store,
@@ -69,7 +72,7 @@ pub struct Dispatcher {
     senders: Arc<Senders>,
     metrics: Arc<Metrics>,
     config: DispatchConfig,
-    accounts: Mutex<HashMap<i64, (Option<Account>, Instant)>>,
+    accounts: AccountCache,
     outcomes: OutcomeWriter,
 }
 
@@ -387,9 +390,13 @@ impl Dispatcher {
         items: Vec<(usize, &MessageRecord, u32)>,
     ) -> Vec<(usize, Vec<Try>)> {
         let mut tries: Vec<Vec<Try>> = items.iter().map(|_| Vec::new()).collect();
+        // A store failure is retryable; a missing account (or one of another channel) is not.
         let account = match account_id {
-            Some(id) => self.account(id).await.filter(|a| a.channel == channel),
-            None => None,
+            Some(id) => self
+                .account(id)
+                .await
+                .map(|a| a.filter(|a| a.channel == channel)),
+            None => Ok(None),
         };
         let mut pending: Vec<usize> = (0..items.len()).collect();
         let mut retry = 0u32;
@@ -398,7 +405,17 @@ impl Dispatcher {
             let sending_at = chrono::Utc::now();
             let started = Instant::now();
             let results = match &account {
-                None => records
+                Err(e) => records
+                    .iter()
+                    .map(|_| {
+                        Err(SendError::Retryable {
+                            code: "account_unavailable".into(),
+                            detail: format!("could not read the channel account: {e}"),
+                            retry_after: None,
+                        })
+                    })
+                    .collect(),
+                Ok(None) => records
                     .iter()
                     .map(|_| {
                         Err(SendError::Permanent {
@@ -407,10 +424,10 @@ impl Dispatcher {
                         })
                     })
                     .collect(),
-                Some(a) if records.len() == 1 => {
+                Ok(Some(a)) if records.len() == 1 => {
                     vec![sender.send(records[0], a.id, &a.config).await]
                 }
-                Some(a) => sender.send_batch(&records, a.id, &a.config).await,
+                Ok(Some(a)) => sender.send_batch(&records, a.id, &a.config).await,
             };
             let latency_ms = started.elapsed().as_millis() as u64;
             let done_at = chrono::Utc::now();
@@ -448,7 +465,7 @@ impl Dispatcher {
                     retried: delay.is_some(),
                 });
             }
-            if account.is_some() {
+            if matches!(account, Ok(Some(_))) {
                 self.outcomes.record(ledger_rows);
             }
             if !again.is_empty() {
@@ -460,7 +477,8 @@ impl Dispatcher {
         items.iter().map(|(i, _, _)| *i).zip(tries).collect()
     }
 
-    async fn account(&self, id: i64) -> Option<Account> {
+    /// The live account `id` (cached for [`ACCOUNT_TTL`]); `None` when it does not exist.
+    async fn account(&self, id: i64) -> Result<Option<Arc<Account>>, StoreError> {
         if let Some((a, at)) = self
             .accounts
             .lock()
@@ -468,21 +486,18 @@ impl Dispatcher {
             .get(&id)
             && at.elapsed() < ACCOUNT_TTL
         {
-            return a.clone();
+            return Ok(a.clone());
         }
         let found = match self.store.account_by_id(id).await {
-            Ok(a) => Some(a),
+            Ok(a) => Some(Arc::new(a)),
             Err(StoreError::NotFound) => None,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not read account");
-                return None;
-            }
+            Err(e) => return Err(e),
         };
         self.accounts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, (found.clone(), Instant::now()));
-        found
+        Ok(found)
     }
 
     /// The delivery events of one message, in order: accepted, received, then per vendor call
