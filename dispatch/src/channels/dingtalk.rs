@@ -1207,7 +1207,7 @@ impl Sender for DingtalkSender {
                 limit >> 20
             )));
         }
-        let (content_type, body) = multipart(media);
+        let (content_type, body) = http::multipart(&[("type", &media.kind)], media);
         let url = format!("{}/media/upload", account.base_url);
         let reply = self
             .with_token(&account, |token| {
@@ -1225,51 +1225,6 @@ impl Sender for DingtalkSender {
             .map(str::to_owned)
             .ok_or_else(|| bad_response("media/upload answered without a media_id".into()))
     }
-}
-
-/// The `multipart/form-data` body of a media upload — the `type` field and the file as `media` —
-/// and its content type.
-fn multipart(media: &Media) -> (String, bytes::Bytes) {
-    let boundary = loop {
-        let candidate = format!("herald-{:032x}", rand::random::<u128>());
-        let needle = candidate.as_bytes();
-        if !media.bytes.windows(needle.len()).any(|w| w == needle) {
-            break candidate;
-        }
-    };
-    // Quotes and line breaks would end the header value: percent-encode them, as browsers do.
-    let filename = media
-        .filename
-        .replace('"', "%22")
-        .replace('\r', "%0D")
-        .replace('\n', "%0A");
-    let content_type =
-        if media.content_type.is_empty() || media.content_type.chars().any(char::is_control) {
-            "application/octet-stream"
-        } else {
-            media.content_type.as_str()
-        };
-    let mut body = Vec::with_capacity(media.bytes.len() + 400);
-    body.extend_from_slice(
-        format!(
-            "--{boundary}\r\nContent-Disposition: form-data; name=\"type\"\r\n\r\n{}\r\n",
-            media.kind
-        )
-        .as_bytes(),
-    );
-    body.extend_from_slice(
-        format!(
-            "--{boundary}\r\nContent-Disposition: form-data; name=\"media\"; \
-             filename=\"{filename}\"\r\nContent-Type: {content_type}\r\n\r\n"
-        )
-        .as_bytes(),
-    );
-    body.extend_from_slice(&media.bytes);
-    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    (
-        format!("multipart/form-data; boundary={boundary}"),
-        body.into(),
-    )
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! HTTP plumbing shared by every vendor client: the client itself, and the mapping of HTTP
 //! failures to [`SendError`]s.
 
-use super::SendError;
+use super::{Media, SendError};
 use chrono::{DateTime, Utc};
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::{Client, StatusCode};
@@ -158,6 +158,52 @@ pub fn bad_content(detail: impl Into<String>) -> SendError {
         code: "bad_content".into(),
         detail: detail.into(),
     }
+}
+
+/// The `multipart/form-data` body of a media upload — the text `fields`, then the file as the
+/// part `media` (the field name WeCom and DingTalk both use) — and its content type.
+pub fn multipart(fields: &[(&str, &str)], media: &Media) -> (String, bytes::Bytes) {
+    let boundary = loop {
+        let candidate = format!("herald-{:032x}", rand::random::<u128>());
+        let needle = candidate.as_bytes();
+        if !media.bytes.windows(needle.len()).any(|w| w == needle) {
+            break candidate;
+        }
+    };
+    // Quotes and line breaks would end the header value: percent-encode them, as browsers do.
+    let filename = media
+        .filename
+        .replace('"', "%22")
+        .replace('\r', "%0D")
+        .replace('\n', "%0A");
+    let content_type =
+        if media.content_type.is_empty() || media.content_type.chars().any(char::is_control) {
+            "application/octet-stream"
+        } else {
+            media.content_type.as_str()
+        };
+    let mut body = Vec::with_capacity(media.bytes.len() + 400);
+    for (name, value) in fields {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+            )
+            .as_bytes(),
+        );
+    }
+    body.extend_from_slice(
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"media\"; \
+             filename=\"{filename}\"\r\nContent-Type: {content_type}\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    body.extend_from_slice(&media.bytes);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (
+        format!("multipart/form-data; boundary={boundary}"),
+        body.into(),
+    )
 }
 
 #[cfg(test)]
