@@ -4,5 +4,6 @@
 mod api;
 mod channels;
 mod crash;
+mod media;
 mod sms;
 mod support;

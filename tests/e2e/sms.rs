@@ -51,7 +51,9 @@ fn verify_tc3(headers: &HeaderMap, body: &[u8]) -> Result<(), String> {
     if credential != format!("{SECRET_ID}/{date}/sms/tc3_request") {
         return Err(format!("credential {credential}"));
     }
-    if h("x-tc-action") != "SendSms" || h("x-tc-version") != "2021-01-11" {
+    if !matches!(h("x-tc-action").as_str(), "SendSms" | "PullSmsSendStatus")
+        || h("x-tc-version") != "2021-01-11"
+    {
         return Err("action/version".into());
     }
     let canonical_headers: String = signed
@@ -75,12 +77,19 @@ fn verify_tc3(headers: &HeaderMap, body: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-/// A `SendSms` stand-in: numbers ending in 9 fail with a per-number error.
-async fn tencent() -> (String, Arc<Mutex<Vec<Value>>>) {
+/// Statuses a `PullSmsSendStatus` call hands out (once each).
+type Pulls = Arc<Mutex<Vec<Value>>>;
+
+/// A `SendSms` and `PullSmsSendStatus` stand-in: numbers ending in 9 fail with a per-number
+/// error; pulls hand out what the test queued.
+async fn tencent() -> (String, Arc<Mutex<Vec<Value>>>, Pulls) {
     let seen = Arc::new(Mutex::new(Vec::new()));
+    let pulls: Pulls = Arc::new(Mutex::new(Vec::new()));
     let s = seen.clone();
+    let p = pulls.clone();
     let handler = move |headers: HeaderMap, body: Bytes| {
         let seen = s.clone();
+        let pulls = p.clone();
         async move {
             if let Err(why) = verify_tc3(&headers, &body) {
                 return axum::Json(
@@ -88,6 +97,13 @@ async fn tencent() -> (String, Arc<Mutex<Vec<Value>>>) {
                 );
             }
             let req: Value = serde_json::from_slice(&body).unwrap();
+            if headers.get("x-tc-action").unwrap() == "PullSmsSendStatus" {
+                // Each queued status is handed out once, as Tencent does.
+                let set: Vec<Value> = std::mem::take(&mut *pulls.lock().unwrap());
+                return axum::Json(
+                    json!({"Response": {"PullSmsSendStatusSet": set, "RequestId": "p"}}),
+                );
+            }
             seen.lock().unwrap().push(req.clone());
             let set: Vec<Value> = req["PhoneNumberSet"]
                 .as_array()
@@ -111,12 +127,12 @@ async fn tencent() -> (String, Arc<Mutex<Vec<Value>>>) {
     let url = format!("http://{}", listener.local_addr().unwrap());
     let router = axum::Router::new().route("/", axum::routing::post(handler));
     tokio::spawn(async move { axum::serve(listener, router).await });
-    (url, seen)
+    (url, seen, pulls)
 }
 
 #[tokio::test]
 async fn sms_batch_partial_failure_billing_units_and_pushed_receipts() {
-    let (url, seen) = tencent().await;
+    let (url, seen, _) = tencent().await;
     let app = TestApp::spawn().await;
     let (s, account) = app
         .post(
@@ -234,5 +250,54 @@ async fn sms_batch_partial_failure_billing_units_and_pushed_receipts() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 400);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn pulled_receipts_become_delivery_events() {
+    let (url, _, pulls) = tencent().await;
+    let app = TestApp::spawn_with(|c| {
+        c.dispatch.receipt_poll_interval = std::time::Duration::from_millis(100)
+    })
+    .await;
+    let (_, account) = app
+        .post(
+            "/v1/accounts",
+            json!({"name": "tencent", "channel": "sms", "config": {
+            "vendor": "tencent", "secret_id": SECRET_ID, "secret_key": SECRET_KEY,
+            "sdk_app_id": "1400006666", "sign_name": "Herald", "base_url": url}}),
+        )
+        .await;
+    let (_, t) = app
+        .post("/v1/templates", json!({"name": "code", "channel": "sms", "msg_type": "notice", "account_id": account["id"],
+            "content": {"text": "Your parcel {$id} arrives today.", "tencent": {"template_id": "1", "params": ["{$id}"]}}}))
+        .await;
+    let (s, a) = app
+        .post("/v1/send", json!({"template_id": t["id"], "receivers": ["+14155550123"], "variables": {"id": "P-1"}}))
+        .await;
+    assert_eq!(s, 202, "{a}");
+    let id = &message_ids(&a)[0];
+    let sent = app.wait_for_state(id, "sent").await;
+    let sent_event = sent["events"].as_array().unwrap().last().unwrap().clone();
+    // 【Herald】 is not GSM-7, so the whole text is UCS-2: 38 units, one part.
+    assert_eq!(sent_event["billing_units"], 1);
+    // Pulled statuses carry unix seconds (the pushed callback a Beijing-time string).
+    let received = chrono::Utc::now().timestamp() + 3;
+    pulls
+        .lock()
+        .unwrap()
+        .push(json!({"UserReceiveTime": received, "CountryCode": "1",
+        "SubscriberNumber": "4155550123", "PhoneNumber": "+14155550123",
+        "SerialNo": sent_event["vendor_message_id"], "ReportStatus": "SUCCESS",
+        "Description": "DELIVRD", "SessionContext": ""}));
+    let delivered = app.wait_for_state(id, "delivered").await;
+    let d = delivered["events"].as_array().unwrap().last().unwrap();
+    assert_eq!(d["vendor"], "tencent");
+    assert!(d["latency_ms"].as_u64().is_some(), "{d}");
+    assert_eq!(
+        app.metric("herald_receipts_total{vendor=\"tencent\",outcome=\"matched\"}")
+            .await,
+        1.0
+    );
     app.stop().await;
 }
