@@ -390,17 +390,18 @@ impl Dispatcher {
         items: Vec<(usize, &MessageRecord, u32)>,
     ) -> Vec<(usize, Vec<Try>)> {
         let mut tries: Vec<Vec<Try>> = items.iter().map(|_| Vec::new()).collect();
-        // A store failure is retryable; a missing account (or one of another channel) is not.
-        let account = match account_id {
-            Some(id) => self
-                .account(id)
-                .await
-                .map(|a| a.filter(|a| a.channel == channel)),
-            None => Ok(None),
-        };
         let mut pending: Vec<usize> = (0..items.len()).collect();
         let mut retry = 0u32;
         while !pending.is_empty() {
+            // Read (through the cache) on every call: a store failure is retryable, a missing
+            // account (or one of another channel) is not.
+            let account = match account_id {
+                Some(id) => self
+                    .account(id)
+                    .await
+                    .map(|a| a.filter(|a| a.channel == channel)),
+                None => Ok(None),
+            };
             let records: Vec<&MessageRecord> = pending.iter().map(|&k| items[k].1).collect();
             let sending_at = chrono::Utc::now();
             let started = Instant::now();
