@@ -90,9 +90,9 @@ const MEDIA_KINDS: [&str; 4] = ["image", "voice", "video", "file"];
 
 /// `POST /v1/accounts/{id}/media?type=image&filename=logo.png` with the file as the raw body
 /// (its `Content-Type` is passed on): uploads it through the account's vendor (WeCom app,
-/// DingTalk work notice) and answers `201 {"media_id", "account_id", "type"}`. Channels without
-/// media get `422 not_supported`; a vendor's refusal is `422 vendor_rejected`, its failure
-/// `502 vendor_unavailable`, both with the vendor's code.
+/// DingTalk work notice, Feishu app) and answers `201 {"media_id", "account_id", "type"}`.
+/// Channels without media get `422 not_supported`; a vendor's refusal is `422 vendor_rejected`,
+/// its failure `502 vendor_unavailable`, both with the vendor's code.
 pub async fn upload_media(
     State(state): State<ApiState>,
     AuthApp(app): AuthApp,

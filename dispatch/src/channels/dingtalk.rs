@@ -1207,7 +1207,7 @@ impl Sender for DingtalkSender {
                 limit >> 20
             )));
         }
-        let (content_type, body) = http::multipart(&[("type", &media.kind)], media);
+        let (content_type, body) = http::multipart(&[("type", &media.kind)], "media", media);
         let url = format!("{}/media/upload", account.base_url);
         let reply = self
             .with_token(&account, |token| {

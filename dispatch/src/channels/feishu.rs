@@ -48,6 +48,8 @@
 //!   →  {"code": 0, "data": {"message_id": "om_…", …}}
 //!
 //! DELETE <base_url>/open-apis/im/v1/messages/<message_id>      (recall)
+//! POST <base_url>/open-apis/im/v1/images  multipart image_type=message, image   (media upload)
+//! POST <base_url>/open-apis/im/v1/files   multipart file_type, file_name, file  (media upload)
 //! ```
 //!
 //! `content` is the template's content object serialised to a JSON string, as the API wants;
@@ -121,7 +123,7 @@
 
 use super::http::{self, bad_account, bad_content};
 use super::token::{FreshToken, TokenCache};
-use super::{SendError, SendOutcome, Sender};
+use super::{Media, SendError, SendOutcome, Sender};
 use async_trait::async_trait;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -1086,6 +1088,56 @@ impl Sender for FeishuSender {
             .collect()
     }
 
+    /// Uploads an image (`POST /open-apis/im/v1/images`, `image_type=message`) or a file
+    /// (`POST /open-apis/im/v1/files`, `file_type` from the file name) for app messages; answers
+    /// the `image_key` or `file_key` that `image`, `file`, `audio` and `media` messages take.
+    async fn upload_media(
+        &self,
+        channel: Channel,
+        _account_id: i64,
+        account: &Value,
+        media: &Media,
+    ) -> Result<String, SendError> {
+        if channel != Channel::FeishuApp {
+            return Err(SendError::not_supported(
+                "media upload by a Feishu custom bot",
+            ));
+        }
+        let account = AppAccount::parse(account).map_err(bad_account)?;
+        let file_type = feishu_file_type(&media.filename);
+        let (path, key, (content_type, body)) = if media.kind == "image" {
+            let form = http::multipart(&[("image_type", "message")], "image", media);
+            ("images", "image_key", form)
+        } else {
+            let form = http::multipart(
+                &[("file_type", file_type), ("file_name", &media.filename)],
+                "file",
+                media,
+            );
+            ("files", "file_key", form)
+        };
+        let url = format!("{}/open-apis/im/v1/{path}", account.base_url);
+        let answer = self
+            .with_token(&account, |token| {
+                self.client
+                    .post(&url)
+                    .bearer_auth(token)
+                    .header(reqwest::header::CONTENT_TYPE, content_type.as_str())
+                    .body(body.clone())
+            })
+            .await?;
+        answer
+            .pointer(&format!("/data/{key}"))
+            .and_then(Value::as_str)
+            .filter(|k| !k.is_empty())
+            .map(str::to_owned)
+            .ok_or_else(|| SendError::Retryable {
+                code: "feishu_bad_answer".into(),
+                detail: format!("the upload answered without `data.{key}`"),
+                retry_after: None,
+            })
+    }
+
     /// Recalls an app message by its vendor message id. Custom bots cannot recall.
     async fn recall(
         &self,
@@ -1124,6 +1176,24 @@ impl Sender for FeishuSender {
             Err(e) if e.code() == format!("{VENDOR}_{ALREADY_DELETED}") => Ok(()),
             Err(e) => Err(e),
         }
+    }
+}
+
+/// Feishu's `file_type` for a file name: `opus`, `mp4`, `pdf`, `doc`, `xls`, `ppt`, else
+/// `stream`.
+fn feishu_file_type(filename: &str) -> &'static str {
+    let ext = filename
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "opus" => "opus",
+        "mp4" => "mp4",
+        "pdf" => "pdf",
+        "doc" | "docx" => "doc",
+        "xls" | "xlsx" => "xls",
+        "ppt" | "pptx" => "ppt",
+        _ => "stream",
     }
 }
 
@@ -1512,6 +1582,39 @@ mod tests {
                     _ => {
                         let mut a = Answer::json(json!({"code": 230009, "msg":
                             "Message has expired when recall message."}));
+                        a.status = 400;
+                        a
+                    }
+                };
+            }
+            if req.method == axum::http::Method::POST
+                && matches!(req.path.as_str(), "/open-apis/im/v1/images" | "/open-apis/im/v1/files")
+            {
+                // Feishu's own reading of the form: the text fields and the file part.
+                let text = String::from_utf8_lossy(&req.body).to_string();
+                let field = |name: &str| {
+                    let head = format!("name=\"{name}\"\r\n\r\n");
+                    text.split_once(&head)
+                        .and_then(|(_, rest)| rest.split_once("\r\n"))
+                        .map(|(v, _)| v.to_string())
+                };
+                let ok = req.header("content-type").starts_with("multipart/form-data; boundary=");
+                return match (ok, req.path.as_str()) {
+                    (true, "/open-apis/im/v1/images")
+                        if field("image_type").as_deref() == Some("message")
+                            && text.contains("name=\"image\"; filename=\"photo.png\"") =>
+                    {
+                        Answer::json(json!({"code": 0, "msg": "success", "data": {"image_key": "img_v2_041b28e3"}}))
+                    }
+                    (true, "/open-apis/im/v1/files")
+                        if field("file_type").as_deref() == Some("pdf")
+                            && field("file_name").as_deref() == Some("report.PDF")
+                            && text.contains("name=\"file\"; filename=\"report.PDF\"") =>
+                    {
+                        Answer::json(json!({"code": 0, "msg": "success", "data": {"file_key": "file_v2_7e91"}}))
+                    }
+                    _ => {
+                        let mut a = Answer::json(json!({"code": 234001, "msg": "Invalid request param."}));
                         a.status = 400;
                         a
                     }
@@ -1996,5 +2099,58 @@ mod tests {
                 "{channel}: {content}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn images_and_files_are_uploaded_for_app_messages() {
+        let app = app_server(&["t-1"]).await;
+        let (_dir, tokens) = cache().await;
+        let sender = FeishuSender::new(http::client(), tokens);
+        let media = |kind: &str, filename: &str| Media {
+            kind: kind.into(),
+            filename: filename.into(),
+            content_type: "application/octet-stream".into(),
+            bytes: bytes::Bytes::from_static(b"\x00\x01binary"),
+        };
+        let account = app_account(&app.server);
+        let key = sender
+            .upload_media(
+                Channel::FeishuApp,
+                1,
+                &account,
+                &media("image", "photo.png"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(key, "img_v2_041b28e3");
+        // The first token was refused: one refresh, then the upload went through.
+        assert_eq!(app.fetches.load(Ordering::SeqCst), 2);
+        let key = sender
+            .upload_media(
+                Channel::FeishuApp,
+                1,
+                &account,
+                &media("file", "report.PDF"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(key, "file_v2_7e91");
+        let err = sender
+            .upload_media(Channel::FeishuApp, 1, &account, &media("file", "notes.txt"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "feishu_234001");
+        assert!(!err.is_retryable());
+        let robot = json!({"hook_id": "abc"});
+        assert_eq!(
+            sender
+                .upload_media(Channel::FeishuRobot, 1, &robot, &media("image", "a.png"))
+                .await
+                .unwrap_err()
+                .code(),
+            "not_supported"
+        );
+        assert_eq!(feishu_file_type("a.docx"), "doc");
+        assert_eq!(feishu_file_type("noext"), "stream");
     }
 }

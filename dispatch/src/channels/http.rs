@@ -161,8 +161,12 @@ pub fn bad_content(detail: impl Into<String>) -> SendError {
 }
 
 /// The `multipart/form-data` body of a media upload — the text `fields`, then the file as the
-/// part `media` (the field name WeCom and DingTalk both use) — and its content type.
-pub fn multipart(fields: &[(&str, &str)], media: &Media) -> (String, bytes::Bytes) {
+/// part named `file_field` (`media` for WeCom and DingTalk) — and its content type.
+pub fn multipart(
+    fields: &[(&str, &str)],
+    file_field: &str,
+    media: &Media,
+) -> (String, bytes::Bytes) {
     let boundary = loop {
         let candidate = format!("herald-{:032x}", rand::random::<u128>());
         let needle = candidate.as_bytes();
@@ -193,7 +197,7 @@ pub fn multipart(fields: &[(&str, &str)], media: &Media) -> (String, bytes::Byte
     }
     body.extend_from_slice(
         format!(
-            "--{boundary}\r\nContent-Disposition: form-data; name=\"media\"; \
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"{file_field}\"; \
              filename=\"{filename}\"\r\nContent-Type: {content_type}\r\n\r\n"
         )
         .as_bytes(),

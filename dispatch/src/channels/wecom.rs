@@ -474,7 +474,7 @@ impl Sender for WecomSender {
             return Err(SendError::not_supported("media upload for robots"));
         }
         let account = AppAccount::parse(account).map_err(bad_account)?;
-        let (content_type, body) = http::multipart(&[], media);
+        let (content_type, body) = http::multipart(&[], "media", media);
         let url = format!("{}/cgi-bin/media/upload", account.base_url);
         let reply = self
             .with_token(&account, |token| {
