@@ -56,7 +56,10 @@
 //! Mentions go in `text` (both lists) and `markdown` (`<@userid>` appended; markdown cannot
 //! mention by mobile); the other types are posted as they are. Messages of a batch with
 //! identical content are posted once, mentioning all their receivers: a robot may post 20
-//! messages a minute. Robots give no message id and cannot recall.
+//! messages a minute. Robots give no message id and cannot recall. Their `file` and `voice`
+//! messages take media uploaded through the robot itself
+//! (`POST /cgi-bin/webhook/upload_media?key&type=file|voice`, multipart part `media`), which
+//! `POST /v1/accounts/{id}/media` does for robot accounts.
 //!
 //! # Errors
 //!
@@ -470,11 +473,28 @@ impl Sender for WecomSender {
         account: &Value,
         media: &Media,
     ) -> Result<String, SendError> {
-        if channel != Channel::WecomApp {
-            return Err(SendError::not_supported("media upload for robots"));
+        let (content_type, body) = http::multipart(&[], "media", media);
+        if channel == Channel::WecomRobot {
+            // A robot's `file` and `voice` messages take media uploaded through that robot.
+            if !matches!(media.kind.as_str(), "file" | "voice") {
+                return Err(SendError::not_supported(
+                    "robot media other than file and voice",
+                ));
+            }
+            let account = RobotAccount::parse(account).map_err(bad_account)?;
+            let request = self
+                .client
+                .post(format!("{}/cgi-bin/webhook/upload_media", account.base_url))
+                .query(&[
+                    ("key", account.webhook_key.expose()),
+                    ("type", media.kind.as_str()),
+                ])
+                .header(reqwest::header::CONTENT_TYPE, content_type.as_str())
+                .body(body);
+            let reply = check_reply(&http::send_for_body(VENDOR, request).await?)?;
+            return media_id(&reply);
         }
         let account = AppAccount::parse(account).map_err(bad_account)?;
-        let (content_type, body) = http::multipart(&[], "media", media);
         let url = format!("{}/cgi-bin/media/upload", account.base_url);
         let reply = self
             .with_token(&account, |token| {
@@ -485,12 +505,17 @@ impl Sender for WecomSender {
                     .body(body.clone())
             })
             .await?;
-        reply
-            .get("media_id")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-            .ok_or_else(|| bad_reply("media/upload answered without a media_id"))
+        media_id(&reply)
     }
+}
+
+/// The `media_id` of an upload's answer.
+fn media_id(reply: &Value) -> Result<String, SendError> {
+    reply
+        .get("media_id")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| bad_reply("the upload answered without a media_id"))
 }
 
 /// The record indices of `records` grouped by identical content (in order of first

@@ -289,8 +289,22 @@ async fn robot(errcode: i64) -> (VendorServer, Arc<Mutex<Vec<Value>>>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s = Arc::clone(&seen);
     let server = VendorServer::start(move |c: &Captured| {
-        if c.path != "/cgi-bin/webhook/send" || c.query_param("key").as_deref() != Some(ROBOT_KEY) {
+        if c.query_param("key").as_deref() != Some(ROBOT_KEY) {
             return Answer::json(json!({"errcode": 93000, "errmsg": "invalid webhook url"}));
+        }
+        if c.path == "/cgi-bin/webhook/upload_media" {
+            let ok = c.query_param("type").as_deref() == Some("file")
+                && c.header("content-type").starts_with("multipart/form-data; boundary=")
+                && String::from_utf8_lossy(&c.body)
+                    .contains("name=\"media\"; filename=\"run.log\"\r\nContent-Type: text/plain\r\n\r\nline 1\n");
+            return Answer::json(if ok {
+                json!({"errcode": 0, "errmsg": "ok", "type": "file", "media_id": "3a8asd892asd8asd", "created_at": "1380000000"})
+            } else {
+                json!({"errcode": 40058, "errmsg": "bad upload"})
+            });
+        }
+        if c.path != "/cgi-bin/webhook/send" {
+            return Answer::status(404, "no such API");
         }
         s.lock().unwrap().push(c.json());
         Answer::json(
@@ -353,6 +367,32 @@ async fn robot_limits_wait_a_minute_and_bad_keys_are_permanent() {
     let err = s.send(&r, 1, &wrong).await.unwrap_err();
     assert_eq!(err.code(), "wecom_93000");
     assert!(!err.is_retryable());
+}
+
+#[tokio::test]
+async fn robots_upload_files_through_their_key() {
+    let (server, _) = robot(0).await;
+    let (_dir, s) = sender().await;
+    let log = Media {
+        kind: "file".into(),
+        filename: "run.log".into(),
+        content_type: "text/plain".into(),
+        bytes: bytes::Bytes::from_static(b"line 1\n"),
+    };
+    let id = s
+        .upload_media(Channel::WecomRobot, 1, &robot_account(&server.url), &log)
+        .await
+        .unwrap();
+    assert_eq!(id, "3a8asd892asd8asd");
+    let image = Media {
+        kind: "image".into(),
+        ..log
+    };
+    let err = s
+        .upload_media(Channel::WecomRobot, 1, &robot_account(&server.url), &image)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "not_supported");
 }
 
 #[test]
