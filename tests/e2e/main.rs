@@ -7,3 +7,4 @@ mod crash;
 mod media;
 mod sms;
 mod support;
+mod wechat;
