@@ -111,7 +111,7 @@ async fn token_refresh_and_a_busy_answer_show_in_the_events() {
     assert_eq!(sent["vendor"], "wechat");
     assert_eq!(sent["vendor_message_id"], "200228332");
 
-    let seen = seen.lock().unwrap();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
     assert_eq!(seen.tokens, 2);
     let tokens: Vec<&str> = seen.sends.iter().map(|(t, _)| t.as_str()).collect();
     assert_eq!(tokens, ["token-1", "token-2", "token-2"]);
@@ -123,6 +123,5 @@ async fn token_refresh_and_a_busy_answer_show_in_the_events() {
             "client_msg_id": id,
             "data": {"thing1": {"value": "Blue mug"}, "character_string2": {"value": "A-42"}}})
     );
-    drop(seen);
     app.stop().await;
 }
