@@ -921,22 +921,18 @@ impl DingtalkSender {
         account: &WorkAccount,
         build: impl Fn(&str) -> RequestBuilder + Send + Sync,
     ) -> Result<Value, SendError> {
-        let key = account.token_key();
-        let mut refreshed = false;
-        loop {
-            let token = self.tokens.get(&key, || self.fetch_token(account)).await?;
-            let result = match http::send_for_body(VENDOR, build(&token)).await {
-                Ok(body) => check_reply(&body),
-                Err(e) => Err(e),
-            };
-            match result {
-                Err(e) if !refreshed && token_rejected(&e) => {
-                    self.tokens.invalidate(&key, &token).await?;
-                    refreshed = true;
-                }
-                other => return other,
-            }
-        }
+        let call = |token: &str| {
+            let request = build(token);
+            async move { check_reply(&http::send_for_body(VENDOR, request).await?) }
+        };
+        self.tokens
+            .with_token(
+                &account.token_key(),
+                || self.fetch_token(account),
+                call,
+                token_rejected,
+            )
+            .await
     }
 
     /// Exchanges the app's key and secret for an access token.

@@ -72,6 +72,33 @@ impl TokenCache {
         Ok(fresh.token)
     }
 
+    /// Runs `call` with the token under `key` (fetched with `fetch` when needed); when `refused`
+    /// says the vendor rejected that token, forgets it and runs `call` once more with a fresh one.
+    /// A second rejection is returned as it is.
+    pub async fn with_token<T, F, FFut, C, CFut>(
+        &self,
+        key: &str,
+        fetch: F,
+        call: C,
+        refused: fn(&SendError) -> bool,
+    ) -> Result<T, SendError>
+    where
+        F: Fn() -> FFut,
+        FFut: Future<Output = Result<FreshToken, SendError>>,
+        C: Fn(&str) -> CFut,
+        CFut: Future<Output = Result<T, SendError>>,
+    {
+        let token = self.get(key, &fetch).await?;
+        match call(&token).await {
+            Err(e) if refused(&e) => {
+                self.invalidate(key, &token).await?;
+                let token = self.get(key, &fetch).await?;
+                call(&token).await
+            }
+            other => other,
+        }
+    }
+
     /// Forgets `token` under `key` (here and in the store) because the vendor rejected it; the
     /// next [`get`](Self::get) fetches a new one. A token another worker already replaced is
     /// left alone.

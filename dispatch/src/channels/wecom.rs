@@ -289,22 +289,18 @@ impl WecomSender {
         account: &AppAccount,
         build: impl Fn(&str) -> RequestBuilder + Send + Sync,
     ) -> Result<Value, SendError> {
-        let key = account.token_key();
-        let mut refreshed = false;
-        loop {
-            let token = self.tokens.get(&key, || self.fetch_token(account)).await?;
-            let result = match http::send_for_body(VENDOR, build(&token)).await {
-                Ok(body) => check_reply(&body),
-                Err(e) => Err(e),
-            };
-            match result {
-                Err(e) if !refreshed && token_refused(&e) => {
-                    self.tokens.invalidate(&key, &token).await?;
-                    refreshed = true;
-                }
-                other => return other,
-            }
-        }
+        let call = |token: &str| {
+            let request = build(token);
+            async move { check_reply(&http::send_for_body(VENDOR, request).await?) }
+        };
+        self.tokens
+            .with_token(
+                &account.token_key(),
+                || self.fetch_token(account),
+                call,
+                token_refused,
+            )
+            .await
     }
 
     /// App messages: identical contents share a request of up to 1,000 userids.
