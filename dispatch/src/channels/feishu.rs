@@ -721,6 +721,13 @@ fn code_error(code: i64, detail: String, status: StatusCode, headers: &HeaderMap
     }
 }
 
+/// Whether `e` is Feishu saying the tenant access token is invalid or expired.
+fn token_refused(e: &SendError) -> bool {
+    TOKEN_INVALID
+        .iter()
+        .any(|c| e.code() == format!("{VENDOR}_{c}"))
+}
+
 /// The JSON of a successful answer (code 0, 2xx), or the error the answer means.
 /// `resend_safe`: whether a 2xx answer that is not Feishu's JSON may be retried.
 fn check(reply: &Reply, resend_safe: bool) -> Result<Value, SendError> {
@@ -933,19 +940,18 @@ impl FeishuSender {
         account: &AppAccount,
         build: impl Fn(&str) -> RequestBuilder,
     ) -> Result<Value, SendError> {
-        let key = account.token_key();
-        let token = self.tokens.get(&key, || self.fetch_token(account)).await?;
-        let reply = call(build(&token)).await?;
-        let rejected = reply
-            .json()
-            .and_then(|j| code_of(&j))
-            .is_some_and(|c| TOKEN_INVALID.contains(&c));
-        if !rejected {
-            return check(&reply, true);
-        }
-        self.tokens.invalidate(&key, &token).await?;
-        let token = self.tokens.get(&key, || self.fetch_token(account)).await?;
-        check(&call(build(&token)).await?, true)
+        let send = |token: &str| {
+            let request = build(token);
+            async move { check(&call(request).await?, true) }
+        };
+        self.tokens
+            .with_token(
+                &account.token_key(),
+                || self.fetch_token(account),
+                send,
+                token_refused,
+            )
+            .await
     }
 
     /// Sends one app message.
