@@ -31,10 +31,7 @@ pub(crate) struct MemBus {
 impl MemBus {
     /// Publishes events as dispatch would: JSON keyed by receiver.
     pub(crate) async fn publish_events(&self, events: &[DeliveryEvent]) {
-        let records = events
-            .iter()
-            .map(|e| Record::new(e.receiver.clone(), serde_json::to_vec(e).unwrap()))
-            .collect();
+        let records = events.iter().map(DeliveryEvent::to_record).collect();
         self.publish(DELIVERY_TOPIC, records).await.unwrap();
     }
 

@@ -42,7 +42,7 @@ fn events(range: std::ops::Range<u32>) -> Vec<Record> {
                 currency: None,
                 redelivered: false,
             };
-            Record::new(e.receiver.clone(), serde_json::to_vec(&e).unwrap())
+            e.to_record()
         })
         .collect()
 }

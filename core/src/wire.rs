@@ -142,6 +142,15 @@ pub struct DeliveryEvent {
 }
 
 impl DeliveryEvent {
+    /// The event as a record of `herald.delivery`, keyed by receiver so that one message's
+    /// events stay in order on one partition.
+    pub fn to_record(&self) -> crate::bus::Record {
+        crate::bus::Record::new(
+            self.receiver.as_bytes().to_vec(),
+            serde_json::to_vec(self).expect("an event of strings and numbers serialises"),
+        )
+    }
+
     /// A bare event for `record` in `state`: vendor fields empty, ts now.
     pub fn for_record(record: &MessageRecord, state: State, attempt: u32) -> Self {
         DeliveryEvent {

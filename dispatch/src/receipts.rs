@@ -8,7 +8,7 @@
 //! the warehouse keeps once. Messages are asked for during [`LOOKBACK`] after their send.
 
 use crate::channels::Senders;
-use herald_core::bus::{Bus, Record};
+use herald_core::bus::Bus;
 use herald_core::store::{Account, Store};
 use herald_core::telemetry::Metrics;
 use herald_core::wire::DELIVERY_TOPIC;
@@ -87,7 +87,8 @@ impl ReceiptPoller {
             return Ok(0);
         }
         let (events, unmatched) = self.store.receipt_events(&receipts).await?;
-        publish(&*self.bus, &events).await?;
+        let records = events.iter().map(DeliveryEvent::to_record).collect();
+        self.bus.publish(DELIVERY_TOPIC, records).await?;
         self.store.mark_receipts(&events).await?;
         if let Some(first) = receipts.first() {
             self.metrics.receipts(
@@ -98,18 +99,4 @@ impl ReceiptPoller {
         }
         Ok(events.len())
     }
-}
-
-async fn publish(bus: &dyn Bus, events: &[DeliveryEvent]) -> anyhow::Result<()> {
-    let records = events
-        .iter()
-        .map(|e| {
-            Record::new(
-                e.receiver.as_bytes().to_vec(),
-                serde_json::to_vec(e).unwrap_or_default(),
-            )
-        })
-        .collect();
-    bus.publish(DELIVERY_TOPIC, records).await?;
-    Ok(())
 }

@@ -271,15 +271,7 @@ impl Dispatcher {
             .cloned()
             .collect();
         self.store.record_vendor_messages(&with_receipts).await?;
-        let events: Vec<Record> = events
-            .into_iter()
-            .map(|e| {
-                Record::new(
-                    e.receiver.as_bytes().to_vec(),
-                    serde_json::to_vec(&e).unwrap_or_default(),
-                )
-            })
-            .collect();
+        let events: Vec<Record> = events.iter().map(DeliveryEvent::to_record).collect();
         self.bus.publish(DELIVERY_TOPIC, events).await?;
         Ok(outcome)
     }

@@ -8,7 +8,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header::CONTENT_TYPE};
 use axum::response::{IntoResponse, Response};
-use herald_core::bus::Record;
+use herald_core::DeliveryEvent;
 use herald_core::wire::DELIVERY_TOPIC;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -50,15 +50,7 @@ pub async fn receipts(
     if !unmatched.is_empty() {
         tracing::warn!(%vendor, count = unmatched.len(), "receipts for unknown vendor message ids");
     }
-    let records = events
-        .iter()
-        .map(|e| {
-            Record::new(
-                e.receiver.as_bytes().to_vec(),
-                serde_json::to_vec(e).unwrap_or_default(),
-            )
-        })
-        .collect();
+    let records = events.iter().map(DeliveryEvent::to_record).collect();
     inner.bus.publish(DELIVERY_TOPIC, records).await?;
     inner.store.mark_receipts(&events).await?;
     inner
