@@ -653,13 +653,6 @@ impl EmailSender {
     }
 }
 
-impl Default for EmailSender {
-    /// A client with the default attachment policy (10 MiB, public addresses only).
-    fn default() -> Self {
-        Self::new(UrlPolicy::default())
-    }
-}
-
 #[async_trait]
 impl Sender for EmailSender {
     async fn send(

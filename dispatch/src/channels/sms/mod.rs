@@ -70,15 +70,6 @@ impl SmsAccount {
         }
     }
 
-    /// The vendor's name.
-    pub fn vendor(&self) -> &'static str {
-        match self {
-            SmsAccount::Tencent(_) => "tencent",
-            SmsAccount::Aliyun(_) => "aliyun",
-            SmsAccount::Yunpian(_) => "yunpian",
-        }
-    }
-
     /// The signature the receiver sees before the text, if the account names one.
     fn sign_name(&self) -> Option<&str> {
         match self {
