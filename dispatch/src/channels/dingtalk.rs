@@ -148,7 +148,7 @@ use herald_core::store::PendingReceipt;
 use herald_core::{Channel, DeliveryEvent, MessageRecord, Receipt};
 use hmac::{Hmac, Mac};
 use reqwest::header::CONTENT_TYPE;
-use reqwest::{Client, RequestBuilder, Url};
+use reqwest::{Client, RequestBuilder};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use sha2::Sha256;
@@ -269,7 +269,7 @@ impl RobotAccount {
         Ok(RobotAccount {
             access_token: stored.access_token,
             secret: stored.secret,
-            base_url: base_url(stored.base_url)?,
+            base_url: http::base_url(stored.base_url, DEFAULT_BASE_URL)?,
         })
     }
 }
@@ -316,7 +316,7 @@ impl WorkAccount {
             app_key: stored.app_key,
             app_secret: stored.app_secret,
             agent_id: stored.agent_id,
-            base_url: base_url(stored.base_url)?,
+            base_url: http::base_url(stored.base_url, DEFAULT_BASE_URL)?,
         })
     }
 
@@ -339,21 +339,6 @@ fn check_secret_types(config: &Value, what: &str, secrets: &[&str]) -> Result<()
         Some(k) => Err(format!("`{k}` must be a string")),
         None => Ok(()),
     }
-}
-
-/// The API origin: `given` checked, or DingTalk's.
-fn base_url(given: Option<String>) -> Result<String, String> {
-    let Some(raw) = given else {
-        return Ok(DEFAULT_BASE_URL.into());
-    };
-    let url = Url::parse(&raw).map_err(|e| format!("`base_url`: {e}"))?;
-    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-        return Err("`base_url` must be an http or https URL with a host".into());
-    }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err("`base_url` must not have a query or fragment".into());
-    }
-    Ok(raw.trim_end_matches('/').to_string())
 }
 
 /// Checks an account config of `channel`.

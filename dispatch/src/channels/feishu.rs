@@ -134,7 +134,7 @@ use herald_core::{Channel, DeliveryEvent, MessageRecord};
 use hmac::{Hmac, Mac};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::header::{CONTENT_TYPE, HeaderMap};
-use reqwest::{Client, RequestBuilder, StatusCode, Url};
+use reqwest::{Client, RequestBuilder, StatusCode};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use sha2::Sha256;
@@ -276,22 +276,6 @@ fn check_shape(config: &Value, secrets: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks `base_url` (never quoting it) and returns it without a trailing slash.
-fn parse_base_url(raw: Option<String>) -> Result<String, String> {
-    let raw = raw.unwrap_or_else(|| DEFAULT_BASE_URL.to_string());
-    let url = Url::parse(&raw).map_err(|e| format!("`base_url`: {e}"))?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err("`base_url` must be http or https".into());
-    }
-    if url.host().is_none() {
-        return Err("`base_url` has no host".into());
-    }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err("`base_url` must not have a query or a fragment".into());
-    }
-    Ok(raw.trim_end_matches('/').to_string())
-}
-
 impl RobotAccount {
     /// Parses and checks a custom bot account; the error never quotes a secret.
     pub fn parse(config: &Value) -> Result<Self, String> {
@@ -325,7 +309,7 @@ impl RobotAccount {
         Ok(RobotAccount {
             hook_id: stored.hook_id,
             secret: stored.secret,
-            base_url: parse_base_url(stored.base_url)?,
+            base_url: http::base_url(stored.base_url, DEFAULT_BASE_URL)?,
         })
     }
 }
@@ -346,7 +330,7 @@ impl AppAccount {
             app_id: stored.app_id,
             app_secret: stored.app_secret,
             receive_id_type: stored.receive_id_type,
-            base_url: parse_base_url(stored.base_url)?,
+            base_url: http::base_url(stored.base_url, DEFAULT_BASE_URL)?,
         })
     }
 

@@ -144,6 +144,23 @@ pub async fn send_for_body(
     response.bytes().await.map_err(|e| request_error(prefix, e))
 }
 
+/// An account's `base_url`: `given` checked (http or https, a host, no query or fragment —
+/// and never quoted in the error, as it may hold credentials), else `default`; without a
+/// trailing slash.
+pub fn base_url(given: Option<String>, default: &str) -> Result<String, String> {
+    let Some(raw) = given else {
+        return Ok(default.to_string());
+    };
+    let url = reqwest::Url::parse(&raw).map_err(|e| format!("`base_url`: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err("`base_url` must be an http or https URL with a host".into());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("`base_url` must not have a query or a fragment".into());
+    }
+    Ok(raw.trim_end_matches('/').to_string())
+}
+
 /// A `Permanent` `bad_account` error: the account's config does not parse.
 pub fn bad_account(detail: impl Into<String>) -> SendError {
     SendError::Permanent {

@@ -131,7 +131,8 @@ struct AppAccount {
     corp_id: String,
     corp_secret: Secret,
     agent_id: i64,
-    #[serde(default = "default_base_url")]
+    /// Empty when the config leaves it out: WeCom's own origin.
+    #[serde(default)]
     base_url: String,
 }
 
@@ -140,12 +141,9 @@ struct AppAccount {
 #[serde(deny_unknown_fields)]
 struct RobotAccount {
     webhook_key: Secret,
-    #[serde(default = "default_base_url")]
+    /// Empty when the config leaves it out: WeCom's own origin.
+    #[serde(default)]
     base_url: String,
-}
-
-fn default_base_url() -> String {
-    DEFAULT_BASE_URL.into()
 }
 
 /// Parses an account, refusing ill-typed secrets before serde could quote them.
@@ -156,21 +154,13 @@ fn parse<T: for<'de> Deserialize<'de>>(config: &Value, secret: &str) -> Result<T
     serde_json::from_value(config.clone()).map_err(|e| e.to_string())
 }
 
-fn check_base_url(base_url: &str) -> Result<String, String> {
-    let url = reqwest::Url::parse(base_url).map_err(|e| format!("`base_url`: {e}"))?;
-    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-        return Err("`base_url` must be an http(s) origin".into());
-    }
-    Ok(base_url.trim_end_matches('/').to_string())
-}
-
 impl AppAccount {
     fn parse(config: &Value) -> Result<Self, String> {
         let mut a: AppAccount = parse(config, "corp_secret")?;
         if a.corp_id.trim().is_empty() || a.corp_secret.expose().is_empty() {
             return Err("`corp_id` and `corp_secret` must not be empty".into());
         }
-        a.base_url = check_base_url(&a.base_url)?;
+        a.base_url = http::base_url(Some(a.base_url).filter(|b| !b.is_empty()), DEFAULT_BASE_URL)?;
         Ok(a)
     }
 
@@ -186,7 +176,7 @@ impl RobotAccount {
         if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
             return Err("`webhook_key` must be the robot's key alone (letters, digits, -)".into());
         }
-        a.base_url = check_base_url(&a.base_url)?;
+        a.base_url = http::base_url(Some(a.base_url).filter(|b| !b.is_empty()), DEFAULT_BASE_URL)?;
         Ok(a)
     }
 }
