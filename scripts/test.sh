@@ -2,7 +2,9 @@
 # Runs every check and test of herald — the one command `.ci/run` calls.
 #   formatting, clippy (deny warnings), unit and integration tests (release profile: the one
 #   profile this project builds, shared with the benchmarks), against real peers: an SMTP server
-#   (aiosmtpd), HTTP receivers, and pyarrow as an independent Parquet reader.
+#   (aiosmtpd), HTTP receivers, pyarrow as an independent Parquet reader, a Kafka-protocol broker
+#   (tansu, installed and cached under ~/.cache/herald the first time: ~12 minutes), a Kafka
+#   client that is not herald (confluent-kafka), an S3 server (moto) and the machine's PostgreSQL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,10 +12,34 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/herald/target}"
 export CARGO_TERM_COLOR=never
 
-if ! python3 -c "import aiosmtpd, pyarrow" 2>/dev/null; then
-  echo "installing the Python test peers (aiosmtpd, pyarrow)"
-  python3 -m pip install --quiet --disable-pip-version-check aiosmtpd pyarrow
+if ! python3 -c "import aiosmtpd, pyarrow, confluent_kafka, moto.server" 2>/dev/null; then
+  echo "installing the Python test peers (aiosmtpd, pyarrow, confluent-kafka, moto)"
+  python3 -m pip install --quiet --disable-pip-version-check aiosmtpd pyarrow confluent-kafka 'moto[server]'
 fi
+
+# PostgreSQL: the machine's server. Each test creates its own database; drop the last run's.
+export HERALD_TEST_POSTGRES="${HERALD_TEST_POSTGRES:-postgres://postgres@127.0.0.1:5432/test}"
+psql "$HERALD_TEST_POSTGRES" -qAt -c \
+  "SELECT datname FROM pg_database WHERE datname LIKE 'herald_test_%' OR datname LIKE 'herald_e2e_%'" |
+  while read -r db; do psql "$HERALD_TEST_POSTGRES" -q -c "DROP DATABASE IF EXISTS $db" || true; done
+
+# The Kafka-protocol broker: one shared instance for the bus conformance tests; the end-to-end
+# tests start their own from the same binary (they restart it, and herald's topic names are fixed).
+export HERALD_TANSU="${HERALD_TANSU:-$HOME/.cache/herald/tansu/bin/tansu}"
+export HERALD_BROKER_PORT="${HERALD_BROKER_PORT:-19092}"
+export HERALD_BROKER_DIR="${HERALD_BROKER_DIR:-$HOME/.cache/herald/broker}"
+scripts/broker.sh stop >/dev/null
+scripts/broker.sh start
+export HERALD_TEST_KAFKA="127.0.0.1:$HERALD_BROKER_PORT"
+
+# The S3 server for the warehouse-on-object-store tests.
+S3_PORT="${HERALD_S3_PORT:-19000}"
+python3 -m moto.server -H 127.0.0.1 -p "$S3_PORT" >/dev/null 2>&1 &
+S3_PID=$!
+trap 'kill $S3_PID 2>/dev/null || true; scripts/broker.sh stop >/dev/null || true' EXIT
+export HERALD_TEST_S3="http://127.0.0.1:$S3_PORT"
+export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1 AWS_ALLOW_HTTP=true
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$S3_PORT") 2>/dev/null && break; sleep 0.1; done
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi

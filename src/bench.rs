@@ -27,8 +27,14 @@ pub struct BenchArgs {
     /// Messages sent through each vendor measurement (webhook, SMS batched and unbatched).
     #[arg(long, default_value_t = 50_000)]
     pub vendor_messages: usize,
-    /// Only run these figures (comma-separated: accept, batch, e2e, vendor).
-    #[arg(long, default_value = "accept,batch,e2e,vendor")]
+    /// Records the raw Kafka producer writes (the baseline of the ingest-into-Kafka figure).
+    #[arg(long, default_value_t = 200_000)]
+    pub kafka_records: usize,
+    /// PostgreSQL server for the distributed figures; each measurement creates its own database.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
+    pub postgres: String,
+    /// Only run these figures (comma-separated: accept, batch, e2e, vendor, kafka).
+    #[arg(long, default_value = "accept,batch,e2e,vendor,kafka")]
     pub only: String,
     /// Internal: serve the bare baseline handler on this address and nothing else.
     #[arg(long, hide = true)]
@@ -139,6 +145,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if only.contains(&"vendor") {
         rows.extend(vendor::figures(&args).await?);
+    }
+    if only.contains(&"kafka") {
+        rows.extend(kafka::figures(&args).await?);
     }
     println!("\n| figure | value | unit | ratio to baseline | p99 ms |\n|---|---:|---|---:|---:|");
     for r in rows {
@@ -264,6 +273,8 @@ struct Herald {
     key: String,
     template_id: i64,
     dir: PathBuf,
+    /// Processes of other roles sharing the data dir, bus and store.
+    others: Vec<Server>,
 }
 
 impl Herald {
@@ -280,6 +291,7 @@ impl Herald {
             .args(["--data-dir"])
             .arg(&dir)
             .args(["apps", "create", "bench"])
+            .envs(env.iter().copied())
             .output()?;
         let text = String::from_utf8_lossy(&out.stdout);
         let key = text
@@ -320,7 +332,23 @@ impl Herald {
             key,
             template_id,
             dir,
+            others: Vec::new(),
         })
+    }
+
+    /// Starts `herald ROLE` as another process of this deployment.
+    fn spawn_role(&mut self, role: &str, env: &[(&str, &str)]) -> anyhow::Result<()> {
+        let addr = free_addr()?;
+        let child = Command::new(std::env::current_exe()?)
+            .args(["--data-dir"])
+            .arg(&self.dir)
+            .args([role, "--listen", &addr.to_string()])
+            .env("HERALD_LOG", "warn")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .spawn()?;
+        self.others.push(Server { child, addr });
+        wait_listening(addr)
     }
 
     /// POSTs JSON to the API with the bench app's key and returns the answer, which must have
@@ -396,6 +424,7 @@ impl Herald {
 
 impl Drop for Herald {
     fn drop(&mut self) {
+        self.others.clear();
         let _ = self.server.child.kill();
         let _ = self.server.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -475,6 +504,7 @@ async fn load(
     })
 }
 
+mod kafka;
 mod vendor;
 
 /// A minimal HTTP/1.1 client for the harness's few setup calls.

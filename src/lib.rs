@@ -6,16 +6,18 @@ pub mod bench;
 
 use anyhow::Context;
 use herald_analytics::{EventIndex, Sink, SinkConfig, SinkStats, Warehouse};
-use herald_core::bus::Bus;
 use herald_core::bus::embedded::EmbeddedBus;
-use herald_core::config::Config;
+use herald_core::bus::kafka::{KafkaBus, herald_topics};
+use herald_core::bus::{Bus, Delivered};
+use herald_core::config::{BusKind, Config};
 use herald_core::store::Account;
 use herald_core::store::Store;
 use herald_core::telemetry::{Metrics, TopicGroup};
 use herald_core::wire::{DELIVERY_TOPIC, DeliveryEvent, REQUESTS_TOPIC};
-use herald_core::{Channel, MessageId, Receipt};
+use herald_core::{Channel, MessageId, MessageRecord, Receipt};
 use herald_dispatch::channels::{self, Media, SendError, Senders};
-use herald_dispatch::{Dispatcher, ReceiptPoller};
+use herald_dispatch::{Dispatcher, ExpandError, ReceiptPoller, Refusal, RequestExpander};
+use herald_ingest::producer::{ProducerError, Source};
 use herald_ingest::{ApiState, Channels, MediaUpload, VendorFailure};
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -37,6 +39,27 @@ impl Roles {
     pub const ALL: Roles = Roles {
         ingest: true,
         dispatch: true,
+        analytics: true,
+    };
+
+    /// The HTTP API alone.
+    pub const INGEST: Roles = Roles {
+        ingest: true,
+        dispatch: false,
+        analytics: false,
+    };
+
+    /// A dispatch worker alone.
+    pub const DISPATCH: Roles = Roles {
+        ingest: false,
+        dispatch: true,
+        analytics: false,
+    };
+
+    /// The warehouse sink alone.
+    pub const ANALYTICS: Roles = Roles {
+        ingest: false,
+        dispatch: false,
         analytics: true,
     };
 
@@ -82,11 +105,7 @@ impl Application {
         let store = Store::open(&config.store_url())
             .await
             .context("cannot open the store")?;
-        let bus: Arc<dyn Bus> = Arc::new(
-            EmbeddedBus::open(&config.bus_dir(), config.bus.clone())
-                .await
-                .context("cannot open the embedded bus")?,
-        );
+        let bus = open_bus(&config).await?;
         let listener = TcpListener::bind(&config.http.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.http.listen))?;
@@ -113,7 +132,9 @@ impl Application {
         let mut tasks = tokio::task::JoinSet::new();
         let mut sink_stats = None;
         if self.roles.analytics {
-            let warehouse = Warehouse::local(self.config.warehouse_dir());
+            let location = self.config.warehouse_location();
+            let warehouse = Warehouse::open(&location)
+                .with_context(|| format!("cannot open the warehouse {location}"))?;
             let sink_config = SinkConfig {
                 max_rows: self.config.analytics.flush_rows,
                 max_age: self.config.analytics.flush_interval,
@@ -133,7 +154,11 @@ impl Application {
                 Arc::clone(&senders),
                 self.metrics.clone(),
                 self.config.dispatch.clone(),
-            );
+            )
+            .with_requests(Arc::new(ProducerRequests {
+                api: self.api_state(&senders),
+                trusted: self.config.producers.trusted,
+            }));
             let rx = shutdown.clone();
             tasks.spawn(async move { d.run(rx).await.context("dispatch worker") });
             let poller = ReceiptPoller {
@@ -155,15 +180,14 @@ impl Application {
             sink_stats,
             shutdown.clone(),
         ));
-        if self.roles.ingest {
-            let state = ApiState::new(
-                self.store.clone(),
-                self.bus.clone(),
-                self.metrics.clone(),
-                self.config.http.clone(),
-                Arc::new(ChannelServices(senders)),
-            );
-            let app = herald_ingest::router(state);
+        {
+            // Every process answers /health and /metrics; only ingest serves the API.
+            let state = self.api_state(&senders);
+            let app = if self.roles.ingest {
+                herald_ingest::router(state)
+            } else {
+                herald_ingest::ops_router(state)
+            };
             let mut rx = shutdown.clone();
             let listener = self.listener;
             tasks.spawn(async move {
@@ -179,6 +203,37 @@ impl Application {
             done.context("a role panicked")??;
         }
         Ok(())
+    }
+}
+
+/// The bus `config` names: the embedded log, or Kafka with herald's topics created if missing.
+pub async fn open_bus(config: &Config) -> anyhow::Result<Arc<dyn Bus>> {
+    Ok(match config.bus_kind {
+        BusKind::Embedded => Arc::new(
+            EmbeddedBus::open(&config.bus_dir(), config.bus.clone())
+                .await
+                .context("cannot open the embedded bus")?,
+        ),
+        BusKind::Kafka => {
+            let bus = KafkaBus::new(&config.kafka).context("cannot create the Kafka clients")?;
+            bus.ensure_topics(&herald_topics(&config.kafka))
+                .await
+                .context("cannot create herald's Kafka topics")?;
+            Arc::new(bus)
+        }
+    })
+}
+
+impl Application {
+    /// The API's state over this application's store, bus and channels.
+    fn api_state(&self, senders: &Arc<Senders>) -> ApiState {
+        ApiState::new(
+            self.store.clone(),
+            self.bus.clone(),
+            self.metrics.clone(),
+            self.config.http.clone(),
+            Arc::new(ChannelServices(Arc::clone(senders))),
+        )
     }
 }
 
@@ -231,6 +286,32 @@ impl EventIndex for StoreIndex {
 
     async fn known(&self, ids: &[(MessageId, String)]) -> anyhow::Result<HashSet<String>> {
         Ok(self.0.known_events(ids).await?)
+    }
+}
+
+/// Records that Kafka producers write to `herald.requests`, checked as ingest checks HTTP requests.
+struct ProducerRequests {
+    api: ApiState,
+    trusted: bool,
+}
+
+#[async_trait::async_trait]
+impl RequestExpander for ProducerRequests {
+    async fn expand(&self, d: &Delivered) -> Result<Vec<MessageRecord>, ExpandError> {
+        let source = Source {
+            topic: &d.topic,
+            partition: d.partition,
+            offset: d.offset,
+        };
+        self.api
+            .expand_producer_record(&d.record.payload, source, self.trusted)
+            .await
+            .map_err(|e| match e {
+                ProducerError::Refused { code, message } => {
+                    ExpandError::Refused(Refusal { code, message })
+                }
+                ProducerError::Unavailable(why) => ExpandError::Unavailable(why),
+            })
     }
 }
 

@@ -3,7 +3,8 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use herald::{Application, Roles};
-use herald_core::config::Config;
+use herald_core::bus::kafka::{KafkaBus, herald_topics};
+use herald_core::config::{BusKind, Config};
 use herald_core::store::Store;
 use std::path::PathBuf;
 
@@ -16,6 +17,12 @@ struct Cli {
     /// Data directory (store, embedded bus, default warehouse).
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
+    /// The bus: `embedded` (one process) or `kafka` (brokers from `kafka.brokers`).
+    #[arg(long, global = true, value_enum)]
+    bus: Option<BusArg>,
+    /// Store URL: `sqlite://PATH` or `postgres://USER@HOST:PORT/DB` (overrides `store_url`).
+    #[arg(long, global = true)]
+    store: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -31,6 +38,28 @@ enum Command {
         #[arg(long, default_value = "all")]
         roles: String,
     },
+    /// Runs the ingest role alone: the HTTP API, publishing to the bus.
+    Ingest {
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Runs the dispatch role alone: a member of the dispatch consumer group.
+    Dispatch {
+        /// Address of `/health` and `/metrics` for this process.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Runs the analytics role alone: the warehouse sink.
+    Analytics {
+        /// Address of `/health` and `/metrics` for this process.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Manages herald's Kafka topics.
+    Kafka {
+        #[command(subcommand)]
+        command: KafkaCommand,
+    },
     /// Manages apps (tenants) and their API keys.
     Apps {
         #[command(subcommand)]
@@ -42,9 +71,9 @@ enum Command {
         query: String,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
-        /// Warehouse directory (overrides the configured one).
+        /// Warehouse directory or `s3://bucket/prefix` (overrides the configured one).
         #[arg(long)]
-        warehouse: Option<PathBuf>,
+        warehouse: Option<String>,
     },
     /// Runs the benchmark harness and prints figures beside their baselines.
     Bench(herald::bench::BenchArgs),
@@ -54,6 +83,19 @@ enum Command {
 enum AppsCommand {
     /// Creates an app and prints its API key (shown once; only its hash is stored).
     Create { name: String },
+}
+
+#[derive(Subcommand)]
+enum KafkaCommand {
+    /// Creates herald.requests, herald.delivery and herald.requests.dlq with the configured
+    /// partitions and replication; topics that exist are left as they are.
+    Init,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BusArg {
+    Embedded,
+    Kafka,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -70,22 +112,29 @@ async fn main() -> anyhow::Result<()> {
     if let Some(dir) = cli.data_dir {
         config.data_dir = dir;
     }
+    if let Some(bus) = cli.bus {
+        config.bus_kind = match bus {
+            BusArg::Embedded => BusKind::Embedded,
+            BusArg::Kafka => BusKind::Kafka,
+        };
+    }
+    if let Some(store) = cli.store {
+        config.store_url = Some(store);
+    }
     herald_core::telemetry::init_tracing(&config.log);
     match cli.command {
-        Command::Serve { listen, roles } => {
-            let roles = Roles::parse(&roles)?;
-            if let Some(listen) = listen {
-                config.http.listen = listen;
+        Command::Serve { listen, roles } => serve(config, Roles::parse(&roles)?, listen).await,
+        Command::Ingest { listen } => serve(config, Roles::INGEST, listen).await,
+        Command::Dispatch { listen } => serve(config, Roles::DISPATCH, listen).await,
+        Command::Analytics { listen } => serve(config, Roles::ANALYTICS, listen).await,
+        Command::Kafka {
+            command: KafkaCommand::Init,
+        } => {
+            let bus = KafkaBus::new(&config.kafka).context("cannot create the Kafka clients")?;
+            for outcome in bus.ensure_topics(&herald_topics(&config.kafka)).await? {
+                println!("{outcome}");
             }
-            let app = Application::build(config, roles).await?;
-            tracing::info!(address = %app.address(), "herald is serving");
-            let (tx, rx) = tokio::sync::watch::channel(false);
-            tokio::spawn(async move {
-                shutdown_signal().await;
-                tracing::info!("shutting down");
-                let _ = tx.send(true);
-            });
-            app.run(rx).await
+            Ok(())
         }
         Command::Apps {
             command: AppsCommand::Create { name },
@@ -106,8 +155,9 @@ async fn main() -> anyhow::Result<()> {
             format,
             warehouse,
         } => {
-            let root = warehouse.unwrap_or_else(|| config.warehouse_dir());
-            let batches = herald_analytics::sql::query(&root, &query).await?;
+            let location = warehouse.unwrap_or_else(|| config.warehouse_location());
+            let warehouse = herald_analytics::Warehouse::open(&location)?;
+            let batches = herald_analytics::sql::query_warehouse(&warehouse, &query).await?;
             let format = match format {
                 Format::Table => herald_analytics::sql::OutputFormat::Table,
                 Format::Csv => herald_analytics::sql::OutputFormat::Csv,
@@ -118,6 +168,22 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Bench(args) => herald::bench::run(args).await,
     }
+}
+
+/// Runs `roles` until SIGINT or SIGTERM.
+async fn serve(mut config: Config, roles: Roles, listen: Option<String>) -> anyhow::Result<()> {
+    if let Some(listen) = listen {
+        config.http.listen = listen;
+    }
+    let app = Application::build(config, roles).await?;
+    tracing::info!(address = %app.address(), "herald is serving");
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        let _ = tx.send(true);
+    });
+    app.run(rx).await
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -21,8 +21,16 @@ pub enum AnalyticsError {
     Bus(#[from] herald_core::bus::BusError),
     #[error("event index: {0}")]
     Index(#[source] anyhow::Error),
-    #[error("manifest {path}: {reason}")]
-    Manifest { path: PathBuf, reason: String },
+    #[error("object store I/O failed on {location}: {source}")]
+    ObjectStore {
+        location: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("warehouse location `{location}`: {reason}")]
+    Location { location: String, reason: String },
+    #[error("manifest {location}: {reason}")]
+    Manifest { location: String, reason: String },
     #[error("warehouse data: {0}")]
     Corrupt(String),
     #[error("background task failed: {0}")]
@@ -30,13 +38,23 @@ pub enum AnalyticsError {
 }
 
 impl AnalyticsError {
-    /// Whether the same operation may succeed later (I/O, a bus hiccup, the index's store).
+    /// Whether the same operation may succeed later (I/O, a bus hiccup, the index's store, an
+    /// object store request other than a refused precondition or an unsupported operation).
     pub fn is_retryable(&self) -> bool {
         match self {
             AnalyticsError::Io { .. } | AnalyticsError::Parquet(_) | AnalyticsError::Index(_) => {
                 true
             }
             AnalyticsError::Bus(e) => e.is_retryable(),
+            AnalyticsError::ObjectStore { source, .. } => !matches!(
+                source,
+                object_store::Error::AlreadyExists { .. }
+                    | object_store::Error::Precondition { .. }
+                    | object_store::Error::NotSupported { .. }
+                    | object_store::Error::NotImplemented { .. }
+                    | object_store::Error::InvalidPath { .. }
+                    | object_store::Error::UnknownConfigurationKey { .. }
+            ),
             _ => false,
         }
     }

@@ -47,10 +47,22 @@ impl Manifest {
         format!("{MANIFESTS}/{seq:020}.json")
     }
 
-    /// Writes the manifest atomically and durably: the commit point of a flush.
+    /// Writes the manifest atomically and durably: the commit point of a flush. On an object
+    /// store, fails if a manifest with this sequence number exists (see [`Warehouse::put_new`]).
     pub(crate) fn write(&self, wh: &Warehouse) -> Result<(), AnalyticsError> {
         let json = serde_json::to_vec_pretty(self).map_err(|e| self.error(wh, e))?;
-        wh.put_atomic(&Self::key(self.seq), &json)
+        wh.put_new(&Self::key(self.seq), &json)
+            .map_err(|e| match e {
+                AnalyticsError::ObjectStore {
+                    source: object_store::Error::AlreadyExists { .. },
+                    ..
+                } => self.error(
+                    wh,
+                    "already exists: another sink is writing this warehouse, or an earlier \
+                     attempt of this commit succeeded unacknowledged; recover a new sink",
+                ),
+                e => e,
+            })
     }
 
     /// The manifest with the highest sequence number, if any.
@@ -61,12 +73,12 @@ impl Manifest {
         let key = Self::key(seq);
         let manifest: Manifest =
             serde_json::from_slice(&wh.get(&key)?).map_err(|e| AnalyticsError::Manifest {
-                path: wh.root().join(&key),
+                location: wh.locate(&key),
                 reason: e.to_string(),
             })?;
         if manifest.version != VERSION || manifest.seq != seq {
             return Err(AnalyticsError::Manifest {
-                path: wh.root().join(&key),
+                location: wh.locate(&key),
                 reason: format!(
                     "unexpected version {} or seq {}",
                     manifest.version, manifest.seq
@@ -81,7 +93,7 @@ impl Manifest {
     pub(crate) fn complete_renames(&self, wh: &Warehouse) -> Result<(), AnalyticsError> {
         let mut dirs = BTreeSet::new();
         for f in &self.files {
-            if !wh.rename(&f.staged, &f.path)? && !wh.exists(&f.path) {
+            if !wh.rename(&f.staged, &f.path)? && !wh.exists(&f.path)? {
                 // Only possible if someone removed the file after it was committed.
                 tracing::warn!(seq = self.seq, path = %f.path, "committed warehouse file is missing");
                 continue;
@@ -96,8 +108,10 @@ impl Manifest {
     /// The events in this flush's files (after [`Self::complete_renames`]).
     pub(crate) fn read_events(&self, wh: &Warehouse) -> Result<Vec<DeliveryEvent>, AnalyticsError> {
         let mut out = Vec::new();
-        for f in self.files.iter().filter(|f| wh.exists(&f.path)) {
-            out.extend(wh.read_events(&f.path)?);
+        for f in &self.files {
+            if wh.exists(&f.path)? {
+                out.extend(wh.read_events(&f.path)?);
+            }
         }
         Ok(out)
     }
@@ -149,7 +163,7 @@ impl Manifest {
 
     fn error(&self, wh: &Warehouse, e: impl ToString) -> AnalyticsError {
         AnalyticsError::Manifest {
-            path: wh.root().join(Self::key(self.seq)),
+            location: wh.locate(&Self::key(self.seq)),
             reason: e.to_string(),
         }
     }
@@ -169,6 +183,7 @@ fn seqs(wh: &Warehouse) -> Result<Vec<u64>, AnalyticsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{TestWarehouse, blocking};
 
     fn manifest(seq: u64) -> Manifest {
         let file = FileEntry {
@@ -179,20 +194,17 @@ mod tests {
         Manifest::new(seq, vec![file], BTreeMap::from([(0, 10 + seq), (1, 4)]))
     }
 
-    #[test]
-    fn the_newest_manifest_wins_and_old_ones_are_pruned() {
-        let dir = tempfile::tempdir().unwrap();
-        let wh = Warehouse::local(dir.path());
-        assert_eq!(Manifest::newest(&wh).unwrap(), None);
+    fn check_newest_and_prune(wh: &Warehouse) {
+        assert_eq!(Manifest::newest(wh).unwrap(), None);
         for seq in [1, 2, 10, 11] {
-            manifest(seq).write(&wh).unwrap();
+            manifest(seq).write(wh).unwrap();
         }
-        wh.put_atomic(&format!("{MANIFESTS}/00000000000000000012.tmp"), b"{")
+        wh.put_new(&format!("{MANIFESTS}/00000000000000000012.tmp"), b"{")
             .unwrap();
-        let newest = Manifest::newest(&wh).unwrap().unwrap();
+        let newest = Manifest::newest(wh).unwrap().unwrap();
         assert_eq!((newest.seq, &newest.files), (11, &manifest(11).files));
         assert_eq!(newest.positions, manifest(11).positions);
-        Manifest::prune(&wh, 2).unwrap();
+        Manifest::prune(wh, 2).unwrap();
         let mut left = wh.list(MANIFESTS).unwrap();
         left.sort();
         assert_eq!(
@@ -201,19 +213,57 @@ mod tests {
         );
     }
 
+    fn check_renames_and_staging(wh: &Warehouse) {
+        let m = manifest(1);
+        wh.put_new(&m.files[0].staged, b"data").unwrap();
+        wh.put_new(&format!("{STAGING}/orphan.parquet"), b"x")
+            .unwrap();
+        Manifest::delete_unlisted_staging(Some(&m), wh).unwrap();
+        assert_eq!(wh.list(STAGING).unwrap(), ["s1.parquet"]);
+        m.complete_renames(wh).unwrap();
+        m.complete_renames(wh).unwrap();
+        assert_eq!(wh.get(&m.files[0].path).unwrap(), b"data");
+        assert!(wh.list(STAGING).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_newest_manifest_wins_and_old_ones_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        check_newest_and_prune(&Warehouse::local(dir.path()));
+    }
+
     #[test]
     fn renames_are_idempotent_and_unlisted_staging_is_deleted() {
         let dir = tempfile::tempdir().unwrap();
-        let wh = Warehouse::local(dir.path());
-        let m = manifest(1);
-        wh.put_atomic(&m.files[0].staged, b"data").unwrap();
-        wh.put_atomic(&format!("{STAGING}/orphan.parquet"), b"x")
-            .unwrap();
-        Manifest::delete_unlisted_staging(Some(&m), &wh).unwrap();
-        assert_eq!(wh.list(STAGING).unwrap(), ["s1.parquet"]);
-        m.complete_renames(&wh).unwrap();
-        m.complete_renames(&wh).unwrap();
-        assert_eq!(wh.get(&m.files[0].path).unwrap(), b"data");
-        assert!(wh.list(STAGING).unwrap().is_empty());
+        check_renames_and_staging(&Warehouse::local(dir.path()));
+    }
+
+    #[tokio::test]
+    async fn s3_the_newest_manifest_wins_and_old_ones_are_pruned() {
+        let wh = TestWarehouse::s3().await;
+        blocking(&wh.wh, check_newest_and_prune).await;
+    }
+
+    #[tokio::test]
+    async fn s3_renames_are_idempotent_and_unlisted_staging_is_deleted() {
+        let wh = TestWarehouse::s3().await;
+        blocking(&wh.wh, check_renames_and_staging).await;
+    }
+
+    #[tokio::test]
+    async fn s3_a_manifest_is_never_overwritten() {
+        let wh = TestWarehouse::s3().await;
+        blocking(&wh.wh, |wh| {
+            manifest(1).write(wh).unwrap();
+            let mut other = manifest(1);
+            other.positions.insert(0, 99);
+            let err = other.write(wh).unwrap_err();
+            assert!(matches!(err, AnalyticsError::Manifest { .. }), "{err}");
+            assert!(err.to_string().contains("another sink"), "{err}");
+            assert!(!err.is_retryable());
+            let newest = Manifest::newest(wh).unwrap().unwrap();
+            assert_eq!(newest.positions, manifest(1).positions);
+        })
+        .await;
     }
 }

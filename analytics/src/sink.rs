@@ -8,12 +8,14 @@
 //!
 //! 1. writes one Parquet file per `dt=/hour=` partition to `_staging/<uuid>.parquet`, fsynced
 //!    (`stage`);
-//! 2. writes `_manifests/<seq:020>.json` atomically (temporary file, fsync, rename, fsync of the
-//!    directory) listing each staged file, its final path `part-<seq>-<n>.parquet`, its row count,
+//! 2. writes `_manifests/<seq:020>.json` atomically (locally: temporary file, fsync, rename,
+//!    fsync of the directory; on an object store: one put that refuses to overwrite, see
+//!    [`Warehouse`]) listing each staged file, its final path `part-<seq>-<n>.parquet`, its row count,
 //!    and the bus position (next offset per partition) covered by this and every earlier flush
 //!    ([`Manifest::write`]). **This is the commit point**: the rows are in the warehouse exactly
 //!    when the manifest exists;
-//! 3. renames the staged files into place and fsyncs their directories
+//! 3. renames the staged files into place (on an object store: copy, then delete) and fsyncs
+//!    their directories
 //!    ([`Manifest::complete_renames`]), then deletes all but the newest few manifests;
 //! 4. commits the manifest's positions to the bus;
 //! 5. hands the flushed events to the [`EventIndex`].
@@ -40,12 +42,11 @@ use crate::error::AnalyticsError;
 use crate::index::EventIndex;
 use crate::manifest::{FileEntry, Manifest};
 use crate::schema::events_to_batch;
-use crate::warehouse::{STAGING, Warehouse};
+use crate::warehouse::{STAGING, Warehouse, WriterLock};
 use herald_core::bus::{Bus, Consumer, Delivered};
 use herald_core::wire::DELIVERY_TOPIC;
 use herald_core::{DeliveryEvent, MessageId};
 use std::collections::{BTreeMap, HashSet};
-use std::fs::File;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -196,7 +197,7 @@ pub struct Sink {
     next_seq: u64,
     /// The warehouse's writer lock; a flush in flight holds it too, so that even a dropped
     /// sink's last flush ends before another sink can start.
-    lock: Arc<File>,
+    lock: Arc<WriterLock>,
     pub(crate) faults: Faults,
 }
 

@@ -2,6 +2,7 @@
 
 use crate::error::AnalyticsError;
 use crate::schema::{TABLE, schema};
+use crate::warehouse::Warehouse;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::arrow::util::pretty::pretty_format_batches;
@@ -10,11 +11,18 @@ use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTableUrl};
 use datafusion::execution::context::{SQLOptions, SessionContext};
+use datafusion::execution::object_store::ObjectStoreUrl;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
 
-/// Runs one read-only SQL statement over the warehouse at `warehouse_root`.
+/// Runs one read-only SQL statement over the local warehouse at `warehouse_root`; see
+/// [`query_warehouse`].
+pub async fn query(warehouse_root: &Path, sql: &str) -> Result<Vec<RecordBatch>, AnalyticsError> {
+    query_warehouse(&Warehouse::local(warehouse_root), sql).await
+}
+
+/// Runs one read-only SQL statement over `warehouse`, local or on an object store.
 ///
 /// Every directory directly under the root whose name is a plain identifier (lowercase letters,
 /// digits, `_`; not starting with `_`) is a table of Parquet files. `delivery_events` has the
@@ -22,9 +30,15 @@ use std::sync::Arc;
 /// `WHERE dt = '2026-11-26'` skips other days' files) and exists even when nothing was written
 /// yet; other tables get their schema and `key=value` partition columns from their files.
 /// DDL, DML (`INSERT`, `COPY`) and other statements (`SET`) are rejected.
-pub async fn query(warehouse_root: &Path, sql: &str) -> Result<Vec<RecordBatch>, AnalyticsError> {
+pub async fn query_warehouse(
+    warehouse: &Warehouse,
+    sql: &str,
+) -> Result<Vec<RecordBatch>, AnalyticsError> {
     let ctx = SessionContext::new();
-    register_tables(&ctx, warehouse_root).await?;
+    if let Some((url, store)) = warehouse.object_store() {
+        ctx.register_object_store(ObjectStoreUrl::parse(url)?.as_ref(), store);
+    }
+    register_tables(&ctx, warehouse).await?;
     let read_only = SQLOptions::new()
         .with_allow_ddl(false)
         .with_allow_dml(false)
@@ -36,16 +50,9 @@ pub async fn query(warehouse_root: &Path, sql: &str) -> Result<Vec<RecordBatch>,
         .await?)
 }
 
-async fn register_tables(ctx: &SessionContext, root: &Path) -> Result<(), AnalyticsError> {
-    let mut tables = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(root) {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if entry.path().is_dir() && is_table_name(&name) {
-                tables.push(name);
-            }
-        }
-    }
+async fn register_tables(ctx: &SessionContext, wh: &Warehouse) -> Result<(), AnalyticsError> {
+    let mut tables = wh.root_dirs().await?;
+    tables.retain(|name| is_table_name(name));
     let parquet =
         || ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
     if !tables.iter().any(|t| t == TABLE) {
@@ -59,7 +66,7 @@ async fn register_tables(ctx: &SessionContext, root: &Path) -> Result<(), Analyt
         ctx.register_table(TABLE, Arc::new(empty))?;
     }
     for name in tables {
-        let url = ListingTableUrl::parse(format!("{}/", root.join(&name).display()))?;
+        let url = ListingTableUrl::parse(wh.table_url(&name))?;
         if name == TABLE {
             let options = parquet().with_table_partition_cols(partition_columns());
             ctx.register_listing_table(TABLE, url.as_str(), options, Some(schema()), None)

@@ -1,11 +1,14 @@
-//! Test helpers: an in-memory [`Bus`], a recording [`EventIndex`] and deterministic events.
+//! Test helpers: an in-memory [`Bus`], a recording [`EventIndex`], deterministic events, and
+//! warehouses in a temporary directory or in a fresh bucket of a local S3 server.
 
 use crate::index::EventIndex;
+use crate::warehouse::Warehouse;
 use async_trait::async_trait;
 use chrono::{DateTime, Duration as Span, TimeZone, Utc};
 use herald_core::bus::{Bus, BusError, Consumer, Delivered, Position, Record, partition_for};
 use herald_core::wire::{DELIVERY_TOPIC, event_id};
 use herald_core::{Channel, DeliveryEvent, MessageId, MsgType, State};
+use object_store::aws::AmazonS3Builder;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -209,4 +212,65 @@ pub(crate) fn sample_events(n: usize, start: usize) -> Vec<DeliveryEvent> {
             }
         })
         .collect()
+}
+
+/// The variable naming the S3-compatible server (an `http://host:port` URL) of the `s3_` tests.
+const S3_SERVER: &str = "HERALD_TEST_S3";
+
+/// A warehouse for one test; a local one is deleted when this is dropped.
+pub(crate) struct TestWarehouse {
+    pub(crate) wh: Warehouse,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestWarehouse {
+    /// A warehouse in a new temporary directory.
+    pub(crate) fn local() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        TestWarehouse {
+            wh: Warehouse::local(dir.path()),
+            _dir: Some(dir),
+        }
+    }
+
+    /// A warehouse under a prefix of a new bucket on the server at `$HERALD_TEST_S3`, with
+    /// credentials and region from the `AWS_*` variables. Panics if the server is not configured.
+    pub(crate) async fn s3() -> Self {
+        let endpoint = std::env::var(S3_SERVER).ok();
+        let key = std::env::var("AWS_ACCESS_KEY_ID").ok();
+        let (Some(endpoint), Some(_)) = (endpoint, key) else {
+            panic!(
+                "the s3_ tests need a local S3-compatible server: run `moto_server -H 127.0.0.1 \
+                 -p 5000` (pip install 'moto[server]') and set {S3_SERVER}=http://127.0.0.1:5000 \
+                 AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1"
+            );
+        };
+        let endpoint = endpoint.trim_end_matches('/');
+        let bucket = format!("herald-test-{}", uuid::Uuid::new_v4().simple());
+        let created = reqwest::Client::new()
+            .put(format!("{endpoint}/{bucket}"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{S3_SERVER}={endpoint} does not answer: {e}"));
+        assert!(
+            created.status().is_success(),
+            "creating bucket {bucket} on {endpoint}: {}",
+            created.status()
+        );
+        let builder = AmazonS3Builder::from_env()
+            .with_endpoint(endpoint)
+            .with_allow_http(true);
+        let wh = Warehouse::s3(builder, &format!("s3://{bucket}/herald/warehouse")).unwrap();
+        TestWarehouse { wh, _dir: None }
+    }
+}
+
+/// Runs `f` on a blocking thread, where the sink runs warehouse operations (required for a
+/// warehouse on an object store).
+pub(crate) async fn blocking<T: Send + 'static>(
+    wh: &Warehouse,
+    f: impl FnOnce(&Warehouse) -> T + Send + 'static,
+) -> T {
+    let wh = wh.clone();
+    tokio::task::spawn_blocking(move || f(&wh)).await.unwrap()
 }

@@ -1,6 +1,33 @@
-//! The warehouse: where Parquet tables live. Only a local directory is implemented; every
-//! operation the sink needs goes through [`Warehouse`] in terms of `/`-separated keys relative
-//! to the root (as in an object store), so an `object_store` backend can be added here alone.
+//! The warehouse: where Parquet tables live, in a local directory or under a prefix of an S3
+//! bucket ([`Warehouse::open`]). Every operation the sink needs goes through [`Warehouse`] in
+//! terms of `/`-separated keys relative to the root, and each backend gives the sink protocol
+//! ([`crate::sink`]) what it relies on:
+//!
+//! | | local directory | object store |
+//! |---|---|---|
+//! | durable write | write, fsync | one put (durable once acknowledged) |
+//! | manifest (commit point) | temporary file, fsync, rename, fsync of the directory | a conditional put that refuses to overwrite |
+//! | staged file into place | rename | copy, then delete (after a crash between the two, the copy is redone) |
+//! | directories | created and fsynced | none: a key prefix, listed by prefix |
+//! | one writer | a file lock on `_sink.lock` | not enforced: see below |
+//!
+//! # One sink per warehouse on an object store
+//!
+//! An object store has no lock that is released when its holder dies: a lock object created
+//! with a conditional put would outlive a crashed sink and block its restart until an operator
+//! deleted it, which defeats unattended crash recovery. So on an object store the sink takes no
+//! lock, and **at most one sink (one `herald serve` or `herald analytics` process) may write a
+//! given warehouse location**. As a backstop, manifests are created with a conditional put: a
+//! second sink that commits a sequence number the first one already used fails (not retryably)
+//! instead of replacing the other's manifest. That catches a second writer at its first
+//! clashing commit but cannot undo what it did before (its recovery deletes the other's
+//! uncommitted staged files), so it is a safety net, not a lock.
+//!
+//! # Blocking
+//!
+//! The key operations are blocking. On an object store they drive the store's requests on the
+//! Tokio runtime that was current when the warehouse was opened, so they must run on a blocking
+//! thread (`spawn_blocking`, as the sink does), never in async code.
 
 use crate::error::{AnalyticsError, IoContext};
 use crate::schema::{TABLE, batch_to_events};
@@ -10,39 +37,182 @@ use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::{EnabledStatistics, WriterProperties};
+use datafusion::parquet::file::reader::ChunkReader;
 use herald_core::DeliveryEvent;
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode};
+use std::fmt;
 use std::fs::{self, File, TryLockError};
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::runtime::Handle;
 
 /// Directory of files written but not yet committed by a manifest.
 pub(crate) const STAGING: &str = "_staging";
 /// Directory of the sink's commit manifests.
 pub(crate) const MANIFESTS: &str = "_manifests";
-/// File locked by the one sink writing to the warehouse.
+/// File locked by the one sink writing to a local warehouse.
 const SINK_LOCK: &str = "_sink.lock";
 
-/// A warehouse rooted at a local directory.
+/// A warehouse rooted at a local directory or at a prefix of an S3 bucket.
 #[derive(Debug, Clone)]
 pub struct Warehouse {
-    root: PathBuf,
+    backend: Backend,
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Local(PathBuf),
+    Remote(Remote),
+}
+
+/// A warehouse under a prefix of an object store bucket.
+#[derive(Debug, Clone)]
+struct Remote {
+    /// The bucket's store; its paths are full object keys.
+    store: Arc<dyn ObjectStore>,
+    /// `s3://<bucket>`: where DataFusion finds `store`.
+    bucket_url: String,
+    /// The warehouse root inside the bucket, without leading or trailing `/` (empty: the bucket).
+    prefix: String,
+    /// Drives the store's requests for the blocking operations.
+    runtime: Handle,
+}
+
+/// The sink's hold on a warehouse, released when dropped: a locked file for a local warehouse,
+/// nothing for an object store (see the module docs).
+#[derive(Debug)]
+pub(crate) struct WriterLock {
+    _file: Option<File>,
 }
 
 impl Warehouse {
     /// A warehouse in the local directory `root` (created on first write).
     pub fn local(root: impl Into<PathBuf>) -> Self {
-        Warehouse { root: root.into() }
+        Warehouse {
+            backend: Backend::Local(root.into()),
+        }
     }
 
-    /// The root directory.
-    pub fn root(&self) -> &Path {
-        &self.root
+    /// The warehouse at `location`: `s3://bucket` or `s3://bucket/prefix`, or else a local
+    /// directory. An S3 store takes its credentials, region and endpoint from the standard
+    /// `AWS_*` environment variables (`AWS_ENDPOINT_URL` and `AWS_ALLOW_HTTP=true` for a local
+    /// S3-compatible server), must be opened inside a Tokio runtime, and must be written by one
+    /// sink at a time (module docs).
+    pub fn open(location: &str) -> Result<Warehouse, AnalyticsError> {
+        if location.starts_with("s3://") {
+            Self::s3(AmazonS3Builder::from_env(), location)
+        } else if location.contains("://") {
+            Err(AnalyticsError::Location {
+                location: location.to_string(),
+                reason: "unsupported scheme (expected a local path or s3://bucket/prefix)".into(),
+            })
+        } else {
+            Ok(Self::local(location))
+        }
     }
 
-    /// Takes the warehouse's writer lock, held until the returned file is closed; fails if
-    /// another sink (in this process or another) holds it.
-    pub(crate) fn lock_for_sink(&self) -> Result<File, AnalyticsError> {
-        let path = self.path(SINK_LOCK);
+    /// The warehouse at `location` (`s3://bucket[/prefix]`) in the store `builder` configures.
+    pub(crate) fn s3(
+        builder: AmazonS3Builder,
+        location: &str,
+    ) -> Result<Warehouse, AnalyticsError> {
+        let bad = |reason: String| AnalyticsError::Location {
+            location: location.to_string(),
+            reason,
+        };
+        let rest = location
+            .strip_prefix("s3://")
+            .ok_or_else(|| bad("expected s3://bucket/prefix".into()))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let prefix = prefix.trim_matches('/');
+        if bucket.is_empty() {
+            return Err(bad("no bucket".into()));
+        }
+        ObjectPath::parse(prefix).map_err(|e| bad(e.to_string()))?;
+        let runtime = Handle::try_current()
+            .map_err(|_| bad("an S3 warehouse must be opened inside a Tokio runtime".into()))?;
+        let store = builder.with_bucket_name(bucket).build().map_err(|source| {
+            AnalyticsError::ObjectStore {
+                location: location.to_string(),
+                source,
+            }
+        })?;
+        Ok(Warehouse {
+            backend: Backend::Remote(Remote {
+                store: Arc::new(store),
+                bucket_url: format!("s3://{bucket}"),
+                prefix: prefix.to_string(),
+                runtime,
+            }),
+        })
+    }
+
+    /// Where `key` is, for messages: a local path or an `s3://` URL.
+    pub(crate) fn locate(&self, key: &str) -> String {
+        match &self.backend {
+            Backend::Local(root) => root.join(key).display().to_string(),
+            Backend::Remote(r) => r.locate(key),
+        }
+    }
+
+    /// The URL or path of table directory `name`, with a trailing `/`, for a listing table.
+    pub(crate) fn table_url(&self, name: &str) -> String {
+        format!("{}/", self.locate(name))
+    }
+
+    /// For an object-store warehouse, the store and the URL (`s3://bucket`) it serves.
+    pub(crate) fn object_store(&self) -> Option<(&str, Arc<dyn ObjectStore>)> {
+        match &self.backend {
+            Backend::Local(_) => None,
+            Backend::Remote(r) => Some((&r.bucket_url, r.store.clone())),
+        }
+    }
+
+    /// The names of the directories (key prefixes) directly under the root.
+    pub(crate) async fn root_dirs(&self) -> Result<Vec<String>, AnalyticsError> {
+        match &self.backend {
+            Backend::Local(root) => {
+                let entries = match fs::read_dir(root) {
+                    Ok(entries) => entries,
+                    Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+                    Err(e) => return Err(e).at(root),
+                };
+                let mut names = Vec::new();
+                for entry in entries {
+                    let entry = entry.at(root)?;
+                    if entry.path().is_dir() {
+                        names.extend(entry.file_name().to_str().map(str::to_string));
+                    }
+                }
+                Ok(names)
+            }
+            Backend::Remote(r) => {
+                let root = r.object("")?;
+                let listed = r
+                    .store
+                    .list_with_delimiter(Some(&root))
+                    .await
+                    .map_err(|e| r.error("", e))?;
+                Ok(listed
+                    .common_prefixes
+                    .iter()
+                    .filter_map(|p| p.filename().map(str::to_string))
+                    .collect())
+            }
+        }
+    }
+
+    /// Takes the warehouse's writer lock, held until the returned value is dropped; for a
+    /// local warehouse, fails if another sink (in this process or another) holds it. An object
+    /// store has no lock (module docs).
+    pub(crate) fn lock_for_sink(&self) -> Result<WriterLock, AnalyticsError> {
+        let Backend::Local(root) = &self.backend else {
+            return Ok(WriterLock { _file: None });
+        };
+        let path = root.join(SINK_LOCK);
         create_parent(&path)?;
         let file = File::options()
             .create(true)
@@ -51,7 +221,7 @@ impl Warehouse {
             .open(&path)
             .at(&path)?;
         match file.try_lock() {
-            Ok(()) => Ok(file),
+            Ok(()) => Ok(WriterLock { _file: Some(file) }),
             Err(TryLockError::WouldBlock) => Err(std::io::Error::new(
                 ErrorKind::WouldBlock,
                 "the warehouse is in use by another sink",
@@ -66,38 +236,49 @@ impl Warehouse {
         format!("{TABLE}/{}", ts.format("dt=%Y-%m-%d/hour=%H"))
     }
 
-    fn path(&self, key: &str) -> PathBuf {
-        self.root.join(key)
-    }
-
     /// Writes `batch` as a zstd-compressed Parquet file with statistics, durably.
     pub(crate) fn write_parquet(
         &self,
         key: &str,
         batch: &RecordBatch,
     ) -> Result<(), AnalyticsError> {
-        let path = self.path(key);
-        create_parent(&path)?;
-        let file = File::create(&path).at(&path)?;
-        let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(writer_properties()))?;
-        writer.write(batch)?;
-        writer.into_inner()?.sync_all().at(&path)
+        match &self.backend {
+            Backend::Local(root) => {
+                let path = root.join(key);
+                create_parent(&path)?;
+                let file = File::create(&path).at(&path)?;
+                encode_parquet(batch, file)?.sync_all().at(&path)
+            }
+            Backend::Remote(r) => {
+                r.put(key, encode_parquet(batch, Vec::new())?, PutMode::Overwrite)
+            }
+        }
     }
 
     /// Reads the events of a `delivery_events` Parquet file.
     pub(crate) fn read_events(&self, key: &str) -> Result<Vec<DeliveryEvent>, AnalyticsError> {
-        let path = self.path(key);
-        let file = File::open(&path).at(&path)?;
-        let mut out = Vec::new();
-        for batch in ParquetRecordBatchReaderBuilder::try_new(file)?.build()? {
-            out.extend(batch_to_events(&batch?)?);
+        match &self.backend {
+            Backend::Local(root) => {
+                let path = root.join(key);
+                decode_events(File::open(&path).at(&path)?)
+            }
+            Backend::Remote(r) => {
+                let path = r.object(key)?;
+                decode_events(r.block_on(key, async { r.store.get(&path).await?.bytes().await })?)
+            }
         }
-        Ok(out)
     }
 
-    /// Replaces `key` with `bytes` atomically and durably (temporary file, fsync, rename).
-    pub(crate) fn put_atomic(&self, key: &str, bytes: &[u8]) -> Result<(), AnalyticsError> {
-        let path = self.path(key);
+    /// Writes `key` atomically and durably; meant for a key written once (a manifest). A local
+    /// file is replaced if present (temporary file, fsync, rename), as the sink's file lock
+    /// rules out another writer; an object store refuses to overwrite an existing object
+    /// ([`object_store::Error::AlreadyExists`]), which fences a second sink (module docs).
+    pub(crate) fn put_new(&self, key: &str, bytes: &[u8]) -> Result<(), AnalyticsError> {
+        let root = match &self.backend {
+            Backend::Local(root) => root,
+            Backend::Remote(r) => return r.put(key, bytes.to_vec(), PutMode::Create),
+        };
+        let path = root.join(key);
         create_parent(&path)?;
         let tmp = path.with_extension("tmp");
         let mut file = File::create(&tmp).at(&tmp)?;
@@ -109,35 +290,85 @@ impl Warehouse {
 
     /// The content of `key`.
     pub(crate) fn get(&self, key: &str) -> Result<Vec<u8>, AnalyticsError> {
-        let path = self.path(key);
-        fs::read(&path).at(&path)
+        match &self.backend {
+            Backend::Local(root) => {
+                let path = root.join(key);
+                fs::read(&path).at(&path)
+            }
+            Backend::Remote(r) => {
+                let path = r.object(key)?;
+                let bytes = r.block_on(key, async { r.store.get(&path).await?.bytes().await })?;
+                Ok(bytes.to_vec())
+            }
+        }
     }
 
     /// Moves `from` to `to`; `Ok(false)` if `from` does not exist.
     pub(crate) fn rename(&self, from: &str, to: &str) -> Result<bool, AnalyticsError> {
-        let (from, to) = (self.path(from), self.path(to));
-        create_parent(&to)?;
-        match fs::rename(&from, &to) {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == ErrorKind::NotFound && !from.exists() => Ok(false),
-            Err(e) => Err(e).at(&from),
+        match &self.backend {
+            Backend::Local(root) => {
+                let (from, to) = (root.join(from), root.join(to));
+                create_parent(&to)?;
+                match fs::rename(&from, &to) {
+                    Ok(()) => Ok(true),
+                    Err(e) if e.kind() == ErrorKind::NotFound && !from.exists() => Ok(false),
+                    Err(e) => Err(e).at(&from),
+                }
+            }
+            Backend::Remote(r) => {
+                let (source, target) = (r.object(from)?, r.object(to)?);
+                match r.runtime.block_on(r.store.copy(&source, &target)) {
+                    Ok(()) => {}
+                    Err(object_store::Error::NotFound { .. }) => return Ok(false),
+                    Err(e) => return Err(r.error(from, e)),
+                }
+                r.delete(from)?;
+                Ok(true)
+            }
         }
     }
 
     /// Whether `key` exists.
-    pub(crate) fn exists(&self, key: &str) -> bool {
-        self.path(key).exists()
+    pub(crate) fn exists(&self, key: &str) -> Result<bool, AnalyticsError> {
+        match &self.backend {
+            Backend::Local(root) => Ok(root.join(key).exists()),
+            Backend::Remote(r) => {
+                let path = r.object(key)?;
+                match r.runtime.block_on(r.store.head(&path)) {
+                    Ok(_) => Ok(true),
+                    Err(object_store::Error::NotFound { .. }) => Ok(false),
+                    Err(e) => Err(r.error(key, e)),
+                }
+            }
+        }
     }
 
-    /// Makes the entries of directory `dir` durable.
+    /// Makes the entries of directory `dir` durable (an object store has no directories).
     pub(crate) fn sync_dir(&self, dir: &str) -> Result<(), AnalyticsError> {
-        let path = self.path(dir);
-        File::open(&path).and_then(|d| d.sync_all()).at(&path)
+        match &self.backend {
+            Backend::Local(root) => {
+                let path = root.join(dir);
+                File::open(&path).and_then(|d| d.sync_all()).at(&path)
+            }
+            Backend::Remote(_) => Ok(()),
+        }
     }
 
     /// The names of the files directly in `dir` (none if it does not exist).
     pub(crate) fn list(&self, dir: &str) -> Result<Vec<String>, AnalyticsError> {
-        let path = self.path(dir);
+        let root = match &self.backend {
+            Backend::Local(root) => root,
+            Backend::Remote(r) => {
+                let path = r.object(dir)?;
+                let listed = r.block_on(dir, r.store.list_with_delimiter(Some(&path)))?;
+                return Ok(listed
+                    .objects
+                    .iter()
+                    .filter_map(|o| o.location.filename().map(str::to_string))
+                    .collect());
+            }
+        };
+        let path = root.join(dir);
         let entries = match fs::read_dir(&path) {
             Ok(entries) => entries,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
@@ -155,12 +386,96 @@ impl Warehouse {
 
     /// Deletes `key` if it exists.
     pub(crate) fn delete(&self, key: &str) -> Result<(), AnalyticsError> {
-        let path = self.path(key);
-        match fs::remove_file(&path) {
-            Err(e) if e.kind() != ErrorKind::NotFound => Err(e).at(&path),
-            _ => Ok(()),
+        match &self.backend {
+            Backend::Local(root) => {
+                let path = root.join(key);
+                match fs::remove_file(&path) {
+                    Err(e) if e.kind() != ErrorKind::NotFound => Err(e).at(&path),
+                    _ => Ok(()),
+                }
+            }
+            Backend::Remote(r) => r.delete(key),
         }
     }
+}
+
+/// A local warehouse shows as its directory, an object-store one as `s3://bucket/prefix`.
+impl fmt::Display for Warehouse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.backend {
+            Backend::Local(root) => write!(f, "{}", root.display()),
+            Backend::Remote(r) if r.prefix.is_empty() => f.write_str(&r.bucket_url),
+            Backend::Remote(r) => write!(f, "{}/{}", r.bucket_url, r.prefix),
+        }
+    }
+}
+
+impl Remote {
+    fn locate(&self, key: &str) -> String {
+        match (self.prefix.is_empty(), key.is_empty()) {
+            (true, _) => format!("{}/{key}", self.bucket_url),
+            (false, true) => format!("{}/{}", self.bucket_url, self.prefix),
+            (false, false) => format!("{}/{}/{key}", self.bucket_url, self.prefix),
+        }
+    }
+
+    /// The object path of `key` in the bucket.
+    fn object(&self, key: &str) -> Result<ObjectPath, AnalyticsError> {
+        let full = match (self.prefix.is_empty(), key.is_empty()) {
+            (true, _) => key.to_string(),
+            (false, true) => self.prefix.clone(),
+            (false, false) => format!("{}/{key}", self.prefix),
+        };
+        ObjectPath::parse(full).map_err(|e| self.error(key, e.into()))
+    }
+
+    fn error(&self, key: &str, source: object_store::Error) -> AnalyticsError {
+        AnalyticsError::ObjectStore {
+            location: self.locate(key),
+            source,
+        }
+    }
+
+    /// Runs a request on `key` to completion (from a blocking thread).
+    fn block_on<T>(
+        &self,
+        key: &str,
+        request: impl Future<Output = object_store::Result<T>>,
+    ) -> Result<T, AnalyticsError> {
+        self.runtime
+            .block_on(request)
+            .map_err(|e| self.error(key, e))
+    }
+
+    fn put(&self, key: &str, bytes: Vec<u8>, mode: PutMode) -> Result<(), AnalyticsError> {
+        let path = self.object(key)?;
+        self.block_on(key, self.store.put_opts(&path, bytes.into(), mode.into()))?;
+        Ok(())
+    }
+
+    fn delete(&self, key: &str) -> Result<(), AnalyticsError> {
+        let path = self.object(key)?;
+        match self.runtime.block_on(self.store.delete(&path)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.error(key, e)),
+        }
+    }
+}
+
+/// Encodes `batch` as one zstd-compressed Parquet file with statistics into `out`.
+fn encode_parquet<W: Write + Send>(batch: &RecordBatch, out: W) -> Result<W, AnalyticsError> {
+    let mut writer = ArrowWriter::try_new(out, batch.schema(), Some(writer_properties()))?;
+    writer.write(batch)?;
+    Ok(writer.into_inner()?)
+}
+
+/// Decodes the events of a `delivery_events` Parquet file.
+fn decode_events(file: impl ChunkReader + 'static) -> Result<Vec<DeliveryEvent>, AnalyticsError> {
+    let mut out = Vec::new();
+    for batch in ParquetRecordBatchReaderBuilder::try_new(file)?.build()? {
+        out.extend(batch_to_events(&batch?)?);
+    }
+    Ok(out)
 }
 
 fn writer_properties() -> WriterProperties {
@@ -188,7 +503,7 @@ fn sync_parent(path: &Path) -> Result<(), AnalyticsError> {
 mod tests {
     use super::*;
     use crate::schema::events_to_batch;
-    use crate::testing::sample_events;
+    use crate::testing::{TestWarehouse, blocking, sample_events};
     use chrono::TimeZone;
 
     #[test]
@@ -218,15 +533,112 @@ mod tests {
         }
     }
 
+    /// Moves report a missing source, and listings see only the files directly in a directory.
+    fn check_renames_and_listings(wh: &Warehouse) {
+        wh.put_new("a/x", b"1").unwrap();
+        assert!(wh.rename("a/x", "b/c/y").unwrap());
+        assert!(!wh.rename("a/x", "b/c/y").unwrap());
+        assert!(!wh.exists("a/x").unwrap());
+        assert!(wh.exists("b/c/y").unwrap());
+        assert_eq!(wh.get("b/c/y").unwrap(), b"1");
+        assert_eq!(wh.list("b/c").unwrap(), vec!["y".to_string()]);
+        assert!(wh.list("b").unwrap().is_empty());
+        assert!(wh.list("nope").unwrap().is_empty());
+        wh.delete("b/c/y").unwrap();
+        wh.delete("b/c/y").unwrap();
+        assert!(!wh.exists("b/c/y").unwrap());
+    }
+
     #[test]
     fn renames_report_a_missing_source() {
         let dir = tempfile::tempdir().unwrap();
+        check_renames_and_listings(&Warehouse::local(dir.path()));
+    }
+
+    #[tokio::test]
+    async fn s3_renames_report_a_missing_source() {
+        let wh = TestWarehouse::s3().await;
+        blocking(&wh.wh, check_renames_and_listings).await;
+    }
+
+    #[tokio::test]
+    async fn s3_parquet_files_read_back_and_put_new_refuses_to_overwrite() {
+        let wh = TestWarehouse::s3().await;
+        blocking(&wh.wh, |wh| {
+            let events = sample_events(20, 0);
+            wh.write_parquet("t/a.parquet", &events_to_batch(&events))
+                .unwrap();
+            assert_eq!(wh.read_events("t/a.parquet").unwrap(), events);
+
+            wh.put_new("m/1.json", b"first").unwrap();
+            let err = wh.put_new("m/1.json", b"second").unwrap_err();
+            assert!(
+                matches!(
+                    &err,
+                    AnalyticsError::ObjectStore {
+                        source: object_store::Error::AlreadyExists { .. },
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+            assert!(!err.is_retryable());
+            assert_eq!(wh.get("m/1.json").unwrap(), b"first");
+            let missing = wh.get("m/2.json").unwrap_err();
+            assert!(
+                missing.to_string().contains("/herald/warehouse/m/2.json"),
+                "{missing}"
+            );
+        })
+        .await;
+    }
+
+    #[test]
+    fn a_local_put_new_replaces_the_file() {
+        let dir = tempfile::tempdir().unwrap();
         let wh = Warehouse::local(dir.path());
-        wh.put_atomic("a/x", b"1").unwrap();
-        assert!(wh.rename("a/x", "b/c/y").unwrap());
-        assert!(!wh.rename("a/x", "b/c/y").unwrap());
-        assert_eq!(wh.get("b/c/y").unwrap(), b"1");
-        assert_eq!(wh.list("b/c").unwrap(), vec!["y".to_string()]);
-        assert!(wh.list("nope").unwrap().is_empty());
+        wh.put_new("m/1.json", b"first").unwrap();
+        wh.put_new("m/1.json", b"second").unwrap();
+        assert_eq!(wh.get("m/1.json").unwrap(), b"second");
+    }
+
+    #[tokio::test]
+    async fn locations_open_a_local_directory_or_an_s3_prefix() {
+        let shown = |location: &str| Warehouse::open(location).map(|wh| wh.to_string());
+        assert_eq!(shown("/var/herald/wh").unwrap(), "/var/herald/wh");
+        assert_eq!(shown("relative/wh").unwrap(), "relative/wh");
+        assert_eq!(shown("s3://bucket").unwrap(), "s3://bucket");
+        assert_eq!(shown("s3://bucket/").unwrap(), "s3://bucket");
+        assert_eq!(shown("s3://bucket/a/b/").unwrap(), "s3://bucket/a/b");
+        let wh = Warehouse::open("s3://bucket/a/b").unwrap();
+        assert_eq!(
+            wh.locate("_manifests/1.json"),
+            "s3://bucket/a/b/_manifests/1.json"
+        );
+        assert_eq!(wh.table_url("t"), "s3://bucket/a/b/t/");
+        assert!(
+            wh.object_store()
+                .is_some_and(|(url, _)| url == "s3://bucket")
+        );
+        assert!(Warehouse::local("x").object_store().is_none());
+        for bad in [
+            "s3://",
+            "s3:///a",
+            "s3://bucket/a//b",
+            "gs://bucket/a",
+            "file:///tmp",
+        ] {
+            let err = Warehouse::open(bad).unwrap_err();
+            assert!(
+                matches!(err, AnalyticsError::Location { .. }),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_s3_warehouse_needs_a_tokio_runtime() {
+        let err = Warehouse::open("s3://bucket/a").unwrap_err();
+        assert!(err.to_string().contains("Tokio runtime"), "{err}");
     }
 }

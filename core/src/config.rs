@@ -3,6 +3,7 @@
 //! underscore separates levels). Unknown keys are errors, so a typo never goes unnoticed.
 
 use crate::bus::embedded::EmbeddedBusConfig;
+use crate::bus::kafka::KafkaConfig;
 use serde::{Deserialize, Deserializer, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,14 +14,22 @@ use std::time::Duration;
 pub struct Config {
     /// Directory for the SQLite store, the embedded bus and (by default) the warehouse.
     pub data_dir: PathBuf,
-    /// Warehouse root directory; defaults to `<data_dir>/warehouse`.
-    pub warehouse: Option<PathBuf>,
-    /// Store URL; defaults to `sqlite://<data_dir>/herald.db`.
+    /// Where the warehouse lives: a local directory or `s3://bucket/prefix` (credentials,
+    /// region and endpoint from the standard `AWS_*` variables); defaults to
+    /// `<data_dir>/warehouse`.
+    pub warehouse: Option<String>,
+    /// Store URL: `sqlite://PATH` or `postgres://USER@HOST:PORT/DB`; defaults to
+    /// `sqlite://<data_dir>/herald.db`.
     pub store_url: Option<String>,
+    /// Which bus carries requests and delivery events: `embedded` (a log under `data_dir`, one
+    /// process) or `kafka` (see `[kafka]`).
+    pub bus_kind: BusKind,
     /// Log filter in `tracing` env-filter syntax.
     pub log: String,
     pub http: HttpConfig,
     pub bus: EmbeddedBusConfig,
+    pub kafka: KafkaConfig,
+    pub producers: ProducersConfig,
     pub dispatch: DispatchConfig,
     pub analytics: AnalyticsConfig,
 }
@@ -31,13 +40,33 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             warehouse: None,
             store_url: None,
+            bus_kind: BusKind::Embedded,
             log: "info".into(),
             http: HttpConfig::default(),
             bus: EmbeddedBusConfig::default(),
+            kafka: KafkaConfig::default(),
+            producers: ProducersConfig::default(),
             dispatch: DispatchConfig::default(),
             analytics: AnalyticsConfig::default(),
         }
     }
+}
+
+/// The bus implementation a process uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BusKind {
+    Embedded,
+    Kafka,
+}
+
+/// Records that business systems' own Kafka producers write to `herald.requests`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProducersConfig {
+    /// Trust every producer that can write the topic: a record names its app and needs no
+    /// `api_key`. Off by default; turn it on only when Kafka ACLs already restrict who writes.
+    pub trusted: bool,
 }
 
 /// The HTTP API and its input limits.
@@ -151,6 +180,10 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// `HERALD_*` variables that are not config keys: the config file's path, and the settings of
+/// the test script and `scripts/broker.sh` (which herald processes started by tests inherit).
+const NOT_CONFIG: [&str; 5] = ["CONFIG", "TEST_", "TANSU", "BROKER_", "S3_"];
+
 impl Config {
     /// Defaults, then `file` (when given), then `HERALD_*` variables from `env`.
     pub fn load(
@@ -171,6 +204,9 @@ impl Config {
             let Some(rest) = key.strip_prefix("HERALD_") else {
                 continue;
             };
+            if NOT_CONFIG.iter().any(|p| rest.starts_with(p)) {
+                continue;
+            }
             let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
             set_path(&mut merged, &path, scalar(&value))
                 .map_err(|e| ConfigError::Invalid(format!("{key}: {e}")))?;
@@ -179,11 +215,11 @@ impl Config {
             .map_err(|e| ConfigError::Invalid(e.to_string()))
     }
 
-    /// The warehouse root directory.
-    pub fn warehouse_dir(&self) -> PathBuf {
+    /// The warehouse location: a directory or an `s3://` URL.
+    pub fn warehouse_location(&self) -> String {
         self.warehouse
             .clone()
-            .unwrap_or_else(|| self.data_dir.join("warehouse"))
+            .unwrap_or_else(|| self.data_dir.join("warehouse").display().to_string())
     }
 
     /// The store URL.
@@ -303,6 +339,12 @@ mod tests {
                 "0.0.0.0:9000".to_string(),
             ),
             ("HERALD_HTTP__MAX_RECEIVERS".to_string(), "7".to_string()),
+            ("HERALD_BUS_KIND".to_string(), "kafka".to_string()),
+            ("HERALD_CONFIG".to_string(), "/etc/herald.toml".to_string()),
+            (
+                "HERALD_TEST_POSTGRES".to_string(),
+                "postgres://x".to_string(),
+            ),
             ("PATH".to_string(), "/bin".to_string()),
         ];
         let c = Config::load(Some(&file), env).unwrap();
@@ -312,6 +354,8 @@ mod tests {
         assert_eq!(c.http.cache_ttl, Duration::from_secs(2));
         assert_eq!(c.dispatch.batch_size, DispatchConfig::default().batch_size);
         assert_eq!(c.store_url(), "sqlite:///srv/h/herald.db");
+        assert_eq!(c.bus_kind, BusKind::Kafka);
+        assert!(!c.producers.trusted);
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub warehouse_duplicates_dropped: Counter,
     /// Vendor receipts, pushed or pulled, by vendor and whether they matched a sent message.
     pub receipts: Family<VendorOutcome, Counter>,
+    /// Request records moved to `herald.requests.dlq`, by reason code.
+    pub dead_lettered: Family<ErrorCode, Counter>,
 }
 
 /// Labels of a vendor receipt.
@@ -78,8 +80,14 @@ impl Metrics {
             warehouse_events: Counter::default(),
             warehouse_duplicates_dropped: Counter::default(),
             receipts: Family::default(),
+            dead_lettered: Family::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "dead_lettered",
+            "Request records moved to herald.requests.dlq, by reason code",
+            m.dead_lettered.clone(),
+        );
         registry.register(
             "requests_accepted",
             "Send requests answered 202",

@@ -203,17 +203,27 @@ pub struct Receipt {
 /// The event id of `message_id` reaching `state` on `attempt`: the first 16 bytes of a SHA-256,
 /// formatted as a UUID. Deterministic so that re-emission after a crash can be recognised.
 pub fn event_id(message_id: &MessageId, state: State, attempt: u32) -> String {
+    hashed_uuid(&[
+        message_id.0.as_bytes(),
+        state.as_str().as_bytes(),
+        &attempt.to_be_bytes(),
+    ])
+    .to_string()
+}
+
+/// A deterministic UUID of `parts`: the first 16 bytes of their SHA-256, marked as a version-8
+/// (custom) UUID with the RFC 4122 variant.
+pub fn hashed_uuid(parts: &[&[u8]]) -> uuid::Uuid {
     let mut h = Sha256::new();
-    h.update(message_id.0.as_bytes());
-    h.update(state.as_str().as_bytes());
-    h.update(attempt.to_be_bytes());
+    for part in parts {
+        h.update(part);
+    }
     let d = h.finalize();
     let mut b = [0u8; 16];
     b.copy_from_slice(&d[..16]);
-    // Mark it as a version-8 (custom) UUID with the RFC 4122 variant.
     b[6] = (b[6] & 0x0f) | 0x80;
     b[8] = (b[8] & 0x3f) | 0x80;
-    uuid::Uuid::from_bytes(b).to_string()
+    uuid::Uuid::from_bytes(b)
 }
 
 #[cfg(test)]

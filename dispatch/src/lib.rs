@@ -3,7 +3,9 @@
 pub mod channels;
 mod outcomes;
 pub mod receipts;
+pub mod requests;
 pub mod worker;
 
 pub use receipts::ReceiptPoller;
+pub use requests::{ExpandError, Refusal, RequestExpander};
 pub use worker::{BatchOutcome, DispatchError, Dispatcher};

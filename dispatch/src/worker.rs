@@ -23,11 +23,12 @@
 
 use crate::channels::{SendError, SendOutcome, Sender, Senders};
 use crate::outcomes::OutcomeWriter;
+use crate::requests::{ExpandError, Refusal, RequestExpander, dead_letter};
 use futures::stream::{self, StreamExt};
 use herald_core::bus::{Bus, BusError, Delivered, Record, next_positions};
 use herald_core::config::DispatchConfig;
 use herald_core::store::{Account, LedgerState, SentInbox, Store, StoreError};
-use herald_core::telemetry::Metrics;
+use herald_core::telemetry::{ErrorCode, Metrics};
 use herald_core::wire::{DELIVERY_TOPIC, REQUESTS_DLQ_TOPIC, REQUESTS_TOPIC};
 use herald_core::{Channel, DeliveryEvent, MessageId, MessageRecord, State};
 use std::collections::HashMap;
@@ -49,6 +50,8 @@ pub enum DispatchError {
     Bus(#[from] BusError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("cannot check a producer's record: {0}")]
+    Expand(String),
 }
 
 /// What one batch did, for tests and logs.
@@ -74,6 +77,8 @@ pub struct Dispatcher {
     config: DispatchConfig,
     accounts: AccountCache,
     outcomes: OutcomeWriter,
+    /// Checks records that Kafka producers wrote; `None` refuses them all.
+    requests: Option<Arc<dyn RequestExpander>>,
 }
 
 /// One message of a batch and what became of it.
@@ -101,6 +106,17 @@ struct Try {
 }
 
 impl Work {
+    /// A message not yet looked up in the ledger.
+    fn new(record: MessageRecord) -> Self {
+        Work {
+            record,
+            redelivered: false,
+            done: None,
+            attempt: 1,
+            tries: Vec::new(),
+        }
+    }
+
     /// The last call's result, once the message was tried.
     fn last(&self) -> Option<&Try> {
         self.tries.last()
@@ -132,7 +148,14 @@ impl Dispatcher {
             config,
             accounts: Mutex::default(),
             outcomes: OutcomeWriter::start(store_for_outcomes),
+            requests: None,
         }
+    }
+
+    /// Accepts records that Kafka producers write to `herald.requests`, checked by `expander`.
+    pub fn with_requests(mut self, expander: Arc<dyn RequestExpander>) -> Self {
+        self.requests = Some(expander);
+        self
     }
 
     /// Consumes `herald.requests` until `shutdown` turns true; the batch in hand is finished first.
@@ -163,6 +186,22 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// A record that is not a message record: a producer's request when an expander is set,
+    /// else refused as malformed.
+    async fn expand(
+        &self,
+        d: &Delivered,
+        not_a_message: serde_json::Error,
+    ) -> Result<Vec<MessageRecord>, ExpandError> {
+        match &self.requests {
+            Some(expander) => expander.expand(d).await,
+            None => Err(ExpandError::Refused(Refusal {
+                code: "malformed_record",
+                message: format!("not a message record: {not_a_message}"),
+            })),
+        }
+    }
+
     /// Processes one polled batch up to and including publishing its events; the caller commits.
     pub async fn process_batch(
         &self,
@@ -174,30 +213,25 @@ impl Dispatcher {
         let mut dead = Vec::new();
         for d in records {
             match serde_json::from_slice::<MessageRecord>(&d.record.payload) {
-                Ok(record) => work.push(Work {
-                    record,
-                    redelivered: false,
-                    done: None,
-                    attempt: 1,
-                    tries: Vec::new(),
-                }),
-                Err(e) => {
-                    let mut r = d.record.clone();
-                    r.headers
-                        .push(("reason".into(), format!("malformed record: {e}")));
-                    r.headers.push((
-                        "source".into(),
-                        format!("{}/{}/{}", d.topic, d.partition, d.offset),
-                    ));
-                    dead.push(r);
-                }
+                Ok(record) => work.push(Work::new(record)),
+                Err(e) => match self.expand(d, e).await {
+                    Ok(records) => work.extend(records.into_iter().map(Work::new)),
+                    Err(ExpandError::Unavailable(why)) => return Err(DispatchError::Expand(why)),
+                    Err(ExpandError::Refused(refusal)) => {
+                        self.metrics
+                            .dead_lettered
+                            .get_or_create(&ErrorCode { code: refusal.code })
+                            .inc();
+                        dead.push(dead_letter(d, &refusal));
+                    }
+                },
             }
         }
         if !dead.is_empty() {
             outcome.dead_lettered = dead.len();
             tracing::warn!(
                 count = dead.len(),
-                "malformed request records moved to the DLQ"
+                "refused request records moved to the DLQ"
             );
             self.bus.publish(REQUESTS_DLQ_TOPIC, dead).await?;
         }
@@ -281,13 +315,19 @@ impl Dispatcher {
     /// their channel's batch API together, and different accounts' groups run concurrently.
     async fn send_all(&self, work: &mut [Work]) {
         let now = chrono::Utc::now();
+        // The k-th inbox message of a receiver in this batch is stamped k microseconds later,
+        // so its events order one receiver's messages as the bus did.
+        let mut inbox_seen: HashMap<String, i64> = HashMap::new();
         for w in work.iter_mut() {
             if w.done.is_none() && w.record.channel == Channel::Inbox {
+                let k = inbox_seen.entry(w.record.receiver.clone()).or_default();
+                let at = now + chrono::Duration::microseconds(*k);
+                *k += 1;
                 // Stored with the ledger row; nothing to call.
                 w.tries.push(Try {
                     attempt: w.attempt,
-                    sending_at: now,
-                    done_at: now,
+                    sending_at: at,
+                    done_at: at,
                     latency_ms: 0,
                     result: Ok(SendOutcome {
                         vendor: "herald".into(),

@@ -84,6 +84,20 @@ impl ApiState {
     }
 }
 
+impl ApiState {
+    /// The app owning the live API key `key`, from the cache or the store.
+    pub async fn app_for_key(&self, key: &str) -> Result<Option<App>, StoreError> {
+        let hash = hash_key(key);
+        let caches = &self.inner.caches;
+        if let Some(app) = caches.fresh(&caches.keys, &hash) {
+            return Ok(app);
+        }
+        let app = self.inner.store.app_by_key_hash(&hash).await?;
+        Caches::put(&caches.keys, hash, app.clone());
+        Ok(app)
+    }
+}
+
 /// The app a request is authenticated as (`Authorization: Bearer <key>`).
 pub struct AuthApp(pub App);
 
@@ -102,16 +116,10 @@ impl FromRequestParts<ApiState> for AuthApp {
             .map(str::trim)
             .filter(|k| !k.is_empty())
             .ok_or(ApiError::Unauthorized)?;
-        let hash = hash_key(key);
-        let caches = &state.inner.caches;
-        let app = match caches.fresh(&caches.keys, &hash) {
-            Some(app) => app,
-            None => {
-                let app = state.inner.store.app_by_key_hash(&hash).await?;
-                Caches::put(&caches.keys, hash, app.clone());
-                app
-            }
-        };
-        app.map(AuthApp).ok_or(ApiError::Unauthorized)
+        state
+            .app_for_key(key)
+            .await?
+            .map(AuthApp)
+            .ok_or(ApiError::Unauthorized)
     }
 }

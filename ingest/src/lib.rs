@@ -6,6 +6,7 @@ mod auth;
 mod body;
 mod catalog;
 mod error;
+pub mod producer;
 mod read;
 mod send;
 mod vendors;
@@ -105,6 +106,14 @@ impl ApiState {
             }),
         }
     }
+}
+
+/// Only `/health` and `/metrics`: what a process without the ingest role serves.
+pub fn ops_router(state: ApiState) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .with_state(state)
 }
 
 /// The whole API.

@@ -2,7 +2,7 @@
 //! publish one record per receiver, answer `202` with the message ids. A request with any bad
 //! item publishes nothing.
 
-use crate::auth::{AuthApp, CachedTemplate};
+use crate::auth::AuthApp;
 use crate::body::JsonBody;
 use crate::{ApiError, ApiState, Detail};
 use axum::extract::State;
@@ -10,15 +10,15 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use herald_core::bus::Record;
+use herald_core::config::HttpConfig;
 use herald_core::domain::parse_receiver;
-use herald_core::store::Claim;
+use herald_core::store::{Claim, Template};
 use herald_core::template::{RenderError, render};
 use herald_core::wire::REQUESTS_TOPIC;
 use herald_core::{MessageId, MessageRecord};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
-use std::sync::Arc;
 
 /// Body of `POST /v1/send`.
 #[derive(Debug, Deserialize)]
@@ -45,10 +45,10 @@ pub struct BatchBody {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchMessage {
-    receivers: Vec<String>,
+    pub(crate) receivers: Vec<String>,
     #[serde(default)]
-    variables: Map<String, Value>,
-    biz_id: Option<String>,
+    pub(crate) variables: Map<String, Value>,
+    pub(crate) biz_id: Option<String>,
 }
 
 /// One accepted message in a `202` answer.
@@ -109,17 +109,7 @@ pub async fn send_batch(
             ),
         ));
     }
-    let groups = b
-        .messages
-        .iter()
-        .enumerate()
-        .map(|(i, m)| Group {
-            path: format!("messages[{i}]."),
-            receivers: &m.receivers,
-            variables: &m.variables,
-            biz_id: m.biz_id.as_deref(),
-        })
-        .collect();
+    let groups = Group::of_batch(&b.messages);
     accept(
         &state,
         &app,
@@ -134,11 +124,27 @@ pub async fn send_batch(
 }
 
 /// Receivers sharing variables: the whole of `/v1/send`, or one message of a batch.
-struct Group<'a> {
-    path: String,
-    receivers: &'a [String],
-    variables: &'a Map<String, Value>,
-    biz_id: Option<&'a str>,
+pub(crate) struct Group<'a> {
+    pub(crate) path: String,
+    pub(crate) receivers: &'a [String],
+    pub(crate) variables: &'a Map<String, Value>,
+    pub(crate) biz_id: Option<&'a str>,
+}
+
+impl<'a> Group<'a> {
+    /// The groups of a batch's messages, with paths naming each message.
+    pub(crate) fn of_batch(messages: &'a [BatchMessage]) -> Vec<Group<'a>> {
+        messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Group {
+                path: format!("messages[{i}]."),
+                receivers: &m.receivers,
+                variables: &m.variables,
+                biz_id: m.biz_id.as_deref(),
+            })
+            .collect()
+    }
 }
 
 fn rejected(state: &ApiState, e: ApiError) -> ApiError {
@@ -169,7 +175,19 @@ async fn accept(
             code: "unknown_template",
             message: format!("no template {template_id} in this app"),
         }])),
-        Some(t) => build_records(state, app, &t, send_at, &groups, batch),
+        Some(t) => {
+            let request_id = uuid::Uuid::now_v7().to_string();
+            build_records(
+                &state.inner.config,
+                app,
+                &t.template,
+                send_at,
+                &groups,
+                batch,
+                &request_id,
+                &mut |_| MessageId::new(),
+            )
+        }
     }
     .map_err(|e| rejected(state, e))?;
 
@@ -270,17 +288,19 @@ async fn accept(
         .into_response())
 }
 
-/// Validates every group and renders one record per receiver, or names every bad item.
-fn build_records(
-    state: &ApiState,
+/// Validates every group and renders one record per receiver, or names every bad item. The
+/// n-th record (counting from 0) gets the message id `id_of(n)`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn build_records(
+    config: &HttpConfig,
     app: &herald_core::store::App,
-    t: &Arc<CachedTemplate>,
+    template: &Template,
     send_at: Option<DateTime<Utc>>,
     groups: &[Group<'_>],
     batch: bool,
+    request_id: &str,
+    id_of: &mut dyn FnMut(usize) -> MessageId,
 ) -> Result<Vec<MessageRecord>, ApiError> {
-    let config = &state.inner.config;
-    let template = &t.template;
     let mut details = Vec::new();
     let now = Utc::now();
     if let Some(at) = send_at
@@ -305,7 +325,6 @@ fn build_records(
             message: format!("at most {max_total} receivers per request, got {total}"),
         });
     }
-    let request_id = uuid::Uuid::now_v7().to_string();
     let mut records = Vec::with_capacity(total.min(max_total));
     for g in groups {
         if g.receivers.is_empty() {
@@ -362,8 +381,8 @@ fn build_records(
                     {
                         records.push(MessageRecord {
                             v: 1,
-                            message_id: MessageId::new(),
-                            request_id: request_id.clone(),
+                            message_id: id_of(records.len()),
+                            request_id: request_id.to_string(),
                             biz_id: g.biz_id.map(str::to_owned),
                             app: app.name.clone(),
                             template_id: template.id,

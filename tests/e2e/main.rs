@@ -1,9 +1,11 @@
-//! End-to-end tests of the embedded deployment: the real application on a free port with a
-//! temporary data directory, real SMTP and HTTP peers, and a crash test that kills the binary.
+//! End-to-end tests: the embedded deployment (the real application on a free port with a
+//! temporary data directory, real SMTP and HTTP peers, a crash test that kills the binary) and
+//! the distributed one (separate role processes over a Kafka-protocol broker and PostgreSQL).
 
 mod api;
 mod channels;
 mod crash;
+mod distributed;
 mod media;
 mod sms;
 mod support;

@@ -1,7 +1,7 @@
 use super::*;
 use crate::schema::batch_to_events;
-use crate::sql::query;
-use crate::testing::{MemBus, MemIndex, sample_events};
+use crate::sql::{query, query_warehouse};
+use crate::testing::{MemBus, MemIndex, TestWarehouse, blocking, sample_events};
 use crate::warehouse::MANIFESTS;
 use std::path::Path;
 
@@ -15,15 +15,23 @@ fn config() -> SinkConfig {
 }
 
 async fn start(bus: &MemBus, root: &Path, index: &Arc<MemIndex>) -> Sink {
+    start_in(bus, &Warehouse::local(root), index).await
+}
+
+async fn start_in(bus: &MemBus, wh: &Warehouse, index: &Arc<MemIndex>) -> Sink {
     let bus: Arc<dyn Bus> = Arc::new(bus.clone());
-    Sink::recover(bus, Warehouse::local(root), index.clone(), config())
+    Sink::recover(bus, wh.clone(), index.clone(), config())
         .await
         .unwrap()
 }
 
 /// Every row of `delivery_events`, ordered by event id.
 async fn table(root: &Path) -> Vec<DeliveryEvent> {
-    let batches = query(root, "SELECT * FROM delivery_events ORDER BY event_id")
+    table_of(&Warehouse::local(root)).await
+}
+
+async fn table_of(wh: &Warehouse) -> Vec<DeliveryEvent> {
+    let batches = query_warehouse(wh, "SELECT * FROM delivery_events ORDER BY event_id")
         .await
         .unwrap();
     batches
@@ -89,8 +97,8 @@ async fn events_land_in_hourly_partitions_and_count_by_state() {
     // Every file sits in the partition of each of its rows, and every hour has its directory.
     let wh = Warehouse::local(dir.path());
     let mut partitions = BTreeSet::new();
-    for dt in wh.list_dirs("delivery_events") {
-        for hour in wh.list_dirs(&format!("delivery_events/{dt}")) {
+    for dt in list_dirs(dir.path(), "delivery_events") {
+        for hour in list_dirs(dir.path(), &format!("delivery_events/{dt}")) {
             let partition = format!("delivery_events/{dt}/{hour}");
             for file in wh.list(&partition).unwrap() {
                 assert!(
@@ -123,32 +131,30 @@ async fn events_land_in_hourly_partitions_and_count_by_state() {
 
 use std::collections::BTreeSet;
 
-impl Warehouse {
-    /// Subdirectory names of `dir` (tests only).
-    fn list_dirs(&self, dir: &str) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(self.root().join(dir))
-            .unwrap()
-            .map(|e| e.unwrap())
-            .filter(|e| e.file_type().unwrap().is_dir())
-            .map(|e| e.file_name().into_string().unwrap())
-            .collect();
-        names.sort();
-        names
-    }
+/// Subdirectory names of `dir` in a local warehouse.
+fn list_dirs(root: &Path, dir: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(root.join(dir))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().unwrap().is_dir())
+        .map(|e| e.file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
 }
 
-/// Writes a first batch cleanly, then crashes at `step` while flushing a second, optionally
-/// tampers with the disk, publishes more, restarts and checks the table and index hold every
-/// event exactly once.
-async fn crash_and_recover(step: Step, tamper: impl FnOnce(&Warehouse)) {
-    let (dir, bus, index) = (
-        tempfile::tempdir().unwrap(),
-        MemBus::default(),
-        Arc::default(),
-    );
+/// Writes a first batch cleanly, then crashes at `step` while flushing a second, checks or
+/// tampers with the warehouse (on a blocking thread), publishes more, restarts and checks the
+/// table and index hold every event exactly once.
+async fn crash_and_recover(
+    wh: TestWarehouse,
+    step: Step,
+    tamper: impl FnOnce(&Warehouse) + Send + 'static,
+) {
+    let (wh, bus, index) = (&wh.wh, MemBus::default(), Arc::default());
     let first = sample_events(100, 0);
     bus.publish_events(&first).await;
-    let mut sink = start(&bus, dir.path(), &index).await;
+    let mut sink = start_in(&bus, wh, &index).await;
     sink.process_available().await.unwrap();
 
     let second = sample_events(110, 100); // one flush, several hours
@@ -157,60 +163,80 @@ async fn crash_and_recover(step: Step, tamper: impl FnOnce(&Warehouse)) {
     let err = sink.process_available().await.unwrap_err();
     assert!(err.to_string().contains("injected crash"), "{err}");
     drop(sink);
-    tamper(&Warehouse::local(dir.path()));
+    blocking(wh, tamper).await;
 
     let third = sample_events(30, 210);
     bus.publish_events(&third).await;
-    let mut sink = start(&bus, dir.path(), &index).await;
+    let mut sink = start_in(&bus, wh, &index).await;
     sink.process_available().await.unwrap();
 
     let all = by_id([first, second, third].concat());
-    assert_eq!(table(dir.path()).await, all, "{step:?}");
+    assert_eq!(table_of(wh).await, all, "{step:?}");
     assert_eq!(indexed(&index), all, "{step:?}");
     assert_eq!(lag(&bus).await, 0);
-    assert!(
-        Warehouse::local(dir.path())
-            .list(STAGING)
-            .unwrap()
-            .is_empty()
-    );
+    assert!(blocking(wh, |wh| wh.list(STAGING).unwrap().is_empty()).await);
+}
+
+/// A crash after staging leaves staged files and no manifest.
+fn staged_without_manifest(wh: &Warehouse) {
+    assert!(!wh.list(STAGING).unwrap().is_empty());
+    assert_eq!(Manifest::newest(wh).unwrap().unwrap().seq, 1);
+}
+
+/// A crash after the manifest leaves every staged file in place.
+fn nothing_renamed(wh: &Warehouse) {
+    let manifest = Manifest::newest(wh).unwrap().unwrap();
+    for f in &manifest.files {
+        assert!(wh.exists(&f.staged).unwrap() && !wh.exists(&f.path).unwrap());
+    }
+}
+
+/// Simulates a crash halfway through the renames: moves the first of several files.
+fn first_file_renamed(wh: &Warehouse) {
+    let manifest = Manifest::newest(wh).unwrap().unwrap();
+    assert!(manifest.files.len() > 1);
+    let f = &manifest.files[0];
+    assert!(wh.rename(&f.staged, &f.path).unwrap());
+}
+
+/// A crash after the renames leaves nothing staged.
+fn all_renamed(wh: &Warehouse) {
+    assert!(wh.list(STAGING).unwrap().is_empty());
 }
 
 #[tokio::test]
 async fn a_crash_after_staging_loses_and_duplicates_nothing() {
-    crash_and_recover(Step::AfterStaging, |wh| {
-        assert!(!wh.list(STAGING).unwrap().is_empty());
-    })
+    crash_and_recover(
+        TestWarehouse::local(),
+        Step::AfterStaging,
+        staged_without_manifest,
+    )
     .await;
 }
 
 #[tokio::test]
 async fn a_crash_after_the_manifest_loses_and_duplicates_nothing() {
-    crash_and_recover(Step::AfterManifest, |_| {}).await;
+    crash_and_recover(TestWarehouse::local(), Step::AfterManifest, nothing_renamed).await;
 }
 
 #[tokio::test]
 async fn a_crash_halfway_through_the_renames_loses_and_duplicates_nothing() {
-    crash_and_recover(Step::AfterManifest, |wh| {
-        let manifest = Manifest::newest(wh).unwrap().unwrap();
-        assert!(manifest.files.len() > 1);
-        let f = &manifest.files[0];
-        assert!(wh.rename(&f.staged, &f.path).unwrap());
-    })
+    crash_and_recover(
+        TestWarehouse::local(),
+        Step::AfterManifest,
+        first_file_renamed,
+    )
     .await;
 }
 
 #[tokio::test]
 async fn a_crash_before_the_bus_commit_loses_and_duplicates_nothing() {
-    crash_and_recover(Step::BeforeBusCommit, |wh| {
-        assert!(wh.list(STAGING).unwrap().is_empty());
-    })
-    .await;
+    crash_and_recover(TestWarehouse::local(), Step::BeforeBusCommit, all_renamed).await;
 }
 
 #[tokio::test]
 async fn a_crash_before_indexing_loses_and_duplicates_nothing() {
-    crash_and_recover(Step::BeforeIndex, |_| {}).await;
+    crash_and_recover(TestWarehouse::local(), Step::BeforeIndex, |_| {}).await;
 }
 
 #[tokio::test]
@@ -397,4 +423,112 @@ async fn run_flushes_by_size_and_age_and_on_shutdown() {
     running.await.unwrap().unwrap();
     assert_eq!(written(&stats), 30);
     assert_eq!(table(dir.path()).await, by_id(events));
+}
+
+#[tokio::test]
+async fn s3_events_are_written_once_and_queryable() {
+    let (wh, bus, index) = (TestWarehouse::s3().await, MemBus::default(), Arc::default());
+    let wh = &wh.wh;
+    let events = sample_events(500, 0);
+    bus.publish_events(&events).await;
+    let mut sink = start_in(&bus, wh, &index).await;
+    sink.process_available().await.unwrap();
+    assert!(sink.stats().files_written.load(Ordering::Relaxed) >= 14);
+
+    assert_eq!(table_of(wh).await, by_id(events.clone()));
+    assert_eq!(indexed(&index), by_id(events.clone()));
+    assert_eq!(lag(&bus).await, 0);
+    let sql = "SELECT count(*) AS n FROM delivery_events WHERE dt = '2026-11-26' AND hour = '07'";
+    let rows = query_warehouse(wh, sql).await.unwrap();
+    let in_hour = events
+        .iter()
+        .filter(|e| e.ts.format("%H").to_string() == "07");
+    let csv = crate::sql::format(&rows, crate::sql::OutputFormat::Csv).unwrap();
+    assert_eq!(csv, format!("n\n{}\n", in_hour.count()));
+
+    // Every event is in a file of its own partition, and nothing is left staged.
+    let partitions: BTreeSet<_> = events
+        .iter()
+        .map(|e| Warehouse::partition_of(e.ts))
+        .collect();
+    let (read, staged, manifests) = blocking(wh, move |wh| {
+        let mut read = Vec::new();
+        for partition in &partitions {
+            for file in wh.list(partition).unwrap() {
+                for e in wh.read_events(&format!("{partition}/{file}")).unwrap() {
+                    assert_eq!(&Warehouse::partition_of(e.ts), partition);
+                    read.push(e);
+                }
+            }
+        }
+        let manifests = wh.list(MANIFESTS).unwrap().len();
+        (read, wh.list(STAGING).unwrap(), manifests)
+    })
+    .await;
+    assert_eq!(by_id(read), by_id(events));
+    assert!(staged.is_empty(), "{staged:?}");
+    assert!((1..=3).contains(&manifests), "{manifests}");
+}
+
+#[tokio::test]
+async fn s3_a_crash_after_staging_loses_and_duplicates_nothing() {
+    let wh = TestWarehouse::s3().await;
+    crash_and_recover(wh, Step::AfterStaging, staged_without_manifest).await;
+}
+
+#[tokio::test]
+async fn s3_a_crash_after_the_manifest_loses_and_duplicates_nothing() {
+    let wh = TestWarehouse::s3().await;
+    crash_and_recover(wh, Step::AfterManifest, nothing_renamed).await;
+}
+
+#[tokio::test]
+async fn s3_a_crash_halfway_through_the_renames_loses_and_duplicates_nothing() {
+    let wh = TestWarehouse::s3().await;
+    crash_and_recover(wh, Step::AfterManifest, first_file_renamed).await;
+}
+
+#[tokio::test]
+async fn s3_a_crash_between_copy_and_delete_loses_and_duplicates_nothing() {
+    let wh = TestWarehouse::s3().await;
+    crash_and_recover(wh, Step::AfterManifest, |wh| {
+        // The first file was copied into place but its staged copy not yet deleted.
+        let manifest = Manifest::newest(wh).unwrap().unwrap();
+        let f = &manifest.files[0];
+        wh.put_new(&f.path, &wh.get(&f.staged).unwrap()).unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn s3_a_crash_before_the_bus_commit_loses_and_duplicates_nothing() {
+    let wh = TestWarehouse::s3().await;
+    crash_and_recover(wh, Step::BeforeBusCommit, all_renamed).await;
+}
+
+#[tokio::test]
+async fn s3_a_crash_before_indexing_loses_and_duplicates_nothing() {
+    let wh = TestWarehouse::s3().await;
+    crash_and_recover(wh, Step::BeforeIndex, |_| {}).await;
+}
+
+#[tokio::test]
+async fn s3_a_second_sink_is_refused_at_its_first_commit() {
+    let (wh, bus, index) = (TestWarehouse::s3().await, MemBus::default(), Arc::default());
+    let wh = &wh.wh;
+    let events = sample_events(50, 0);
+    bus.publish_events(&events).await;
+    // No lock on an object store: both start, and both read every event.
+    let mut first = start_in(&bus, wh, &index).await;
+    let mut second = start_in(&bus, wh, &index).await;
+    first.process_available().await.unwrap();
+    let err = second.process_available().await.unwrap_err();
+    assert!(err.to_string().contains("another sink"), "{err}");
+    assert!(!err.is_retryable());
+    drop((first, second));
+
+    let mut sink = start_in(&bus, wh, &index).await;
+    sink.process_available().await.unwrap();
+    assert_eq!(table_of(wh).await, by_id(events));
+    assert_eq!(lag(&bus).await, 0);
 }

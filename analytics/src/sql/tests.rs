@@ -1,12 +1,19 @@
 use super::*;
 use crate::schema::events_to_batch;
-use crate::testing::sample_events;
-use crate::warehouse::Warehouse;
+use crate::testing::{TestWarehouse, blocking, sample_events};
 use herald_core::DeliveryEvent;
+
+/// Every column of the sample events the golden files show.
+const GOLDEN_EVENTS: &str = "SELECT dt, hour, ts, message_id, app, channel, msg_type, state, \
+    vendor, attempt, error_code, error_detail, latency_ms, billing_units, cost_micros, currency \
+    FROM delivery_events ORDER BY ts, event_id";
 
 /// Writes `events` into their `delivery_events` partitions, one file per event.
 fn write_table(root: &Path, events: &[DeliveryEvent]) {
-    let wh = Warehouse::local(root);
+    write_events(&Warehouse::local(root), events);
+}
+
+fn write_events(wh: &Warehouse, events: &[DeliveryEvent]) {
     for (n, e) in events.iter().enumerate() {
         let key = format!("{}/part-{n}.parquet", Warehouse::partition_of(e.ts));
         wh.write_parquet(&key, &events_to_batch(std::slice::from_ref(e)))
@@ -33,14 +40,7 @@ fn golden(name: &str, actual: &str) {
 async fn query_results_match_the_golden_files() {
     let dir = tempfile::tempdir().unwrap();
     write_table(dir.path(), &sample_events(6, 35));
-    let rows = query(
-        dir.path(),
-        "SELECT dt, hour, ts, message_id, app, channel, msg_type, state, vendor, attempt, \
-         error_code, error_detail, latency_ms, billing_units, cost_micros, currency \
-         FROM delivery_events ORDER BY ts, event_id",
-    )
-    .await
-    .unwrap();
+    let rows = query(dir.path(), GOLDEN_EVENTS).await.unwrap();
     golden("events.txt", &format(&rows, OutputFormat::Table).unwrap());
     golden("events.csv", &format(&rows, OutputFormat::Csv).unwrap());
     golden("events.jsonl", &format(&rows, OutputFormat::Json).unwrap());
@@ -144,4 +144,55 @@ fn output_formats_parse_from_their_names() {
     assert_eq!("table".parse::<OutputFormat>(), Ok(OutputFormat::Table));
     assert_eq!("json".parse::<OutputFormat>(), Ok(OutputFormat::Json));
     assert!("xml".parse::<OutputFormat>().is_err());
+}
+
+#[tokio::test]
+async fn s3_tables_are_read_from_the_object_store() {
+    let wh = TestWarehouse::s3().await;
+    let wh = &wh.wh;
+    let count = "SELECT count(*) AS n FROM delivery_events";
+    let rows = query_warehouse(wh, count).await.unwrap();
+    assert_eq!(format(&rows, OutputFormat::Csv).unwrap(), "n\n0\n");
+
+    let daily = query(
+        Path::new("/nonexistent"),
+        "SELECT 'shop' AS app, CAST(3 AS BIGINT) AS sent",
+    )
+    .await
+    .unwrap();
+    blocking(wh, move |wh| {
+        write_events(wh, &sample_events(6, 35));
+        wh.write_parquet("daily_sent/dt=2026-11-26/part-0.parquet", &daily[0])
+            .unwrap();
+        wh.put_new("_manifests/00000000000000000001.json", b"{}")
+            .unwrap();
+        // An unreadable file in another day's partition: only pruning lets a dt query succeed.
+        wh.put_new(
+            "delivery_events/dt=2026-11-30/hour=00/part-x.parquet",
+            b"not parquet",
+        )
+        .unwrap();
+    })
+    .await;
+
+    // The same rows as the local golden files.
+    let rows = query_warehouse(
+        wh,
+        &GOLDEN_EVENTS.replace("ORDER", "WHERE dt < '2026-11-30' ORDER"),
+    )
+    .await
+    .unwrap();
+    golden("events.csv", &format(&rows, OutputFormat::Csv).unwrap());
+    let rows = query_warehouse(wh, "SELECT dt, app, sent FROM daily_sent")
+        .await
+        .unwrap();
+    assert_eq!(
+        format(&rows, OutputFormat::Json).unwrap(),
+        "{\"dt\":\"2026-11-26\",\"app\":\"shop\",\"sent\":3}\n"
+    );
+    assert!(query_warehouse(wh, count).await.is_err());
+    let err = query_warehouse(wh, "SELECT * FROM _manifests")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not found"), "{err}");
 }

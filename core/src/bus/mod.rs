@@ -6,6 +6,7 @@
 //! Delivery is at-least-once: a consumer that restarts before committing sees the records again.
 
 pub mod embedded;
+pub mod kafka;
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;

@@ -6,6 +6,7 @@ use rand::RngCore;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
+use sqlx::any::AnyRow;
 
 /// A tenant: one business system with its own keys, accounts and templates.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -64,7 +65,7 @@ impl Store {
     pub async fn create_app(&self, name: &str) -> Result<(App, String), StoreError> {
         let mut tx = self.pool.begin().await?;
         let id: i64 =
-            sqlx::query_scalar("INSERT INTO apps (name, created_at) VALUES (?, ?) RETURNING id")
+            sqlx::query_scalar("INSERT INTO apps (name, created_at) VALUES ($1, $2) RETURNING id")
                 .bind(name)
                 .bind(now_ms())
                 .fetch_one(&mut *tx)
@@ -79,7 +80,7 @@ impl Store {
         rand::thread_rng().fill_bytes(&mut raw);
         let key = format!("hk_{}", hex::encode(raw));
         sqlx::query(
-            "INSERT INTO api_keys (key_hash, app_id, prefix, created_at) VALUES (?, ?, ?, ?)",
+            "INSERT INTO api_keys (key_hash, app_id, prefix, created_at) VALUES ($1, $2, $3, $4)",
         )
         .bind(hash_key(&key))
         .bind(id)
@@ -97,11 +98,23 @@ impl Store {
         ))
     }
 
+    /// The app named `name`, if any (trusted Kafka producers name their app).
+    pub async fn app_by_name(&self, name: &str) -> Result<Option<App>, StoreError> {
+        let row = sqlx::query("SELECT id, name FROM apps WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| App {
+            id: r.get(0),
+            name: r.get(1),
+        }))
+    }
+
     /// The app owning a live API key, by the key's hash.
     pub async fn app_by_key_hash(&self, key_hash: &str) -> Result<Option<App>, StoreError> {
         let row = sqlx::query(
             "SELECT apps.id, apps.name FROM api_keys JOIN apps ON apps.id = api_keys.app_id
-             WHERE key_hash = ? AND revoked_at IS NULL",
+             WHERE key_hash = $1 AND revoked_at IS NULL",
         )
         .bind(key_hash)
         .fetch_optional(&self.pool)
@@ -123,7 +136,7 @@ impl Store {
         let now = now_ms();
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO accounts (app_id, name, channel, config, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
         )
         .bind(app)
         .bind(name)
@@ -140,7 +153,7 @@ impl Store {
     pub async fn account(&self, app: i64, id: i64) -> Result<Account, StoreError> {
         let row = sqlx::query(
             "SELECT id, name, channel, config, created_at, updated_at FROM accounts
-             WHERE app_id = ? AND id = ? AND deleted_at IS NULL",
+             WHERE app_id = $1 AND id = $2 AND deleted_at IS NULL",
         )
         .bind(app)
         .bind(id)
@@ -154,7 +167,7 @@ impl Store {
     pub async fn account_by_id(&self, id: i64) -> Result<Account, StoreError> {
         let row = sqlx::query(
             "SELECT id, name, channel, config, created_at, updated_at FROM accounts
-             WHERE id = ? AND deleted_at IS NULL",
+             WHERE id = $1 AND deleted_at IS NULL",
         )
         .bind(id)
         .fetch_optional(&self.pool)
@@ -167,7 +180,7 @@ impl Store {
     pub async fn accounts(&self, app: i64) -> Result<Vec<Account>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, name, channel, config, created_at, updated_at FROM accounts
-             WHERE app_id = ? AND deleted_at IS NULL ORDER BY id",
+             WHERE app_id = $1 AND deleted_at IS NULL ORDER BY id",
         )
         .bind(app)
         .fetch_all(&self.pool)
@@ -179,7 +192,7 @@ impl Store {
     pub async fn accounts_of_channel(&self, channel: Channel) -> Result<Vec<Account>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, name, channel, config, created_at, updated_at FROM accounts
-             WHERE channel = ? AND deleted_at IS NULL ORDER BY id",
+             WHERE channel = $1 AND deleted_at IS NULL ORDER BY id",
         )
         .bind(channel.as_str())
         .fetch_all(&self.pool)
@@ -192,7 +205,7 @@ impl Store {
         let now = now_ms();
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO templates (app_id, name, channel, msg_type, account_id, content, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
         )
         .bind(app)
         .bind(&t.name)
@@ -215,8 +228,8 @@ impl Store {
         t: &NewTemplate,
     ) -> Result<Template, StoreError> {
         let done = sqlx::query(
-            "UPDATE templates SET name = ?, channel = ?, msg_type = ?, account_id = ?, content = ?,
-             version = version + 1, updated_at = ? WHERE app_id = ? AND id = ? AND deleted_at IS NULL",
+            "UPDATE templates SET name = $1, channel = $2, msg_type = $3, account_id = $4, content = $5,
+             version = version + 1, updated_at = $6 WHERE app_id = $7 AND id = $8 AND deleted_at IS NULL",
         )
         .bind(&t.name)
         .bind(t.channel.as_str())
@@ -237,7 +250,7 @@ impl Store {
     /// Soft-deletes a template: it disappears from the API and can no longer be sent.
     pub async fn delete_template(&self, app: i64, id: i64) -> Result<(), StoreError> {
         let done = sqlx::query(
-            "UPDATE templates SET deleted_at = ? WHERE app_id = ? AND id = ? AND deleted_at IS NULL",
+            "UPDATE templates SET deleted_at = $1 WHERE app_id = $2 AND id = $3 AND deleted_at IS NULL",
         )
         .bind(now_ms())
         .bind(app)
@@ -254,7 +267,7 @@ impl Store {
     pub async fn template(&self, app: i64, id: i64) -> Result<Template, StoreError> {
         let row = sqlx::query(
             "SELECT id, name, channel, msg_type, account_id, content, version, created_at, updated_at
-             FROM templates WHERE app_id = ? AND id = ? AND deleted_at IS NULL",
+             FROM templates WHERE app_id = $1 AND id = $2 AND deleted_at IS NULL",
         )
         .bind(app)
         .bind(id)
@@ -273,7 +286,7 @@ impl Store {
     ) -> Result<Vec<Template>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, name, channel, msg_type, account_id, content, version, created_at, updated_at
-             FROM templates WHERE app_id = ? AND id > ? AND deleted_at IS NULL ORDER BY id LIMIT ?",
+             FROM templates WHERE app_id = $1 AND id > $2 AND deleted_at IS NULL ORDER BY id LIMIT $3",
         )
         .bind(app)
         .bind(after)
@@ -284,7 +297,7 @@ impl Store {
     }
 }
 
-fn account_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Account, StoreError> {
+fn account_from_row(r: &AnyRow) -> Result<Account, StoreError> {
     Ok(Account {
         id: r.get(0),
         name: r.get(1),
@@ -295,7 +308,7 @@ fn account_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Account, StoreError> 
     })
 }
 
-fn template_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Template, StoreError> {
+fn template_from_row(r: &AnyRow) -> Result<Template, StoreError> {
     Ok(Template {
         id: r.get(0),
         name: r.get(1),

@@ -1,10 +1,10 @@
 //! The per-message index of delivery events behind `GET /v1/messages/{id}`. The analytics sink
 //! writes it after each warehouse commit, so it never holds an event the warehouse lacks.
 
-use super::{Store, StoreError};
+use super::{Store, StoreError, value_rows};
 use crate::domain::MessageId;
 use crate::wire::{DeliveryEvent, State};
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::Row;
 use std::collections::HashSet;
 
 const CHUNK: usize = 1000;
@@ -17,17 +17,21 @@ impl Store {
         }
         let mut tx = self.pool.begin().await?;
         for chunk in events.chunks(CHUNK) {
-            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "INSERT OR IGNORE INTO message_events (message_id, event_id, ts, state, event) ",
+            let sql = format!(
+                "INSERT INTO message_events (message_id, event_id, ts, state, event) VALUES {} \
+                 ON CONFLICT DO NOTHING",
+                value_rows(chunk.len(), 5)
             );
-            q.push_values(chunk, |mut b, e| {
-                b.push_bind(e.message_id.to_string())
-                    .push_bind(&e.event_id)
-                    .push_bind(e.ts.timestamp_micros())
-                    .push_bind(e.state.as_str())
-                    .push_bind(serde_json::to_string(e).unwrap_or_default());
-            });
-            q.build().execute(&mut *tx).await?;
+            let mut q = sqlx::query(&sql);
+            for e in chunk {
+                q = q
+                    .bind(e.message_id.to_string())
+                    .bind(&e.event_id)
+                    .bind(e.ts.timestamp_micros())
+                    .bind(e.state.as_str())
+                    .bind(serde_json::to_string(e).unwrap_or_default());
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -40,19 +44,15 @@ impl Store {
     ) -> Result<HashSet<String>, StoreError> {
         let mut out = HashSet::new();
         for chunk in ids.chunks(CHUNK) {
-            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "SELECT event_id FROM message_events WHERE (message_id, event_id) IN (VALUES ",
+            let sql = format!(
+                "SELECT event_id FROM message_events WHERE (message_id, event_id) IN (VALUES {})",
+                value_rows(chunk.len(), 2)
             );
-            let mut sep = q.separated(", ");
+            let mut q = sqlx::query(&sql);
             for (m, e) in chunk {
-                sep.push("(")
-                    .push_bind_unseparated(m.to_string())
-                    .push_unseparated(", ")
-                    .push_bind_unseparated(e)
-                    .push_unseparated(")");
+                q = q.bind(m.to_string()).bind(e);
             }
-            q.push(")");
-            for row in q.build().fetch_all(&self.pool).await? {
+            for row in q.fetch_all(&self.pool).await? {
                 out.insert(row.get::<String, _>(0));
             }
         }
@@ -66,7 +66,7 @@ impl Store {
         id: &MessageId,
     ) -> Result<Vec<DeliveryEvent>, StoreError> {
         let rows = sqlx::query(
-            "SELECT event FROM message_events WHERE message_id = ? ORDER BY ts, event_id",
+            "SELECT event FROM message_events WHERE message_id = $1 ORDER BY ts, event_id",
         )
         .bind(id.to_string())
         .fetch_all(&self.pool)

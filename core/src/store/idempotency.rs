@@ -33,9 +33,9 @@ impl Store {
     ) -> Result<Claim, StoreError> {
         let now = now_ms();
         let inserted = sqlx::query(
-            "INSERT INTO idempotency (app_id, key, request_hash, created_at) VALUES (?, ?, ?, ?)
+            "INSERT INTO idempotency (app_id, key, request_hash, created_at) VALUES ($1, $2, $3, $4)
              ON CONFLICT (app_id, key) DO UPDATE SET request_hash = excluded.request_hash, created_at = excluded.created_at
-             WHERE idempotency.status IS NULL AND idempotency.created_at < ?",
+             WHERE idempotency.status IS NULL AND idempotency.created_at < $5",
         )
         .bind(app)
         .bind(key)
@@ -49,7 +49,7 @@ impl Store {
             return Ok(Claim::Claimed);
         }
         let row = sqlx::query(
-            "SELECT request_hash, status, response FROM idempotency WHERE app_id = ? AND key = ?",
+            "SELECT request_hash, status, response FROM idempotency WHERE app_id = $1 AND key = $2",
         )
         .bind(app)
         .bind(key)
@@ -75,19 +75,21 @@ impl Store {
         status: u16,
         response: &str,
     ) -> Result<(), StoreError> {
-        sqlx::query("UPDATE idempotency SET status = ?, response = ? WHERE app_id = ? AND key = ?")
-            .bind(i64::from(status))
-            .bind(response)
-            .bind(app)
-            .bind(key)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE idempotency SET status = $1, response = $2 WHERE app_id = $3 AND key = $4",
+        )
+        .bind(i64::from(status))
+        .bind(response)
+        .bind(app)
+        .bind(key)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
     /// Frees a claimed key whose request failed before anything was published.
     pub async fn release_idempotency(&self, app: i64, key: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM idempotency WHERE app_id = ? AND key = ? AND status IS NULL")
+        sqlx::query("DELETE FROM idempotency WHERE app_id = $1 AND key = $2 AND status IS NULL")
             .bind(app)
             .bind(key)
             .execute(&self.pool)

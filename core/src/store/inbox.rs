@@ -30,9 +30,9 @@ impl Store {
         let (ts, id) = before.unwrap_or((i64::MAX, String::new()));
         let rows = sqlx::query(
             "SELECT message_id, template_id, content, created_at, read_at FROM inbox
-             WHERE app = ? AND receiver = ? AND (created_at < ? OR (created_at = ? AND message_id < ?) OR ? = '')
-               AND (? = 0 OR read_at IS NULL)
-             ORDER BY created_at DESC, message_id DESC LIMIT ?",
+             WHERE app = $1 AND receiver = $2 AND (created_at < $3 OR (created_at = $4 AND message_id < $5) OR $6 = '')
+               AND ($7 = 0 OR read_at IS NULL)
+             ORDER BY created_at DESC, message_id DESC LIMIT $8",
         )
         .bind(app)
         .bind(receiver)
@@ -40,7 +40,7 @@ impl Store {
         .bind(ts)
         .bind(&id)
         .bind(&id)
-        .bind(unread_only)
+        .bind(i64::from(unread_only))
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
@@ -69,7 +69,7 @@ impl Store {
         let mut changed = 0;
         if ids.is_empty() {
             changed = sqlx::query(
-                "UPDATE inbox SET read_at = ? WHERE app = ? AND receiver = ? AND read_at IS NULL",
+                "UPDATE inbox SET read_at = $1 WHERE app = $2 AND receiver = $3 AND read_at IS NULL",
             )
             .bind(now)
             .bind(app)
@@ -80,7 +80,7 @@ impl Store {
         }
         for id in ids {
             changed += sqlx::query(
-                "UPDATE inbox SET read_at = ? WHERE app = ? AND receiver = ? AND message_id = ? AND read_at IS NULL",
+                "UPDATE inbox SET read_at = $1 WHERE app = $2 AND receiver = $3 AND message_id = $4 AND read_at IS NULL",
             )
             .bind(now)
             .bind(app)

@@ -6,9 +6,9 @@
 //! possible, which dispatch counts. Inbox messages are written in the same transaction as their
 //! `sent` row, so the inbox channel is exactly-once.
 
-use super::{Store, StoreError, now_ms};
+use super::{Store, StoreError, now_ms, placeholders, value_rows};
 use crate::domain::MessageId;
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::Row;
 use std::collections::HashMap;
 
 /// A message's row in the ledger.
@@ -64,15 +64,15 @@ impl Store {
     ) -> Result<HashMap<MessageId, (LedgerState, u32)>, StoreError> {
         let mut out = HashMap::new();
         for chunk in ids.chunks(CHUNK) {
-            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "SELECT message_id, state, attempt FROM send_ledger WHERE message_id IN (",
+            let sql = format!(
+                "SELECT message_id, state, attempt FROM send_ledger WHERE message_id IN ({})",
+                placeholders(1, chunk.len())
             );
-            let mut sep = q.separated(", ");
+            let mut q = sqlx::query(&sql);
             for id in chunk {
-                sep.push_bind(id.to_string());
+                q = q.bind(id.to_string());
             }
-            q.push(")");
-            for row in q.build().fetch_all(&self.pool).await? {
+            for row in q.fetch_all(&self.pool).await? {
                 let id: MessageId = row
                     .get::<&str, _>(0)
                     .parse()
@@ -95,32 +95,51 @@ impl Store {
             return Ok(());
         }
         let now = now_ms();
+        // One row per message, the last given: PostgreSQL refuses an upsert that touches a row
+        // twice in one statement.
+        let mut last: HashMap<&MessageId, (LedgerState, u32)> = HashMap::with_capacity(rows.len());
+        let mut order = Vec::with_capacity(rows.len());
+        for (id, state, attempt) in rows {
+            if last.insert(id, (*state, *attempt)).is_none() {
+                order.push(id);
+            }
+        }
         let mut tx = self.pool.begin().await?;
-        for chunk in rows.chunks(CHUNK) {
-            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "INSERT OR REPLACE INTO send_ledger (message_id, state, attempt, updated_at) ",
+        for chunk in order.chunks(CHUNK) {
+            let sql = format!(
+                "INSERT INTO send_ledger (message_id, state, attempt, updated_at) VALUES {} \
+                 ON CONFLICT (message_id) DO UPDATE SET state = excluded.state, \
+                 attempt = excluded.attempt, updated_at = excluded.updated_at",
+                value_rows(chunk.len(), 4)
             );
-            q.push_values(chunk, |mut b, (id, state, attempt)| {
-                b.push_bind(id.to_string())
-                    .push_bind(state.as_str())
-                    .push_bind(i64::from(*attempt))
-                    .push_bind(now);
-            });
-            q.build().execute(&mut *tx).await?;
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                let (state, attempt) = last[id];
+                q = q
+                    .bind(id.to_string())
+                    .bind(state.as_str())
+                    .bind(i64::from(attempt))
+                    .bind(now);
+            }
+            q.execute(&mut *tx).await?;
         }
         for chunk in inbox.chunks(CHUNK) {
-            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "INSERT OR IGNORE INTO inbox (message_id, app, receiver, template_id, content, created_at) ",
+            let sql = format!(
+                "INSERT INTO inbox (message_id, app, receiver, template_id, content, created_at) \
+                 VALUES {} ON CONFLICT DO NOTHING",
+                value_rows(chunk.len(), 6)
             );
-            q.push_values(chunk, |mut b, m| {
-                b.push_bind(m.message_id.to_string())
-                    .push_bind(&m.app)
-                    .push_bind(&m.receiver)
-                    .push_bind(m.template_id)
-                    .push_bind(m.content.to_string())
-                    .push_bind(now);
-            });
-            q.build().execute(&mut *tx).await?;
+            let mut q = sqlx::query(&sql);
+            for m in chunk {
+                q = q
+                    .bind(m.message_id.to_string())
+                    .bind(&m.app)
+                    .bind(&m.receiver)
+                    .bind(m.template_id)
+                    .bind(m.content.to_string())
+                    .bind(now);
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())

@@ -1,7 +1,11 @@
-//! The store (sqlx over SQLite): apps and API keys, channel accounts, templates, idempotency
-//! keys, the send ledger, the per-message event index behind the trace API, the inbox, and
-//! vendor state (access tokens, vendor message ids for receipts).
-//! Migrations live in `sql/migrations/sqlite/`.
+//! The store (sqlx): apps and API keys, channel accounts, templates, idempotency keys, the send
+//! ledger, the per-message event index behind the trace API, the inbox, and vendor state (access
+//! tokens, vendor message ids for receipts).
+//!
+//! One implementation serves SQLite (the embedded deployment) and PostgreSQL (the distributed
+//! one) through sqlx's `Any` driver: every statement is written once in the SQL both accept
+//! (`$n` placeholders, `ON CONFLICT`, `RETURNING`), and each backend has its own migrations in
+//! `sql/migrations/{sqlite,postgres}/`. The suite in `tests.rs` runs against both.
 
 mod catalog;
 mod events;
@@ -10,15 +14,18 @@ mod inbox;
 mod ledger;
 mod vendors;
 
+#[cfg(test)]
+mod tests;
+
 pub use catalog::{Account, App, NewTemplate, Template, hash_key};
 pub use idempotency::Claim;
 pub use inbox::InboxEntry;
 pub use ledger::{LedgerState, SentInbox};
 pub use vendors::PendingReceipt;
 
-use sqlx::SqlitePool;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use std::str::FromStr;
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::{AnyPool, Executor};
+use std::fmt::Write;
 use std::time::Duration;
 
 /// Errors of the store.
@@ -34,12 +41,35 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("unsupported store URL `{0}` (expected sqlite://PATH or postgres://...)")]
+    UnsupportedUrl(String),
+}
+
+/// Which database a store runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    /// The backend a store URL names.
+    pub fn of_url(url: &str) -> Result<Backend, StoreError> {
+        if url.starts_with("sqlite:") {
+            Ok(Backend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Backend::Postgres)
+        } else {
+            Err(StoreError::UnsupportedUrl(redact(url)))
+        }
+    }
 }
 
 /// A handle to the store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: AnyPool,
+    backend: Backend,
 }
 
 /// Unix milliseconds now.
@@ -47,32 +77,105 @@ pub(crate) fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// Settings of every SQLite connection: WAL with `synchronous = NORMAL` (a committed transaction
+/// survives a killed process; only a power cut can lose the last commits), a busy timeout so
+/// writers queue instead of failing, and enforced foreign keys.
+const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+     PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON; PRAGMA cache_size = -4000;";
+
 impl Store {
-    /// Opens (creating if needed) the database at `url` (`sqlite://path`) and runs migrations.
-    ///
-    /// WAL mode with `synchronous = NORMAL`: a committed transaction survives a killed process;
-    /// only a power cut can lose the last commits (see the README's durability notes).
+    /// Opens the database at `url` and runs its migrations: `sqlite://PATH` (created if
+    /// missing) or `postgres://USER@HOST:PORT/DB`.
     pub async fn open(url: &str) -> Result<Store, StoreError> {
-        let options = SqliteConnectOptions::from_str(url)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true)
-            .pragma("cache_size", "-4000");
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await?;
-        sqlx::migrate!("../sql/migrations/sqlite")
-            .run(&pool)
-            .await?;
-        Ok(Store { pool })
+        install_default_drivers();
+        let backend = Backend::of_url(url)?;
+        let pool = match backend {
+            Backend::Sqlite => {
+                let url = if url.contains('?') {
+                    url.to_string()
+                } else {
+                    format!("{url}?mode=rwc")
+                };
+                AnyPoolOptions::new()
+                    .max_connections(4)
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            conn.execute(SQLITE_PRAGMAS).await?;
+                            Ok(())
+                        })
+                    })
+                    .connect(&url)
+                    .await?
+            }
+            Backend::Postgres => {
+                AnyPoolOptions::new()
+                    .max_connections(16)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect(url)
+                    .await?
+            }
+        };
+        match backend {
+            Backend::Sqlite => {
+                sqlx::migrate!("../sql/migrations/sqlite")
+                    .run(&pool)
+                    .await?
+            }
+            Backend::Postgres => {
+                sqlx::migrate!("../sql/migrations/postgres")
+                    .run(&pool)
+                    .await?
+            }
+        }
+        Ok(Store { pool, backend })
+    }
+
+    /// Which database this store runs on.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// Whether the database answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+}
+
+/// `$first, $first+1, ...`: `n` numbered placeholders, the syntax SQLite and PostgreSQL share.
+pub(crate) fn placeholders(first: usize, n: usize) -> String {
+    let mut out = String::with_capacity(n * 5);
+    for i in 0..n {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        let _ = write!(out, "${}", first + i);
+    }
+    out
+}
+
+/// `($1, $2), ($3, $4), ...`: the VALUES rows of a multi-row statement of `rows` rows of `cols`
+/// columns.
+pub(crate) fn value_rows(rows: usize, cols: usize) -> String {
+    let mut out = String::with_capacity(rows * cols * 5);
+    for r in 0..rows {
+        if r > 0 {
+            out.push_str(", ");
+        }
+        out.push('(');
+        out.push_str(&placeholders(r * cols + 1, cols));
+        out.push(')');
+    }
+    out
+}
+
+/// A store URL without its password, for error messages.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
     }
 }

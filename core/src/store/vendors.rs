@@ -1,9 +1,9 @@
 //! Vendor state shared by every dispatch worker: access tokens, and the vendor id of each sent
 //! message, which receipts are joined to.
 
-use super::{Store, StoreError, now_ms};
+use super::{Store, StoreError, now_ms, value_rows};
 use crate::wire::{DeliveryEvent, Receipt, State, event_id};
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::Row;
 
 /// A sent message awaiting its receipt, as a receipt poller needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,13 +14,13 @@ pub struct PendingReceipt {
     pub sent_at: i64,
 }
 
-/// Rows per multi-row statement (SQLite binds at most 32,766 parameters).
+/// Rows per multi-row statement (SQLite binds at most 32,766 parameters, PostgreSQL 65,535).
 const CHUNK: usize = 1000;
 
 impl Store {
     /// The stored token under `key` and its expiry (unix ms), if any.
     pub async fn vendor_token(&self, key: &str) -> Result<Option<(String, i64)>, StoreError> {
-        let row = sqlx::query("SELECT token, expires_at FROM vendor_tokens WHERE key = ?")
+        let row = sqlx::query("SELECT token, expires_at FROM vendor_tokens WHERE key = $1")
             .bind(key)
             .fetch_optional(&self.pool)
             .await?;
@@ -35,7 +35,8 @@ impl Store {
         expires_at: i64,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT OR REPLACE INTO vendor_tokens (key, token, expires_at) VALUES (?, ?, ?)",
+            "INSERT INTO vendor_tokens (key, token, expires_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (key) DO UPDATE SET token = excluded.token, expires_at = excluded.expires_at",
         )
         .bind(key)
         .bind(token)
@@ -47,7 +48,7 @@ impl Store {
 
     /// Forgets the token under `key` if it is still `token` (a vendor said it expired).
     pub async fn drop_vendor_token(&self, key: &str, token: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM vendor_tokens WHERE key = ? AND token = ?")
+        sqlx::query("DELETE FROM vendor_tokens WHERE key = $1 AND token = $2")
             .bind(key)
             .bind(token)
             .execute(&self.pool)
@@ -67,20 +68,24 @@ impl Store {
         }
         let mut tx = self.pool.begin().await?;
         for chunk in rows.chunks(CHUNK) {
-            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "INSERT OR IGNORE INTO vendor_messages \
-                 (vendor, vendor_message_id, receiver, message_id, account_id, sent_at, event) ",
+            let sql = format!(
+                "INSERT INTO vendor_messages \
+                 (vendor, vendor_message_id, receiver, message_id, account_id, sent_at, event) \
+                 VALUES {} ON CONFLICT DO NOTHING",
+                value_rows(chunk.len(), 7)
             );
-            q.push_values(chunk, |mut b, e| {
-                b.push_bind(e.vendor.as_deref())
-                    .push_bind(e.vendor_message_id.as_deref())
-                    .push_bind(&e.receiver)
-                    .push_bind(e.message_id.to_string())
-                    .push_bind(e.account_id)
-                    .push_bind(e.ts.timestamp_millis())
-                    .push_bind(serde_json::to_string(e).unwrap_or_default());
-            });
-            q.build().execute(&mut *tx).await?;
+            let mut q = sqlx::query(&sql);
+            for e in chunk {
+                q = q
+                    .bind(e.vendor.as_deref())
+                    .bind(e.vendor_message_id.as_deref())
+                    .bind(&e.receiver)
+                    .bind(e.message_id.to_string())
+                    .bind(e.account_id)
+                    .bind(e.ts.timestamp_millis())
+                    .bind(serde_json::to_string(e).unwrap_or_default());
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -95,8 +100,8 @@ impl Store {
         receiver: Option<&str>,
     ) -> Result<Vec<DeliveryEvent>, StoreError> {
         let rows = sqlx::query(
-            "SELECT event FROM vendor_messages WHERE vendor = ? AND vendor_message_id = ? \
-             AND (? IS NULL OR receiver = ?)",
+            "SELECT event FROM vendor_messages WHERE vendor = $1 AND vendor_message_id = $2 \
+             AND (CAST($3 AS TEXT) IS NULL OR receiver = $4)",
         )
         .bind(vendor)
         .bind(vendor_message_id)
@@ -122,8 +127,8 @@ impl Store {
     ) -> Result<Vec<PendingReceipt>, StoreError> {
         let rows = sqlx::query(
             "SELECT vendor_message_id, receiver, sent_at FROM vendor_messages \
-             WHERE account_id = ? AND receipt_at IS NULL AND sent_at >= ? \
-             ORDER BY sent_at LIMIT ?",
+             WHERE account_id = $1 AND receipt_at IS NULL AND sent_at >= $2 \
+             ORDER BY sent_at LIMIT $3",
         )
         .bind(account_id)
         .bind(since_ms)
@@ -185,8 +190,8 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         for e in events {
             sqlx::query(
-                "UPDATE vendor_messages SET receipt_at = ? \
-                 WHERE vendor = ? AND vendor_message_id = ? AND receiver = ?",
+                "UPDATE vendor_messages SET receipt_at = $1 \
+                 WHERE vendor = $2 AND vendor_message_id = $3 AND receiver = $4",
             )
             .bind(now)
             .bind(e.vendor.as_deref())

@@ -1,0 +1,407 @@
+//! One suite for the store, run against SQLite (a temporary file) and PostgreSQL (a fresh
+//! database per test on the server named by `HERALD_TEST_POSTGRES`, which the test script sets).
+
+use super::*;
+use crate::domain::{Channel, MessageId, MsgType};
+use crate::wire::{DeliveryEvent, MessageRecord, Receipt, State};
+use chrono::{TimeZone, Utc};
+use serde_json::json;
+
+/// A store on a fresh database, and what keeps it alive.
+struct Fresh {
+    store: Store,
+    _dir: Option<tempfile::TempDir>,
+}
+
+async fn sqlite() -> Fresh {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("herald.db").display());
+    Fresh {
+        store: Store::open(&url).await.unwrap(),
+        _dir: Some(dir),
+    }
+}
+
+/// Creates an empty database on the test server and opens a store on it.
+async fn postgres() -> Fresh {
+    let server = std::env::var("HERALD_TEST_POSTGRES").expect(
+        "HERALD_TEST_POSTGRES is not set: run the suite with scripts/test.sh, or set it to a \
+         PostgreSQL URL such as postgres://postgres@127.0.0.1:5432/test",
+    );
+    install_default_drivers();
+    let admin = AnyPoolOptions::new()
+        .max_connections(1)
+        .connect(&server)
+        .await
+        .unwrap();
+    let name = format!("herald_test_{}", uuid::Uuid::now_v7().simple());
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let mut url = url::Url::parse(&server).unwrap();
+    url.set_path(&name);
+    Fresh {
+        store: Store::open(url.as_str()).await.unwrap(),
+        _dir: None,
+    }
+}
+
+/// Runs each check once on SQLite and once on PostgreSQL.
+macro_rules! on_both {
+    ($($check:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test]
+            async fn $check() {
+                super::$check(super::sqlite().await.store).await;
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test]
+            async fn $check() {
+                super::$check(super::postgres().await.store).await;
+            })*
+        }
+    };
+}
+
+on_both!(
+    apps_and_keys,
+    accounts_and_templates,
+    idempotency_claims,
+    concurrent_claims_admit_one,
+    ledger_and_inbox,
+    event_index,
+    vendor_tokens,
+    vendor_messages_and_receipts,
+);
+
+async fn apps_and_keys(store: Store) {
+    let (app, key) = store.create_app("shop").await.unwrap();
+    let app_id = app.id;
+    assert!(key.starts_with("hk_"));
+    assert!(matches!(
+        store.create_app("shop").await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(
+        store.app_by_key_hash(&hash_key(&key)).await.unwrap(),
+        Some(app)
+    );
+    assert_eq!(
+        store.app_by_key_hash(&hash_key("hk_nope")).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.app_by_name("shop").await.unwrap().map(|a| a.id),
+        Some(app_id)
+    );
+    assert_eq!(store.app_by_name("nope").await.unwrap(), None);
+    store.ping().await.unwrap();
+}
+
+async fn accounts_and_templates(store: Store) {
+    let (shop, _) = store.create_app("shop").await.unwrap();
+    let (bank, _) = store.create_app("bank").await.unwrap();
+    let config = json!({"url": "https://example.com/hook"});
+    let acc = store
+        .create_account(shop.id, "hook", Channel::Webhook, &config)
+        .await
+        .unwrap();
+    assert_eq!((acc.channel, &acc.config), (Channel::Webhook, &config));
+    assert_eq!(store.account(shop.id, acc.id).await.unwrap(), acc);
+    assert!(matches!(
+        store.account(bank.id, acc.id).await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(store.account_by_id(acc.id).await.unwrap(), acc);
+    assert_eq!(store.accounts(shop.id).await.unwrap(), vec![acc.clone()]);
+    assert!(store.accounts(bank.id).await.unwrap().is_empty());
+    assert_eq!(
+        store.accounts_of_channel(Channel::Webhook).await.unwrap(),
+        vec![acc.clone()]
+    );
+
+    let mut t = NewTemplate {
+        name: "welcome".into(),
+        channel: Channel::Webhook,
+        msg_type: MsgType::Notice,
+        account_id: Some(acc.id),
+        content: json!({"body": "hi {$name}"}),
+    };
+    let first = store.create_template(shop.id, &t).await.unwrap();
+    assert_eq!((first.version, first.account_id), (1, Some(acc.id)));
+    t.name = "welcome-2".into();
+    t.account_id = None;
+    let second = store.update_template(shop.id, first.id, &t).await.unwrap();
+    assert_eq!((second.version, second.account_id), (2, None));
+    assert_eq!(second.name, "welcome-2");
+    assert!(matches!(
+        store.update_template(bank.id, first.id, &t).await,
+        Err(StoreError::NotFound)
+    ));
+    let other = store.create_template(shop.id, &t).await.unwrap();
+    let page = store.templates(shop.id, 0, 1).await.unwrap();
+    assert_eq!(page, vec![second.clone()]);
+    let page = store.templates(shop.id, first.id, 10).await.unwrap();
+    assert_eq!(page, vec![other.clone()]);
+    store.delete_template(shop.id, first.id).await.unwrap();
+    assert!(matches!(
+        store.template(shop.id, first.id).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.delete_template(shop.id, first.id).await,
+        Err(StoreError::NotFound)
+    ));
+}
+
+async fn idempotency_claims(store: Store) {
+    assert_eq!(
+        store.claim_idempotency(1, "k", "h1").await.unwrap(),
+        Claim::Claimed
+    );
+    assert_eq!(
+        store.claim_idempotency(1, "k", "h1").await.unwrap(),
+        Claim::InProgress
+    );
+    assert_eq!(
+        store.claim_idempotency(1, "k", "h2").await.unwrap(),
+        Claim::Mismatch
+    );
+    store.finish_idempotency(1, "k", 202, "{}").await.unwrap();
+    assert_eq!(
+        store.claim_idempotency(1, "k", "h1").await.unwrap(),
+        Claim::Done {
+            status: 202,
+            response: "{}".into()
+        }
+    );
+    // Another app's key of the same name is its own.
+    assert_eq!(
+        store.claim_idempotency(2, "k", "h1").await.unwrap(),
+        Claim::Claimed
+    );
+    store.release_idempotency(2, "k").await.unwrap();
+    assert_eq!(
+        store.claim_idempotency(2, "k", "h3").await.unwrap(),
+        Claim::Claimed
+    );
+}
+
+async fn concurrent_claims_admit_one(store: Store) {
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.claim_idempotency(7, "race", "h").await.unwrap() })
+        })
+        .collect();
+    let mut claimed = 0;
+    for t in tasks {
+        if t.await.unwrap() == Claim::Claimed {
+            claimed += 1;
+        }
+    }
+    assert_eq!(claimed, 1);
+}
+
+async fn ledger_and_inbox(store: Store) {
+    let (a, b, c) = (MessageId::new(), MessageId::new(), MessageId::new());
+    store
+        .record_ledger(
+            &[
+                (a, LedgerState::Sending, 1),
+                (b, LedgerState::Sending, 1),
+                // The last row for a message wins.
+                (a, LedgerState::Sent, 2),
+            ],
+            &[],
+        )
+        .await
+        .unwrap();
+    let states = store.ledger_states(&[a, b, c]).await.unwrap();
+    assert_eq!(states.len(), 2);
+    assert_eq!(states[&a], (LedgerState::Sent, 2));
+    assert_eq!(states[&b], (LedgerState::Sending, 1));
+
+    let inbox = |id: MessageId, receiver: &str| SentInbox {
+        message_id: id,
+        app: "shop".into(),
+        receiver: receiver.into(),
+        template_id: 3,
+        content: json!({"title": format!("for {receiver}")}),
+    };
+    let entries = [
+        inbox(b, "u1"),
+        inbox(c, "u1"),
+        inbox(MessageId::new(), "u2"),
+    ];
+    store
+        .record_ledger(&[(b, LedgerState::Sent, 1)], &entries)
+        .await
+        .unwrap();
+    // Written again (a redelivered batch): still once.
+    store
+        .record_ledger(&[(b, LedgerState::Sent, 1)], &entries[..1])
+        .await
+        .unwrap();
+    let page = store.inbox("shop", "u1", None, 10, false).await.unwrap();
+    assert_eq!(page.len(), 2);
+    assert!(page.iter().all(|e| e.read_at.is_none()));
+    let first = store.inbox("shop", "u1", None, 1, false).await.unwrap();
+    let cursor = (first[0].created_at, first[0].message_id.clone());
+    let rest = store
+        .inbox("shop", "u1", Some(cursor), 10, false)
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_ne!(rest[0].message_id, first[0].message_id);
+    assert!(
+        store
+            .inbox("bank", "u1", None, 10, false)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let one = vec![first[0].message_id.clone()];
+    assert_eq!(store.mark_read("shop", "u1", &one).await.unwrap(), 1);
+    assert_eq!(store.mark_read("shop", "u1", &one).await.unwrap(), 0);
+    let unread = store.inbox("shop", "u1", None, 10, true).await.unwrap();
+    assert_eq!(unread.len(), 1);
+    assert_eq!(store.mark_read("shop", "u1", &[]).await.unwrap(), 1);
+    assert!(
+        store
+            .inbox("shop", "u1", None, 10, true)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+fn record(app: &str, receiver: &str) -> MessageRecord {
+    MessageRecord {
+        v: 1,
+        message_id: MessageId::new(),
+        request_id: "req".into(),
+        biz_id: None,
+        app: app.into(),
+        template_id: 1,
+        channel: Channel::Sms,
+        msg_type: MsgType::Notice,
+        account_id: Some(5),
+        receiver: receiver.into(),
+        content: json!({}),
+        accepted_at: Utc::now(),
+        send_at: None,
+    }
+}
+
+fn event(r: &MessageRecord, state: State, attempt: u32, second: u32) -> DeliveryEvent {
+    let mut e = DeliveryEvent::for_record(r, state, attempt);
+    e.ts = Utc.with_ymd_and_hms(2026, 11, 26, 10, 0, second).unwrap();
+    e
+}
+
+async fn event_index(store: Store) {
+    let r = record("shop", "+8613800000000");
+    let events = vec![
+        event(&r, State::Sent, 1, 2),
+        event(&r, State::Accepted, 0, 0),
+        event(&r, State::Sending, 1, 1),
+    ];
+    store.index_events(&events).await.unwrap();
+    store.index_events(&events[..1]).await.unwrap();
+    let trace = store.message_events("shop", &r.message_id).await.unwrap();
+    let states: Vec<State> = trace.iter().map(|e| e.state).collect();
+    assert_eq!(states, [State::Accepted, State::Sending, State::Sent]);
+    assert!(
+        store
+            .message_events("bank", &r.message_id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let known = store
+        .known_events(&[
+            (r.message_id, events[0].event_id.clone()),
+            (r.message_id, "not-an-event".into()),
+            (MessageId::new(), events[1].event_id.clone()),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(known.len(), 1);
+    assert!(known.contains(&events[0].event_id));
+}
+
+async fn vendor_tokens(store: Store) {
+    assert_eq!(store.vendor_token("wechat:a").await.unwrap(), None);
+    store.put_vendor_token("wechat:a", "t1", 100).await.unwrap();
+    store.put_vendor_token("wechat:a", "t2", 200).await.unwrap();
+    assert_eq!(
+        store.vendor_token("wechat:a").await.unwrap(),
+        Some(("t2".into(), 200))
+    );
+    // Dropping a token that was already replaced leaves the new one.
+    store.drop_vendor_token("wechat:a", "t1").await.unwrap();
+    assert!(store.vendor_token("wechat:a").await.unwrap().is_some());
+    store.drop_vendor_token("wechat:a", "t2").await.unwrap();
+    assert_eq!(store.vendor_token("wechat:a").await.unwrap(), None);
+}
+
+async fn vendor_messages_and_receipts(store: Store) {
+    let (r1, r2) = (
+        record("shop", "+8613800000001"),
+        record("shop", "+8613800000002"),
+    );
+    let sent = |r: &MessageRecord| {
+        let mut e = event(r, State::Sent, 1, 5);
+        e.vendor = Some("aliyun".into());
+        e.vendor_message_id = Some("biz-1".into());
+        e
+    };
+    let mut unsent = event(&r1, State::SendFailed, 1, 5);
+    unsent.vendor = Some("aliyun".into());
+    let events = [sent(&r1), sent(&r2), unsent];
+    store.record_vendor_messages(&events).await.unwrap();
+    store.record_vendor_messages(&events).await.unwrap();
+
+    let both = store
+        .sent_by_vendor_id("aliyun", "biz-1", None)
+        .await
+        .unwrap();
+    assert_eq!(both.len(), 2);
+    let one = store
+        .sent_by_vendor_id("aliyun", "biz-1", Some(&r2.receiver))
+        .await
+        .unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].message_id, r2.message_id);
+
+    let since = events[0].ts.timestamp_millis() - 1;
+    assert_eq!(store.pending_receipts(5, since, 10).await.unwrap().len(), 2);
+    assert_eq!(store.pending_receipts(6, since, 10).await.unwrap().len(), 0);
+
+    let at = Utc.with_ymd_and_hms(2026, 11, 26, 10, 0, 9).unwrap();
+    let receipt = |id: &str, receiver: Option<&str>| Receipt {
+        vendor: "aliyun".into(),
+        vendor_message_id: id.into(),
+        receiver: receiver.map(str::to_string),
+        delivered: true,
+        error_code: None,
+        error_detail: None,
+        at,
+    };
+    let (delivered, unmatched) = store
+        .receipt_events(&[receipt("biz-1", Some(&r1.receiver)), receipt("biz-9", None)])
+        .await
+        .unwrap();
+    assert_eq!(unmatched.len(), 1);
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].state, State::Delivered);
+    assert_eq!(delivered[0].latency_ms, Some(4000));
+    store.mark_receipts(&delivered).await.unwrap();
+    let pending = store.pending_receipts(5, since, 10).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].receiver, r2.receiver);
+}

@@ -1,0 +1,190 @@
+//! Send requests written straight to `herald.requests` by a business system's own Kafka
+//! producer. The record is the body of `POST /v1/send/batch` plus the app and its API key
+//! (or only the app, when the producers are trusted by config); its JSON schema is
+//! `docs/schemas/kafka-request.v1.json`. It is checked exactly as the HTTP request would be, and
+//! its message ids are derived from its place on the bus, so a redelivered record yields the
+//! same messages (which the send ledger then absorbs).
+
+use crate::ApiError;
+use crate::ApiState;
+use crate::send::{BatchMessage, Group, build_records};
+use chrono::{DateTime, Utc};
+use herald_core::store::App;
+use herald_core::wire::hashed_uuid;
+use herald_core::{MessageId, MessageRecord};
+use serde::Deserialize;
+
+/// Version 1 of a producer's record.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProducerRequest {
+    v: u32,
+    app: String,
+    #[serde(default)]
+    api_key: Option<String>,
+    template_id: i64,
+    messages: Vec<BatchMessage>,
+    #[serde(default)]
+    send_at: Option<DateTime<Utc>>,
+}
+
+/// Where a record lives on the bus.
+#[derive(Debug, Clone, Copy)]
+pub struct Source<'a> {
+    pub topic: &'a str,
+    pub partition: u32,
+    pub offset: u64,
+}
+
+/// Why a producer's record yields no messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProducerError {
+    /// The record is bad (its DLQ reason: a code and a message).
+    Refused { code: &'static str, message: String },
+    /// The store failed; try again later.
+    Unavailable(String),
+}
+
+fn refused(code: &'static str, message: impl Into<String>) -> ProducerError {
+    ProducerError::Refused {
+        code,
+        message: message.into(),
+    }
+}
+
+impl From<ApiError> for ProducerError {
+    fn from(e: ApiError) -> Self {
+        match e {
+            ApiError::Invalid { code, message, .. } | ApiError::Conflict { code, message } => {
+                ProducerError::Refused { code, message }
+            }
+            ApiError::Unauthorized => refused("unauthorized", "unknown or revoked api_key"),
+            ApiError::NotFound(what) => refused("not_found", what),
+            ApiError::Unavailable(m) | ApiError::Internal(m) => ProducerError::Unavailable(m),
+        }
+    }
+}
+
+impl ApiState {
+    /// The message records of a producer's record at `source`, or why there are none.
+    /// `trusted`: the record names its app without an API key.
+    pub async fn expand_producer_record(
+        &self,
+        payload: &[u8],
+        source: Source<'_>,
+        trusted: bool,
+    ) -> Result<Vec<MessageRecord>, ProducerError> {
+        let config = &self.inner.config;
+        if payload.len() > config.max_body_bytes {
+            return Err(refused(
+                "record_too_large",
+                format!(
+                    "the record has {} bytes; at most {} are accepted",
+                    payload.len(),
+                    config.max_body_bytes
+                ),
+            ));
+        }
+        let request: ProducerRequest = serde_json::from_slice(payload)
+            .map_err(|e| refused("malformed_record", format!("not a send request: {e}")))?;
+        if request.v != 1 {
+            return Err(refused(
+                "unsupported_version",
+                format!("record version {} is not supported (expected 1)", request.v),
+            ));
+        }
+        let app = self.producer_app(&request, trusted).await?;
+        if request.messages.len() > config.max_batch_messages {
+            return Err(refused(
+                "too_many_messages",
+                format!(
+                    "a record holds at most {} messages, got {}",
+                    config.max_batch_messages,
+                    request.messages.len()
+                ),
+            ));
+        }
+        let Some(template) = self.cached_template(app.id, request.template_id).await? else {
+            return Err(refused(
+                "unknown_template",
+                format!("no template {} in app `{}`", request.template_id, app.name),
+            ));
+        };
+        let groups = Group::of_batch(&request.messages);
+        let request_id = format!("{}/{}/{}", source.topic, source.partition, source.offset);
+        let records = build_records(
+            config,
+            &app,
+            &template.template,
+            request.send_at,
+            &groups,
+            true,
+            &request_id,
+            &mut |n| message_id_at(source, n),
+        )?;
+        let m = &self.inner.metrics;
+        m.messages_accepted.inc_by(records.len() as u64);
+        Ok(records)
+    }
+
+    /// The app a record speaks for: the owner of its API key, which must be the app it names.
+    async fn producer_app(
+        &self,
+        request: &ProducerRequest,
+        trusted: bool,
+    ) -> Result<App, ProducerError> {
+        let unavailable =
+            |e: herald_core::store::StoreError| ProducerError::from(ApiError::from(e));
+        if trusted {
+            return self
+                .inner
+                .store
+                .app_by_name(&request.app)
+                .await
+                .map_err(unavailable)?
+                .ok_or_else(|| refused("unknown_app", format!("no app `{}`", request.app)));
+        }
+        let Some(key) = request.api_key.as_deref() else {
+            return Err(refused(
+                "unauthorized",
+                "api_key is required (producers are not trusted by config)",
+            ));
+        };
+        match self.app_for_key(key).await.map_err(unavailable)? {
+            Some(app) if app.name == request.app => Ok(app),
+            Some(_) => Err(refused(
+                "unauthorized",
+                format!("the api_key does not belong to app `{}`", request.app),
+            )),
+            None => Err(refused("unauthorized", "unknown or revoked api_key")),
+        }
+    }
+}
+
+/// The id of the `n`-th message of the record at `source`: a hash of the record's place and `n`.
+fn message_id_at(source: Source<'_>, n: usize) -> MessageId {
+    MessageId(hashed_uuid(&[
+        source.topic.as_bytes(),
+        &source.partition.to_be_bytes(),
+        &source.offset.to_be_bytes(),
+        &(n as u64).to_be_bytes(),
+    ]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_ids_follow_the_place_on_the_bus() {
+        let at = |offset| Source {
+            topic: "herald.requests",
+            partition: 3,
+            offset,
+        };
+        assert_eq!(message_id_at(at(7), 0), message_id_at(at(7), 0));
+        assert_ne!(message_id_at(at(7), 0), message_id_at(at(7), 1));
+        assert_ne!(message_id_at(at(7), 0), message_id_at(at(8), 0));
+        assert_eq!(message_id_at(at(7), 0).0.get_version_num(), 8);
+    }
+}
