@@ -12,6 +12,7 @@ pub mod kafka;
 pub mod conformance;
 
 use async_trait::async_trait;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 /// A record to append.
@@ -102,6 +103,26 @@ pub trait Consumer: Send {
 
     /// Makes the given positions durable for the group: after a restart, reading resumes there.
     async fn commit(&mut self, positions: &[Position]) -> Result<(), BusError>;
+}
+
+/// Runs blocking work (file I/O, a blocking librdkafka call) off the async worker threads.
+pub(crate) async fn run_blocking<T, F>(work: F) -> Result<T, BusError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, BusError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // The runtime is shutting down.
+        Err(_) => Err(BusError::Closed),
+    }
+}
+
+/// Locks a mutex, ignoring poisoning: every critical section of the bus leaves its data
+/// consistent.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The positions to commit after processing `records`: one past the highest offset per partition.

@@ -58,7 +58,7 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
-use super::{Bus, BusError, Consumer, Record};
+use super::{Bus, BusError, Consumer, Record, lock, run_blocking};
 use async_trait::async_trait;
 use consumer::EmbeddedConsumer;
 use serde::{Deserialize, Serialize};
@@ -66,7 +66,7 @@ use std::collections::HashMap;
 use std::fs::{self, File, TryLockError};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use tokio::sync::oneshot;
 use topic::Topic;
 use writer::{Append, Writer};
@@ -273,25 +273,6 @@ fn check_topic_name(name: &str) -> Result<(), BusError> {
 /// An error for a caller's bad argument.
 fn invalid_input(message: String) -> BusError {
     BusError::InvalidArgument(message)
-}
-
-/// Runs blocking file work off the async worker threads.
-async fn run_blocking<T, F>(work: F) -> Result<T, BusError>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Result<T, BusError> + Send + 'static,
-{
-    match tokio::task::spawn_blocking(work).await {
-        Ok(result) => result,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        // The runtime is shutting down.
-        Err(_) => Err(BusError::Closed),
-    }
-}
-
-/// Locks a mutex, ignoring poisoning: every critical section here leaves its data consistent.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {

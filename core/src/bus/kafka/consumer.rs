@@ -1,6 +1,6 @@
 //! A member of a Kafka consumer group on one topic.
 
-use super::{TracingContext, blocking, broker_error};
+use super::{TracingContext, broker_error};
 use crate::bus::{BusError, Consumer, Delivered, Position, Record};
 use async_trait::async_trait;
 use futures::FutureExt;
@@ -107,7 +107,9 @@ impl Consumer for KafkaConsumer {
                 .map_err(|e| broker_error("building the commit", e))?;
         }
         let member = Arc::clone(self.member()?);
-        match blocking(move || Ok(member.commit(&offsets, CommitMode::Sync))).await? {
+        match crate::bus::run_blocking(move || Ok(member.commit(&offsets, CommitMode::Sync)))
+            .await?
+        {
             Ok(()) => Ok(()),
             Err(error) if lost_membership(&error) => {
                 // The partitions moved to another member, which reads them again from the last

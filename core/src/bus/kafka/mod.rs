@@ -37,7 +37,7 @@ mod tests;
 pub use config::KafkaConfig;
 pub use topics::{TopicOutcome, TopicSpec, TopicStatus, herald_topics};
 
-use super::{Bus, BusError, Consumer, Record};
+use super::{Bus, BusError, Consumer, Record, lock, run_blocking};
 use async_trait::async_trait;
 use consumer::{KafkaConsumer, Member};
 use context::TracingContext;
@@ -51,7 +51,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How long `publish` pauses when the producer's local queue is full.
@@ -222,7 +222,7 @@ impl Bus for KafkaBus {
     async fn lag(&self, topic: &str, group: &str) -> Result<u64, BusError> {
         let client = self.lag_client(group)?;
         let topic = topic.to_owned();
-        blocking(move || group_lag(&client, &topic)).await
+        run_blocking(move || group_lag(&client, &topic)).await
     }
 }
 
@@ -286,23 +286,4 @@ fn invalid_settings(client: &str, error: KafkaError) -> BusError {
 /// A broker-side failure while `doing` something.
 fn broker_error(doing: &str, error: KafkaError) -> BusError {
     BusError::Broker(format!("{doing}: {error}"))
-}
-
-/// Runs a blocking librdkafka call off the async worker threads.
-async fn blocking<T, F>(work: F) -> Result<T, BusError>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Result<T, BusError> + Send + 'static,
-{
-    match tokio::task::spawn_blocking(work).await {
-        Ok(result) => result,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        // The runtime is shutting down.
-        Err(_) => Err(BusError::Closed),
-    }
-}
-
-/// Locks a mutex, ignoring poisoning: every critical section leaves its data consistent.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -1,6 +1,6 @@
 //! Topic administration: herald's topics, creating missing ones, reading partition counts.
 
-use super::{KafkaBus, KafkaConfig, TracingContext, blocking, broker_error};
+use super::{KafkaBus, KafkaConfig, TracingContext, broker_error};
 use crate::bus::BusError;
 use crate::wire::{DELIVERY_TOPIC, REQUESTS_DLQ_TOPIC, REQUESTS_TOPIC};
 use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
@@ -152,11 +152,11 @@ impl KafkaBus {
     /// Makes sure `topic` exists before its first use by this bus: creates it when missing
     /// (if the configuration allows), else fails with `UnknownTopic`.
     pub(super) async fn ensure_topic(&self, topic: &str) -> Result<(), BusError> {
-        if super::lock(&self.known_topics).contains(topic) {
+        if crate::bus::lock(&self.known_topics).contains(topic) {
             return Ok(());
         }
         let _creating = self.creating.lock().await;
-        if super::lock(&self.known_topics).contains(topic) {
+        if crate::bus::lock(&self.known_topics).contains(topic) {
             return Ok(());
         }
         if self.topic_partitions(topic).await?.is_none() {
@@ -167,7 +167,7 @@ impl KafkaBus {
                 tracing::info!("kafka topic {outcome}");
             }
         }
-        super::lock(&self.known_topics).insert(topic.to_owned());
+        crate::bus::lock(&self.known_topics).insert(topic.to_owned());
         Ok(())
     }
 
@@ -175,7 +175,7 @@ impl KafkaBus {
     pub(super) async fn topic_partitions(&self, topic: &str) -> Result<Option<u32>, BusError> {
         let admin = Arc::clone(&self.admin);
         let topic = topic.to_owned();
-        blocking(move || partition_count(admin.inner(), &topic)).await
+        crate::bus::run_blocking(move || partition_count(admin.inner(), &topic)).await
     }
 
     /// Waits until a just-created topic shows up with its partitions in the metadata, so that
