@@ -4,8 +4,10 @@
 //! handle over the same storage — the same directory for the embedded bus, a new client of the
 //! same broker for Kafka. A check "restarts" by dropping every handle and consumer it holds and
 //! opening again, so a new handle is only opened once the previous one is gone (the embedded bus
-//! locks its directory). Every check uses fresh topic names, so one storage can serve all checks
-//! and repeated runs. Checks panic on failure; waits are generous so that a real broker's group
+//! locks its directory). Every check uses fresh topic names, and group names scoped to its topic
+//! (a Kafka consumer group spans topics, so a shared name would make runs that overlap, or other
+//! tests on the same broker, members of one group), so one storage can serve all checks and
+//! repeated or concurrent runs. Checks panic on failure; waits are generous so that a real broker's group
 //! joins fit in them.
 //!
 //! ```ignore
@@ -360,11 +362,18 @@ async fn publish(bus: &Arc<dyn Bus>, topic: &str, records: Vec<Record>) {
 }
 
 async fn subscribe(bus: &Arc<dyn Bus>, topic: &str, group: &str) -> Box<dyn Consumer> {
-    bus.subscribe(topic, group).await.expect("subscribe")
+    bus.subscribe(topic, &scoped(group, topic))
+        .await
+        .expect("subscribe")
 }
 
 async fn lag(bus: &Arc<dyn Bus>, topic: &str, group: &str) -> u64 {
-    bus.lag(topic, group).await.expect("lag")
+    bus.lag(topic, &scoped(group, topic)).await.expect("lag")
+}
+
+/// The group a check calls `group` on `topic`: unique to the topic (see the module docs).
+fn scoped(group: &str, topic: &str) -> String {
+    format!("{group}.{topic}")
 }
 
 /// Polls until exactly `n` records have arrived, failing if more arrive or they take too long.
