@@ -33,8 +33,8 @@ pub struct BenchArgs {
     /// PostgreSQL server for the distributed figures; each measurement creates its own database.
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
     pub postgres: String,
-    /// Only run these figures (comma-separated: accept, batch, e2e, vendor, kafka).
-    #[arg(long, default_value = "accept,batch,e2e,vendor,kafka")]
+    /// Only run these figures (comma-separated: accept, batch, e2e, policies, vendor, kafka).
+    #[arg(long, default_value = "accept,batch,e2e,policies,vendor,kafka")]
     pub only: String,
     /// Internal: serve the bare baseline handler on this address and nothing else.
     #[arg(long, hide = true)]
@@ -142,6 +142,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             0.0,
             None,
         ));
+    }
+    if only.contains(&"policies") {
+        rows.extend(policy_figures(&args).await?);
     }
     if only.contains(&"vendor") {
         rows.extend(vendor::figures(&args).await?);
@@ -387,6 +390,46 @@ impl Herald {
         .into_bytes()
     }
 
+    /// Sets a policy with every stage on and nothing binding: quiet hours elsewhere in the day,
+    /// content dedup (every message differs by receiver), a cap of a million a day, 1,000
+    /// sensitive words to mask (none occurs), and a blocklist of 10,000 other receivers.
+    async fn switch_on_every_policy(&self) -> anyhow::Result<()> {
+        let now = chrono::Utc::now();
+        let hm = |h| {
+            (now + chrono::Duration::hours(h))
+                .format("%H:%M")
+                .to_string()
+        };
+        let words: Vec<String> = (0..1000).map(|i| format!("forbidden{i}")).collect();
+        let policy = serde_json::json!({
+            "quiet_hours": {"start": hm(6), "end": hm(7), "notice": "defer"},
+            "content_dedup_secs": 3600,
+            "frequency_caps": [{"channel": "inbox", "max": 1_000_000, "period_secs": 86_400}],
+            "sensitive_words": words,
+            "templates": {self.template_id.to_string(): {"sensitive_words": "mask"}},
+        });
+        let client = setup_client::Client::new(self.server.addr);
+        let (status, text) = client
+            .send(
+                hyper::Method::PUT,
+                "/v1/policy",
+                &self.key,
+                policy.to_string().into_bytes(),
+            )
+            .await?;
+        if status != 200 {
+            bail!("PUT /v1/policy: {status} {text}");
+        }
+        let blocked: Vec<String> = (0..10_000).map(|i| format!("blocked-{i}")).collect();
+        self.post(
+            "/v1/lists/block/inbox",
+            serde_json::json!({"receivers": blocked}),
+            200,
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Sends `n` inbox messages in batches of 1,000 and waits until every `sent` event is in
     /// Parquet; returns messages/s and the server's peak RSS in MB.
     async fn end_to_end(&self, n: usize) -> anyhow::Result<(f64, f64)> {
@@ -429,6 +472,33 @@ impl Drop for Herald {
         let _ = self.server.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// End to end to the inbox with every policy off, then with every policy on (limits too high to
+/// bind), in the same run.
+async fn policy_figures(args: &BenchArgs) -> anyhow::Result<Vec<Row>> {
+    let off = Herald::start("all").await?;
+    let (off_rate, _) = off.end_to_end(args.e2e_messages).await?;
+    drop(off);
+    let on = Herald::start("all").await?;
+    on.switch_on_every_policy().await?;
+    let (on_rate, _) = on.end_to_end(args.e2e_messages).await?;
+    Ok(vec![
+        Row::new(
+            "end to end to the inbox, every policy off (baseline for policies)",
+            off_rate,
+            "msg/s",
+            1.0,
+            None,
+        ),
+        Row::new(
+            "end to end to the inbox, every policy on, none binding",
+            on_rate,
+            "msg/s",
+            on_rate / off_rate,
+            None,
+        ),
+    ])
 }
 
 /// How many `sent` events the warehouse holds.
@@ -521,7 +591,6 @@ mod setup_client {
             Client { addr }
         }
 
-        /// POSTs JSON; returns the status and the body text.
         /// GETs `path`; returns the status and the body text.
         pub async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
             let stream = tokio::net::TcpStream::connect(self.addr).await?;
@@ -538,8 +607,20 @@ mod setup_client {
             Ok((status, text))
         }
 
+        /// POSTs JSON with `key`; returns the status and the body text.
         pub async fn post(
             &self,
+            path: &str,
+            key: &str,
+            body: Vec<u8>,
+        ) -> anyhow::Result<(u16, String)> {
+            self.send(hyper::Method::POST, path, key, body).await
+        }
+
+        /// Sends JSON with `key` by `method`; returns the status and the body text.
+        pub async fn send(
+            &self,
+            method: hyper::Method,
             path: &str,
             key: &str,
             body: Vec<u8>,
@@ -548,7 +629,9 @@ mod setup_client {
             let (mut sender, conn) =
                 hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
             tokio::spawn(conn);
-            let req = hyper::Request::post(path)
+            let req = hyper::Request::builder()
+                .method(method)
+                .uri(path)
                 .header("host", "bench")
                 .header("content-type", "application/json")
                 .header("authorization", format!("Bearer {key}"))

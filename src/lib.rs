@@ -16,7 +16,9 @@ use herald_core::telemetry::{Metrics, TopicGroup};
 use herald_core::wire::{DELIVERY_TOPIC, DeliveryEvent, REQUESTS_TOPIC};
 use herald_core::{Channel, MessageId, MessageRecord, Receipt};
 use herald_dispatch::channels::{self, Media, SendError, Senders};
-use herald_dispatch::{Dispatcher, ExpandError, ReceiptPoller, Refusal, RequestExpander};
+use herald_dispatch::{
+    Dispatcher, ExpandError, ReceiptPoller, Refusal, RequestExpander, Scheduler,
+};
 use herald_ingest::producer::{ProducerError, Source};
 use herald_ingest::{ApiState, Channels, MediaUpload, VendorFailure};
 use std::collections::HashSet;
@@ -171,6 +173,16 @@ impl Application {
             let rx = shutdown.clone();
             tasks.spawn(async move {
                 poller.run(rx).await;
+                Ok(())
+            });
+            let scheduler = Scheduler::new(
+                self.store.clone(),
+                self.bus.clone(),
+                self.config.dispatch.schedule_lease,
+            );
+            let rx = shutdown.clone();
+            tasks.spawn(async move {
+                scheduler.run(rx).await;
                 Ok(())
             });
         }

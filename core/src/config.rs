@@ -131,6 +131,14 @@ pub struct DispatchConfig {
     /// private, loopback or link-local addresses. Off by default: such URLs reach into herald's
     /// own network.
     pub allow_private_urls: bool,
+    /// How long an app's policy document is used before it is read again: the longest a
+    /// policy change takes to apply.
+    #[serde(deserialize_with = "duration")]
+    pub policy_cache_ttl: Duration,
+    /// How long a worker holds scheduled messages it took to release; if it dies, another
+    /// worker releases them after this.
+    #[serde(deserialize_with = "duration")]
+    pub schedule_lease: Duration,
 }
 
 impl Default for DispatchConfig {
@@ -144,6 +152,8 @@ impl Default for DispatchConfig {
             receipt_poll_interval: Duration::from_secs(30),
             attachment_max_bytes: 10 * 1024 * 1024,
             allow_private_urls: false,
+            policy_cache_ttl: Duration::from_secs(5),
+            schedule_lease: Duration::from_secs(30),
         }
     }
 }

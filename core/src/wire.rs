@@ -35,6 +35,9 @@ pub struct MessageRecord {
     pub accepted_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub send_at: Option<DateTime<Utc>>,
+    /// The receiver's IANA time zone for quiet hours, when the request named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
 }
 
 /// A message's state; each change is one [`DeliveryEvent`]. Extends Austin's anchor states.

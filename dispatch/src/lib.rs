@@ -1,11 +1,15 @@
-//! herald-dispatch: the consumer loop, the send pipeline, the channels and the receipt poller.
+//! herald-dispatch: the consumer loop, the send pipeline and its policies, the scheduler, the
+//! channels and the receipt poller.
 
 pub mod channels;
 mod outcomes;
+pub mod policy;
 pub mod receipts;
 pub mod requests;
+pub mod scheduler;
 pub mod worker;
 
 pub use receipts::ReceiptPoller;
 pub use requests::{ExpandError, Refusal, RequestExpander};
+pub use scheduler::Scheduler;
 pub use worker::{BatchOutcome, DispatchError, Dispatcher};

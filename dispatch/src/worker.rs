@@ -5,7 +5,10 @@
 //!
 //! At-least-once from the bus, at-most-once to the receiver per message id:
 //! 1. a batch is polled; nothing is committed yet;
-//! 2. messages bound for a vendor are marked `sending` in the send ledger (one transaction);
+//! 2. the policies decide each new message's fate (see `policy`), and one transaction claims
+//!    them in the send ledger: `sending` (after passing dedup and frequency caps), `scheduled`
+//!    (with its schedule entry: a future `send_at` or quiet hours), or the state that stopped
+//!    it; a message another worker claimed first is left alone;
 //! 3. vendors are called (concurrently across receivers, in order for one receiver; messages of
 //!    one account together through the vendor's batch API), retryable failures retried with
 //!    jittered backoff, and each outcome is queued for the ledger as soon as the vendor answers
@@ -23,11 +26,15 @@
 
 use crate::channels::{SendError, SendOutcome, Sender, Senders};
 use crate::outcomes::OutcomeWriter;
+use crate::policy::{Policies, Stop, Verdict};
 use crate::requests::{ExpandError, Refusal, RequestExpander, dead_letter};
 use futures::stream::{self, StreamExt};
 use herald_core::bus::{Bus, BusError, Delivered, Record, next_positions};
 use herald_core::config::DispatchConfig;
-use herald_core::store::{Account, LedgerState, SentInbox, Store, StoreError};
+use herald_core::store::{
+    Account, ClaimOutcome, LedgerState, MessageClaim, ScheduleKind, ScheduledMessage, SentInbox,
+    Store, StoreError,
+};
 use herald_core::telemetry::{ErrorCode, Metrics};
 use herald_core::wire::{DELIVERY_TOPIC, REQUESTS_DLQ_TOPIC, REQUESTS_TOPIC};
 use herald_core::{Channel, DeliveryEvent, MessageId, MessageRecord, State};
@@ -63,6 +70,10 @@ pub struct BatchOutcome {
     pub absorbed: usize,
     /// Malformed records moved to the DLQ.
     pub dead_lettered: usize,
+    /// Messages a policy stopped (discarded, blocked, deduplicated, filtered).
+    pub stopped: usize,
+    /// Messages put in the schedule (a future `send_at`, quiet hours).
+    pub waiting: usize,
 }
 
 /// Channel accounts by id: the account (or that it does not exist) and when it was read.
@@ -79,6 +90,7 @@ pub struct Dispatcher {
     outcomes: OutcomeWriter,
     /// Checks records that Kafka producers wrote; `None` refuses them all.
     requests: Option<Arc<dyn RequestExpander>>,
+    policies: Policies,
 }
 
 /// One message of a batch and what became of it.
@@ -92,6 +104,14 @@ struct Work {
     attempt: u32,
     /// Every vendor call made for this message in this batch, in order.
     tries: Vec<Try>,
+    /// A policy stopped it.
+    stop: Option<Stop>,
+    /// It waits in the schedule until then.
+    wait: Option<(ScheduleKind, chrono::DateTime<chrono::Utc>)>,
+    /// Sensitive words masked in its content.
+    masked: Option<Vec<String>>,
+    /// Another worker (or an earlier delivery) claimed it: no sending, no events.
+    skip: bool,
 }
 
 /// One vendor call for one message.
@@ -114,7 +134,16 @@ impl Work {
             done: None,
             attempt: 1,
             tries: Vec::new(),
+            stop: None,
+            wait: None,
+            masked: None,
+            skip: false,
         }
+    }
+
+    /// Whether this batch sends the message.
+    fn to_send(&self) -> bool {
+        self.done.is_none() && self.stop.is_none() && self.wait.is_none() && !self.skip
     }
 
     /// The last call's result, once the message was tried.
@@ -140,7 +169,9 @@ impl Dispatcher {
         config: DispatchConfig,
     ) -> Self {
         let store_for_outcomes = store.clone();
+        let policies = Policies::new(store.clone(), &config);
         Dispatcher {
+            policies,
             store,
             bus,
             senders,
@@ -238,25 +269,33 @@ impl Dispatcher {
 
         let ids: Vec<MessageId> = work.iter().map(|w| w.record.message_id).collect();
         let ledger = self.store.ledger_states(&ids).await?;
-        let mut sending_rows = Vec::new();
-        for w in &mut work {
-            if let Some(&(state, attempt)) = ledger.get(&w.record.message_id) {
-                w.redelivered = true;
-                w.attempt = attempt;
-                if state.is_final() {
+        let mut candidates = Vec::new();
+        for (i, w) in work.iter_mut().enumerate() {
+            match ledger.get(&w.record.message_id) {
+                None => candidates.push((i, false)),
+                Some(&(LedgerState::Scheduled, attempt)) => {
+                    w.attempt = attempt;
+                    candidates.push((i, true));
+                }
+                Some(&(state, attempt)) if state.is_final() => {
+                    w.redelivered = true;
                     w.done = Some((state, attempt));
                     outcome.absorbed += 1;
                     self.metrics.redelivery_absorbed.inc();
-                    continue;
                 }
-                self.metrics.possible_duplicates.inc();
-                tracing::warn!(message_id = %w.record.message_id, "crash during a vendor call: sending again");
-            }
-            if w.record.channel != Channel::Inbox {
-                sending_rows.push((w.record.message_id, LedgerState::Sending, w.attempt));
+                Some(&(_, attempt)) => {
+                    // Claimed and past the policies before: the crash came during the vendor
+                    // call (the inbox is written with its ledger row, so it cannot repeat).
+                    w.redelivered = true;
+                    w.attempt = attempt;
+                    if w.record.channel != Channel::Inbox {
+                        self.metrics.possible_duplicates.inc();
+                        tracing::warn!(message_id = %w.record.message_id, "crash during a vendor call: sending again");
+                    }
+                }
             }
         }
-        self.store.record_ledger(&sending_rows, &[]).await?;
+        self.claim(&mut work, &candidates, &mut outcome).await?;
 
         self.send_all(&mut work).await;
         // The final write below must not be overtaken by a queued earlier state.
@@ -265,7 +304,7 @@ impl Dispatcher {
         let mut final_rows = Vec::new();
         let mut inbox = Vec::new();
         for w in &work {
-            if w.done.is_some() {
+            if !w.to_send() {
                 continue;
             }
             match w.last() {
@@ -310,6 +349,83 @@ impl Dispatcher {
         Ok(outcome)
     }
 
+    /// Runs the policies over `candidates` (index into `work`, whether the ledger says
+    /// `scheduled`) and claims them in one store transaction; records on each message what
+    /// became of it.
+    async fn claim(
+        &self,
+        work: &mut [Work],
+        candidates: &[(usize, bool)],
+        outcome: &mut BatchOutcome,
+    ) -> Result<(), DispatchError> {
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let now = chrono::Utc::now();
+        let records: Vec<&MessageRecord> =
+            candidates.iter().map(|&(i, _)| &work[i].record).collect();
+        let verdicts = self.policies.evaluate(&records, now).await?;
+        let claims: Vec<MessageClaim> = candidates
+            .iter()
+            .zip(&verdicts)
+            .map(|(&(i, from_scheduled), verdict)| {
+                let w = &work[i];
+                let (state, schedule, limits) = match verdict {
+                    Verdict::Send { limits, .. } => (LedgerState::Sending, None, limits.clone()),
+                    Verdict::Stop(stop) => (stop.ledger, None, Vec::new()),
+                    Verdict::Wait { kind, until } => {
+                        let mut record = w.record.clone();
+                        record.send_at = Some(*until);
+                        let entry = ScheduledMessage {
+                            message_id: record.message_id,
+                            app: record.app.clone(),
+                            due_at: *until,
+                            kind: *kind,
+                            record: serde_json::to_string(&record).unwrap_or_default(),
+                            lease: 0,
+                        };
+                        (LedgerState::Scheduled, Some(entry), Vec::new())
+                    }
+                };
+                MessageClaim {
+                    message_id: w.record.message_id,
+                    from_scheduled,
+                    state,
+                    attempt: w.attempt,
+                    schedule,
+                    limits,
+                }
+            })
+            .collect();
+        let claimed = self.store.claim_messages(&claims).await?;
+        for ((&(i, _), verdict), result) in candidates.iter().zip(verdicts).zip(claimed) {
+            let w = &mut work[i];
+            match (result, verdict) {
+                (ClaimOutcome::Lost, _) => w.skip = true,
+                (ClaimOutcome::Claimed(LedgerState::Sending), Verdict::Send { masked, .. }) => {
+                    if let Some((content, words)) = masked {
+                        w.record.content = content;
+                        w.masked = Some(words);
+                    }
+                }
+                (ClaimOutcome::Claimed(LedgerState::Scheduled), Verdict::Wait { kind, until }) => {
+                    outcome.waiting += 1;
+                    w.wait = Some((kind, until));
+                }
+                (ClaimOutcome::Claimed(_), Verdict::Stop(stop)) => {
+                    outcome.stopped += 1;
+                    w.stop = Some(stop);
+                }
+                (ClaimOutcome::Claimed(state), _) => {
+                    // A limit stopped a message the policies let through.
+                    outcome.stopped += 1;
+                    w.stop = Some(Stop::of_limit(state));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Sends every message that needs it, one receiver's messages in order: the k-th message of
     /// each receiver goes in round k. Within a round, messages for one account are handed to
     /// their channel's batch API together, and different accounts' groups run concurrently.
@@ -319,7 +435,7 @@ impl Dispatcher {
         // so its events order one receiver's messages as the bus did.
         let mut inbox_seen: HashMap<String, i64> = HashMap::new();
         for w in work.iter_mut() {
-            if w.done.is_none() && w.record.channel == Channel::Inbox {
+            if w.to_send() && w.record.channel == Channel::Inbox {
                 let k = inbox_seen.entry(w.record.receiver.clone()).or_default();
                 let at = now + chrono::Duration::microseconds(*k);
                 *k += 1;
@@ -342,7 +458,7 @@ impl Dispatcher {
         let mut queue_of: HashMap<&str, usize> = HashMap::new();
         let mut queues: Vec<Vec<usize>> = Vec::new();
         for (i, w) in work.iter().enumerate() {
-            if w.done.is_none() && w.tries.is_empty() {
+            if w.to_send() && w.tries.is_empty() {
                 let q = *queue_of.entry(&w.record.receiver).or_insert_with(|| {
                     queues.push(Vec::new());
                     queues.len() - 1
@@ -541,6 +657,9 @@ impl Dispatcher {
         received_at: chrono::DateTime<chrono::Utc>,
     ) -> Vec<DeliveryEvent> {
         let r = &w.record;
+        if w.skip {
+            return Vec::new();
+        }
         let ev = |state: State, attempt: u32, ts| {
             let mut e = DeliveryEvent::for_record(r, state, attempt);
             e.ts = ts;
@@ -551,17 +670,45 @@ impl Dispatcher {
             ev(State::Accepted, w.attempt, r.accepted_at),
             ev(State::Received, w.attempt, received_at),
         ];
+        if let Some(stop) = &w.stop {
+            let mut e = ev(stop.state, w.attempt, received_at);
+            e.error_code = Some(stop.code.into());
+            e.error_detail = Some(stop.detail.clone());
+            out.push(e);
+        }
+        if let Some((kind, until)) = &w.wait {
+            let state = match kind {
+                ScheduleKind::Scheduled => State::Scheduled,
+                ScheduleKind::Deferred => State::Deferred,
+            };
+            let mut e = ev(state, w.attempt, received_at);
+            e.error_detail = Some(format!("until {}", until.to_rfc3339()));
+            out.push(e);
+        }
+        if let Some(words) = &w.masked {
+            let mut e = ev(State::Filtered, w.attempt, received_at);
+            e.error_code = Some("masked".into());
+            e.error_detail = Some(format!("sensitive words masked: {}", words.join(", ")));
+            out.push(e);
+        }
         match &w.done {
             Some((LedgerState::Sent, attempt)) => {
                 out.push(ev(State::Sending, *attempt, received_at));
                 out.push(ev(State::Sent, *attempt, received_at));
             }
-            Some((_, attempt)) => {
+            Some((LedgerState::SendFailed, attempt)) => {
                 out.push(ev(State::Sending, *attempt, received_at));
                 let mut e = ev(State::SendFailed, *attempt, received_at);
                 e.error_code = Some("unknown".into());
                 out.push(e);
             }
+            Some((state, attempt)) => {
+                // Stopped by a policy or cancelled before: the same state again.
+                let mut e = ev(stopped_state(*state), *attempt, received_at);
+                e.error_code = Some(state_code(*state).into());
+                out.push(e);
+            }
+            None if !w.to_send() => {}
             None => {
                 for t in &w.tries {
                     out.push(ev(State::Sending, t.attempt, t.sending_at));
@@ -594,6 +741,26 @@ impl Dispatcher {
             self.metrics.event(r.channel, e.state);
         }
         out
+    }
+}
+
+/// The event state of a final ledger state other than `sent` and `send_failed`.
+fn stopped_state(state: LedgerState) -> State {
+    match state {
+        LedgerState::Blocked => State::Blocked,
+        LedgerState::DedupContent => State::DedupContent,
+        LedgerState::DedupFrequency => State::DedupFrequency,
+        LedgerState::Filtered => State::Filtered,
+        _ => State::Discarded,
+    }
+}
+
+/// The error code of a redelivered message a policy stopped before (the first code is on its
+/// first events).
+fn state_code(state: LedgerState) -> &'static str {
+    match state {
+        LedgerState::Cancelled => "cancelled",
+        _ => "policy",
     }
 }
 

@@ -1,11 +1,13 @@
 //! herald-ingest: the HTTP API. Authenticates apps, validates and renders send requests, and
 //! publishes one record per receiver to `herald.requests`; also serves templates, accounts,
-//! media upload, vendor receipt pushes, traces, the inbox, `/health` and `/metrics`.
+//! media upload, vendor receipt pushes, traces, the inbox, policies and receiver lists,
+//! `/health` and `/metrics`.
 
 mod auth;
 mod body;
 mod catalog;
 mod error;
+mod policy;
 pub mod producer;
 mod read;
 mod send;
@@ -124,7 +126,17 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/send", post(send::send))
         .route("/v1/send/batch", post(send::send_batch))
-        .route("/v1/messages/{id}", get(read::trace))
+        .route("/v1/messages/{id}", get(read::trace).delete(policy::cancel))
+        .route(
+            "/v1/policy",
+            get(policy::get_policy).put(policy::put_policy),
+        )
+        .route(
+            "/v1/lists/{list}/{channel}",
+            get(policy::get_list)
+                .post(policy::add_to_list)
+                .delete(policy::remove_from_list),
+        )
         .route(
             "/v1/accounts",
             post(catalog::create_account).get(catalog::list_accounts),

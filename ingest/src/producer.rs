@@ -7,7 +7,7 @@
 
 use crate::ApiError;
 use crate::ApiState;
-use crate::send::{BatchMessage, Group, build_records};
+use crate::send::{BatchMessage, Group, Timing, build_records};
 use chrono::{DateTime, Utc};
 use herald_core::store::App;
 use herald_core::wire::hashed_uuid;
@@ -26,6 +26,8 @@ struct ProducerRequest {
     messages: Vec<BatchMessage>,
     #[serde(default)]
     send_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    timezone: Option<String>,
 }
 
 /// Where a record lives on the bus.
@@ -116,7 +118,10 @@ impl ApiState {
             config,
             &app,
             &template.template,
-            request.send_at,
+            &Timing {
+                send_at: request.send_at,
+                timezone: request.timezone.clone(),
+            },
             &groups,
             true,
             &request_id,

@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 use herald_core::bus::Record;
 use herald_core::config::HttpConfig;
 use herald_core::domain::parse_receiver;
+use herald_core::policy::quiet_hours::parse_timezone;
 use herald_core::store::{Claim, Template};
 use herald_core::template::{RenderError, render};
 use herald_core::wire::REQUESTS_TOPIC;
@@ -30,6 +31,7 @@ pub struct SendBody {
     variables: Map<String, Value>,
     biz_id: Option<String>,
     send_at: Option<DateTime<Utc>>,
+    timezone: Option<String>,
 }
 
 /// Body of `POST /v1/send/batch`.
@@ -39,6 +41,7 @@ pub struct BatchBody {
     template_id: i64,
     messages: Vec<BatchMessage>,
     send_at: Option<DateTime<Utc>>,
+    timezone: Option<String>,
 }
 
 /// One message of a batch: its receivers share its variables.
@@ -63,6 +66,16 @@ struct Accepted {
 /// Longest `biz_id`, in bytes.
 const MAX_BIZ_ID: usize = 128;
 
+/// How far ahead `send_at` may be.
+const MAX_SCHEDULE_AHEAD: chrono::Duration = chrono::Duration::days(366);
+
+/// When, and in which time zone (for quiet hours), a request's messages are to be sent.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Timing {
+    pub(crate) send_at: Option<DateTime<Utc>>,
+    pub(crate) timezone: Option<String>,
+}
+
 pub async fn send(
     State(state): State<ApiState>,
     AuthApp(app): AuthApp,
@@ -82,7 +95,10 @@ pub async fn send(
         &headers,
         &body.raw,
         b.template_id,
-        b.send_at,
+        Timing {
+            send_at: b.send_at,
+            timezone: b.timezone.clone(),
+        },
         groups,
         false,
     )
@@ -116,7 +132,10 @@ pub async fn send_batch(
         &headers,
         &body.raw,
         b.template_id,
-        b.send_at,
+        Timing {
+            send_at: b.send_at,
+            timezone: b.timezone.clone(),
+        },
         groups,
         true,
     )
@@ -164,7 +183,7 @@ async fn accept(
     headers: &HeaderMap,
     raw: &[u8],
     template_id: i64,
-    send_at: Option<DateTime<Utc>>,
+    timing: Timing,
     groups: Vec<Group<'_>>,
     batch: bool,
 ) -> Result<Response, ApiError> {
@@ -181,7 +200,7 @@ async fn accept(
                 &state.inner.config,
                 app,
                 &t.template,
-                send_at,
+                &timing,
                 &groups,
                 batch,
                 &request_id,
@@ -295,7 +314,7 @@ pub(crate) fn build_records(
     config: &HttpConfig,
     app: &herald_core::store::App,
     template: &Template,
-    send_at: Option<DateTime<Utc>>,
+    timing: &Timing,
     groups: &[Group<'_>],
     batch: bool,
     request_id: &str,
@@ -303,13 +322,25 @@ pub(crate) fn build_records(
 ) -> Result<Vec<MessageRecord>, ApiError> {
     let mut details = Vec::new();
     let now = Utc::now();
-    if let Some(at) = send_at
-        && at > now + chrono::Duration::seconds(1)
+    if let Some(at) = timing.send_at
+        && at > now + MAX_SCHEDULE_AHEAD
     {
         details.push(Detail {
             path: "send_at".into(),
-            code: "scheduling_not_supported",
-            message: "scheduled sends (send_at in the future) are not implemented yet".into(),
+            code: "send_at_too_far",
+            message: format!(
+                "send_at is at most {} days ahead",
+                MAX_SCHEDULE_AHEAD.num_days()
+            ),
+        });
+    }
+    if let Some(tz) = &timing.timezone
+        && let Err(message) = parse_timezone(tz)
+    {
+        details.push(Detail {
+            path: "timezone".into(),
+            code: "bad_timezone",
+            message,
         });
     }
     let total: usize = groups.iter().map(|g| g.receivers.len()).sum();
@@ -392,7 +423,8 @@ pub(crate) fn build_records(
                             receiver,
                             content: content.clone(),
                             accepted_at: now,
-                            send_at: None,
+                            send_at: timing.send_at.filter(|at| *at > now),
+                            timezone: timing.timezone.clone(),
                         });
                     }
                 }

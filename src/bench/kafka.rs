@@ -5,8 +5,10 @@
 //! - end to end to the inbox with one and with two dispatch processes (plus one ingest and one
 //!   analytics process) beside the embedded deployment on the same machine.
 //!
-//! Each measurement gets a fresh broker (memory storage) and a fresh database, so no record of
-//! one measurement is left for the next.
+//! Each measurement gets a fresh broker and a fresh database, so no record of one measurement is
+//! left for the next. The broker stores in a SQLite file (tansu's `sqlite://` engine): its memory
+//! engine loses records when a consumer resumes from the middle of a produced batch, which a
+//! rebalance between dispatch processes does.
 
 use super::{Herald, Row, free_addr, load, wait_listening};
 use anyhow::{Context, bail};
@@ -23,10 +25,12 @@ use std::time::{Duration, Instant};
 /// Receivers per `POST /v1/send/batch` in these figures.
 const BATCH: usize = 1000;
 
-/// A tansu broker with memory storage on a free port; killed when dropped.
+/// A tansu broker storing in a temporary SQLite file, on a free port; killed when dropped.
 struct Broker {
     child: Child,
     address: String,
+    /// tansu's working directory, which holds its database; removed when dropped.
+    dir: PathBuf,
 }
 
 impl Broker {
@@ -38,7 +42,11 @@ impl Broker {
             .context("no tansu broker: run scripts/broker.sh start once (it installs tansu) or set HERALD_TANSU")?;
         let addr = free_addr()?;
         let url = format!("tcp://{addr}");
+        // tansu resolves a sqlite:// path against its working directory.
+        let dir = std::env::temp_dir().join(format!("herald-bench-tansu-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir)?;
         let child = Command::new(tansu)
+            .current_dir(&dir)
             .args([
                 "broker",
                 "--listener-url",
@@ -46,13 +54,14 @@ impl Broker {
                 "--advertised-listener-url",
                 &url,
             ])
-            .args(["--storage-engine", "memory://tansu/"])
+            .args(["--storage-engine", "sqlite://tansu.db"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
         let broker = Broker {
             child,
             address: addr.to_string(),
+            dir,
         };
         wait_listening(addr)?;
         Ok(broker)
@@ -63,6 +72,7 @@ impl Drop for Broker {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -108,6 +118,7 @@ fn sample_record() -> Vec<u8> {
         content: serde_json::json!({"title": "Hello Ann", "content": "Your code is 123456"}),
         accepted_at: Utc::now(),
         send_at: None,
+        timezone: None,
     };
     serde_json::to_vec(&record).expect("a record serialises")
 }

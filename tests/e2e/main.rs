@@ -7,6 +7,7 @@ mod channels;
 mod crash;
 mod distributed;
 mod media;
+mod policies;
 mod sms;
 mod support;
 mod wechat;

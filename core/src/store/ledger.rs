@@ -12,34 +12,63 @@ use sqlx::Row;
 use std::collections::HashMap;
 
 /// A message's row in the ledger.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LedgerState {
+    /// Waiting in the schedule (a future `send_at` or a quiet-hours deferral).
+    Scheduled,
+    /// Passed the policies; a vendor call may be under way.
     Sending,
     Sent,
     SendFailed,
+    /// Stopped by a policy (the template's kill switch, quiet hours that drop).
+    Discarded,
+    Blocked,
+    DedupContent,
+    DedupFrequency,
+    Filtered,
+    /// A scheduled message cancelled through the API.
+    Cancelled,
 }
 
 impl LedgerState {
-    fn as_str(self) -> &'static str {
+    const ALL: [LedgerState; 10] = [
+        LedgerState::Scheduled,
+        LedgerState::Sending,
+        LedgerState::Sent,
+        LedgerState::SendFailed,
+        LedgerState::Discarded,
+        LedgerState::Blocked,
+        LedgerState::DedupContent,
+        LedgerState::DedupFrequency,
+        LedgerState::Filtered,
+        LedgerState::Cancelled,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
+            LedgerState::Scheduled => "scheduled",
             LedgerState::Sending => "sending",
             LedgerState::Sent => "sent",
             LedgerState::SendFailed => "send_failed",
+            LedgerState::Discarded => "discarded",
+            LedgerState::Blocked => "blocked",
+            LedgerState::DedupContent => "dedup_content",
+            LedgerState::DedupFrequency => "dedup_frequency",
+            LedgerState::Filtered => "filtered",
+            LedgerState::Cancelled => "cancelled",
         }
     }
 
-    fn parse(s: &str) -> Result<Self, StoreError> {
-        match s {
-            "sending" => Ok(LedgerState::Sending),
-            "sent" => Ok(LedgerState::Sent),
-            "send_failed" => Ok(LedgerState::SendFailed),
-            other => Err(StoreError::Corrupt(format!("ledger state `{other}`"))),
-        }
+    pub(crate) fn parse(s: &str) -> Result<Self, StoreError> {
+        LedgerState::ALL
+            .into_iter()
+            .find(|l| l.as_str() == s)
+            .ok_or_else(|| StoreError::Corrupt(format!("ledger state `{s}`")))
     }
 
     /// Whether the message is done: it must not be sent again.
     pub fn is_final(self) -> bool {
-        !matches!(self, LedgerState::Sending)
+        !matches!(self, LedgerState::Sending | LedgerState::Scheduled)
     }
 }
 
@@ -54,7 +83,7 @@ pub struct SentInbox {
 }
 
 /// Rows per multi-row statement: SQLite takes at most 32,766 bound parameters.
-const CHUNK: usize = 1000;
+pub(crate) const CHUNK: usize = 1000;
 
 impl Store {
     /// The ledger rows of `ids` that exist: state and attempt.

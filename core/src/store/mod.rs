@@ -1,6 +1,7 @@
 //! The store (sqlx): apps and API keys, channel accounts, templates, idempotency keys, the send
 //! ledger, the per-message event index behind the trace API, the inbox, and vendor state (access
-//! tokens, vendor message ids for receipts).
+//! tokens, vendor message ids for receipts), and the state behind pipeline policies (policy
+//! documents, receiver lists, the schedule, dedup and frequency counters).
 //!
 //! One implementation serves SQLite (the embedded deployment) and PostgreSQL (the distributed
 //! one) through sqlx's `Any` driver: every statement is written once in the SQL both accept
@@ -12,6 +13,7 @@ mod events;
 mod idempotency;
 mod inbox;
 mod ledger;
+mod policy;
 mod vendors;
 
 #[cfg(test)]
@@ -21,6 +23,7 @@ pub use catalog::{Account, App, NewTemplate, Template, hash_key};
 pub use idempotency::Claim;
 pub use inbox::InboxEntry;
 pub use ledger::{LedgerState, SentInbox};
+pub use policy::{ClaimOutcome, Limit, ListName, MessageClaim, ScheduleKind, ScheduledMessage};
 pub use vendors::PendingReceipt;
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};

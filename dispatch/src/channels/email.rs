@@ -859,6 +859,7 @@ mod tests {
             content,
             accepted_at: chrono::Utc::now(),
             send_at: None,
+            timezone: None,
         }
     }
 

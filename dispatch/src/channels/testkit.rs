@@ -167,6 +167,7 @@ pub fn record(channel: Channel, receiver: &str, content: serde_json::Value) -> M
         content,
         accepted_at: chrono::Utc::now(),
         send_at: None,
+        timezone: None,
     }
 }
 

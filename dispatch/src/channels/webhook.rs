@@ -364,6 +364,7 @@ mod tests {
             content: json!({"title": "Order shipped", "order": {"id": 42, "items": ["a", "b"]}}),
             accepted_at: Utc::now(),
             send_at: None,
+            timezone: None,
         }
     }
 

@@ -74,7 +74,17 @@ on_both!(
     event_index,
     vendor_tokens,
     vendor_messages_and_receipts,
+    policy_documents_and_lists,
+    claims_pass_limits_once,
+    concurrent_claims_respect_a_cap,
+    schedule_lease_release_and_cancel,
 );
+
+mod policy;
+use policy::{
+    claims_pass_limits_once, concurrent_claims_respect_a_cap, policy_documents_and_lists,
+    schedule_lease_release_and_cancel,
+};
 
 async fn apps_and_keys(store: Store) {
     let (app, key) = store.create_app("shop").await.unwrap();
@@ -294,6 +304,7 @@ fn record(app: &str, receiver: &str) -> MessageRecord {
         content: json!({}),
         accepted_at: Utc::now(),
         send_at: None,
+        timezone: None,
     }
 }
 

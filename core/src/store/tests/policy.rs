@@ -1,0 +1,320 @@
+//! Checks of the policy state: documents, receiver lists, claims with dedup and caps, and the
+//! schedule. Run on both backends by the parent module.
+
+use super::*;
+use crate::policy::AppPolicy;
+use std::collections::HashSet;
+
+fn claim(id: MessageId, state: LedgerState, limits: Vec<Limit>) -> MessageClaim {
+    MessageClaim {
+        message_id: id,
+        from_scheduled: false,
+        state,
+        attempt: 1,
+        schedule: None,
+        limits,
+    }
+}
+
+fn cap(scope: &str, max: u32) -> Limit {
+    Limit::Frequency {
+        scope: scope.into(),
+        window_start: 1_000,
+        max,
+        expires_at: now_ms() + 60_000,
+    }
+}
+
+fn content(key: &str, expires_at: i64) -> Limit {
+    Limit::Content {
+        key: key.into(),
+        expires_at,
+    }
+}
+
+pub(super) async fn policy_documents_and_lists(store: Store) {
+    let (app, _) = store.create_app("shop").await.unwrap();
+    assert_eq!(
+        store.app_policy(app.id).await.unwrap(),
+        (AppPolicy::default(), 0)
+    );
+    let doc: AppPolicy = serde_json::from_value(json!({"content_dedup_secs": 60})).unwrap();
+    assert_eq!(store.put_app_policy(app.id, &doc).await.unwrap(), 1);
+    assert_eq!(store.put_app_policy(app.id, &doc).await.unwrap(), 2);
+    assert_eq!(store.app_policy(app.id).await.unwrap(), (doc.clone(), 2));
+
+    let receivers: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+    for (list, rs, added) in [
+        (ListName::Block, &receivers[..], 3),
+        (ListName::Block, &receivers[..1], 0),
+        (ListName::Allow, &receivers[2..], 1),
+    ] {
+        let n = store
+            .add_to_list(app.id, Channel::Sms, list, rs)
+            .await
+            .unwrap();
+        assert_eq!(n, added, "{list:?}");
+    }
+    let page = store
+        .list_page(app.id, Channel::Sms, ListName::Block, "a", 10)
+        .await
+        .unwrap();
+    assert_eq!(page, ["b", "c"]);
+    assert_eq!(
+        store
+            .remove_from_list(app.id, Channel::Sms, ListName::Block, &receivers[1..2])
+            .await
+            .unwrap(),
+        1
+    );
+    let seen = store
+        .list_memberships("shop", &["a", "b", "c", "z"])
+        .await
+        .unwrap();
+    let want: HashSet<(Channel, ListName, String)> = [
+        (Channel::Sms, ListName::Block, "a".to_string()),
+        (Channel::Sms, ListName::Block, "c".to_string()),
+        (Channel::Sms, ListName::Allow, "c".to_string()),
+    ]
+    .into();
+    assert_eq!(seen, want);
+    assert!(
+        store
+            .list_memberships("bank", &["a"])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let (policy, allowlisted) = store.app_policy_by_name("shop").await.unwrap();
+    assert_eq!(policy, doc);
+    assert_eq!(allowlisted, [Channel::Sms].into());
+}
+
+pub(super) async fn claims_pass_limits_once(store: Store) {
+    let ids: Vec<MessageId> = (0..6).map(|_| MessageId::new()).collect();
+    let far = now_ms() + 60_000;
+    let outcome = store
+        .claim_messages(&[
+            claim(
+                ids[0],
+                LedgerState::Sending,
+                vec![content("k", far), cap("r1", 2)],
+            ),
+            // Same content in the same batch: a duplicate.
+            claim(
+                ids[1],
+                LedgerState::Sending,
+                vec![content("k", far), cap("r1", 2)],
+            ),
+            claim(
+                ids[2],
+                LedgerState::Sending,
+                vec![content("k2", far), cap("r1", 2)],
+            ),
+            // Over the cap; its content key is given back.
+            claim(
+                ids[3],
+                LedgerState::Sending,
+                vec![content("k3", far), cap("r1", 2)],
+            ),
+            claim(ids[4], LedgerState::Blocked, vec![]),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome,
+        [
+            ClaimOutcome::Claimed(LedgerState::Sending),
+            ClaimOutcome::Claimed(LedgerState::DedupContent),
+            ClaimOutcome::Claimed(LedgerState::Sending),
+            ClaimOutcome::Claimed(LedgerState::DedupFrequency),
+            ClaimOutcome::Claimed(LedgerState::Blocked),
+        ]
+    );
+    let states = store.ledger_states(&ids).await.unwrap();
+    assert_eq!(states[&ids[1]], (LedgerState::DedupContent, 1));
+    assert_eq!(states[&ids[3]], (LedgerState::DedupFrequency, 1));
+    assert_eq!(states[&ids[4]], (LedgerState::Blocked, 1));
+
+    // Claiming again (a redelivered batch) loses, and counts nothing.
+    let again = store
+        .claim_messages(&[claim(ids[0], LedgerState::Sending, vec![cap("r1", 3)])])
+        .await
+        .unwrap();
+    assert_eq!(again, [ClaimOutcome::Lost]);
+    // The cap holds 2, the failed claim's key k3 is free, and the count of the cap is 2: a
+    // cap of 3 admits exactly one more.
+    let more = store
+        .claim_messages(&[
+            claim(
+                ids[5],
+                LedgerState::Sending,
+                vec![content("k3", far), cap("r1", 3)],
+            ),
+            claim(MessageId::new(), LedgerState::Sending, vec![cap("r1", 3)]),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        more,
+        [
+            ClaimOutcome::Claimed(LedgerState::Sending),
+            ClaimOutcome::Claimed(LedgerState::DedupFrequency),
+        ]
+    );
+    // An expired content key is taken over; pruning removes what has expired.
+    let past = now_ms() - 1;
+    let expired = [claim(
+        MessageId::new(),
+        LedgerState::Sending,
+        vec![content("old", past)],
+    )];
+    store.claim_messages(&expired).await.unwrap();
+    let later = [claim(
+        MessageId::new(),
+        LedgerState::Sending,
+        vec![content("old", far)],
+    )];
+    assert_eq!(
+        store.claim_messages(&later).await.unwrap(),
+        [ClaimOutcome::Claimed(LedgerState::Sending)]
+    );
+    let gone = [claim(
+        MessageId::new(),
+        LedgerState::Sending,
+        vec![content("gone", past)],
+    )];
+    store.claim_messages(&gone).await.unwrap();
+    assert_eq!(store.prune_limits().await.unwrap(), 1);
+}
+
+pub(super) async fn concurrent_claims_respect_a_cap(store: Store) {
+    // 16 workers race to send one message each to one receiver with a cap of 5.
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let c = claim(
+                    MessageId::new(),
+                    LedgerState::Sending,
+                    vec![cap("racer", 5)],
+                );
+                store.claim_messages(&[c]).await.unwrap()[0]
+            })
+        })
+        .collect();
+    let mut sent = 0;
+    for t in tasks {
+        if t.await.unwrap() == ClaimOutcome::Claimed(LedgerState::Sending) {
+            sent += 1;
+        }
+    }
+    assert_eq!(sent, 5);
+}
+
+pub(super) async fn schedule_lease_release_and_cancel(store: Store) {
+    let r = record("shop", "+8613800000000");
+    let due = Utc::now() + chrono::Duration::seconds(30);
+    let entry = ScheduledMessage {
+        message_id: r.message_id,
+        app: "shop".into(),
+        due_at: due,
+        kind: ScheduleKind::Scheduled,
+        record: serde_json::to_string(&r).unwrap(),
+        lease: 0,
+    };
+    let mut c = claim(r.message_id, LedgerState::Scheduled, vec![]);
+    c.schedule = Some(entry.clone());
+    assert_eq!(
+        store.claim_messages(&[c.clone()]).await.unwrap(),
+        [ClaimOutcome::Claimed(LedgerState::Scheduled)]
+    );
+    let lease = Utc::now() + chrono::Duration::seconds(60);
+    assert!(
+        store
+            .claim_due(Utc::now(), lease, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let taken = store.claim_due(due, lease, 10).await.unwrap();
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].record, entry.record);
+    assert_eq!(taken[0].lease, lease.timestamp_millis());
+    // Leased: nobody else takes it.
+    assert!(store.claim_due(due, lease, 10).await.unwrap().is_empty());
+
+    // Scheduled again while leased (a redelivery): the release must not delete it.
+    let mut again = c.clone();
+    again.from_scheduled = true;
+    store.claim_messages(&[again]).await.unwrap();
+    store.release_scheduled(&taken).await.unwrap();
+    let retaken = store.claim_due(due, lease, 10).await.unwrap();
+    assert_eq!(retaken.len(), 1);
+    store.release_scheduled(&retaken).await.unwrap();
+    assert!(
+        store
+            .claim_due(due, lease + chrono::Duration::hours(1), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Cancel: only the app's own waiting message, once.
+    let w = record("shop", "+8613800000001");
+    let mut c = claim(w.message_id, LedgerState::Scheduled, vec![]);
+    c.schedule = Some(ScheduledMessage {
+        message_id: w.message_id,
+        record: serde_json::to_string(&w).unwrap(),
+        ..entry.clone()
+    });
+    store.claim_messages(&[c]).await.unwrap();
+    assert!(matches!(
+        store.cancel_scheduled("bank", w.message_id).await,
+        Err(StoreError::NotFound)
+    ));
+    let gone = store.cancel_scheduled("shop", w.message_id).await.unwrap();
+    assert_eq!(gone.message_id, w.message_id);
+    assert_eq!(
+        store.ledger_states(&[w.message_id]).await.unwrap()[&w.message_id].0,
+        LedgerState::Cancelled
+    );
+    assert!(matches!(
+        store.cancel_scheduled("shop", w.message_id).await,
+        Err(StoreError::NotFound)
+    ));
+    // Released and moved on by a worker before its entry went: too late to cancel, and the
+    // refused cancel changes nothing.
+    let x = record("shop", "+8613800000002");
+    let mut c = claim(x.message_id, LedgerState::Scheduled, vec![]);
+    c.schedule = Some(ScheduledMessage {
+        message_id: x.message_id,
+        record: serde_json::to_string(&x).unwrap(),
+        ..entry.clone()
+    });
+    store.claim_messages(&[c]).await.unwrap();
+    let moved = MessageClaim {
+        from_scheduled: true,
+        ..claim(x.message_id, LedgerState::Sending, vec![])
+    };
+    assert_eq!(
+        store
+            .claim_messages(std::slice::from_ref(&moved))
+            .await
+            .unwrap(),
+        [ClaimOutcome::Claimed(LedgerState::Sending)]
+    );
+    assert!(matches!(
+        store.cancel_scheduled("shop", x.message_id).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(
+        store.ledger_states(&[x.message_id]).await.unwrap()[&x.message_id].0,
+        LedgerState::Sending
+    );
+    // A second worker moving it too loses.
+    assert_eq!(
+        store.claim_messages(&[moved]).await.unwrap(),
+        [ClaimOutcome::Lost]
+    );
+}

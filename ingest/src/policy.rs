@@ -1,0 +1,202 @@
+//! Pipeline policies through the API: the app's policy document (`/v1/policy`), its receiver
+//! lists (`/v1/lists/{list}/{channel}`: block, allow, unsubscribed) and cancelling a scheduled
+//! message (`DELETE /v1/messages/{id}`). Dispatch reads policies through a short cache, so a
+//! change applies within seconds, without a restart.
+
+use crate::auth::AuthApp;
+use crate::body::JsonBody;
+use crate::{ApiError, ApiState, Detail};
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use herald_core::domain::parse_receiver;
+use herald_core::policy::AppPolicy;
+use herald_core::store::{ListName, StoreError};
+use herald_core::wire::DELIVERY_TOPIC;
+use herald_core::{Channel, DeliveryEvent, MessageId, MessageRecord, State as MessageState};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// Most receivers in one list change.
+const MAX_LIST_CHANGE: usize = 10_000;
+
+/// `GET /v1/policy`: the app's policy document and its version (0: never set).
+pub async fn get_policy(
+    State(state): State<ApiState>,
+    AuthApp(app): AuthApp,
+) -> Result<Json<Value>, ApiError> {
+    let (policy, version) = state.inner.store.app_policy(app.id).await?;
+    Ok(Json(json!({"version": version, "policy": policy})))
+}
+
+/// `PUT /v1/policy`: replaces the app's policy document after checking all of it.
+pub async fn put_policy(
+    State(state): State<ApiState>,
+    AuthApp(app): AuthApp,
+    body: JsonBody<AppPolicy>,
+) -> Result<Json<Value>, ApiError> {
+    let policy = body.value;
+    policy
+        .compile()
+        .map_err(|m| ApiError::invalid("bad_policy", m))?;
+    let version = state.inner.store.put_app_policy(app.id, &policy).await?;
+    Ok(Json(json!({"version": version, "policy": policy})))
+}
+
+/// Body of `POST` and `DELETE /v1/lists/{list}/{channel}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListChange {
+    receivers: Vec<String>,
+}
+
+/// Query of `GET /v1/lists/{list}/{channel}`.
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    #[serde(default)]
+    after: String,
+    limit: Option<i64>,
+}
+
+/// The list and channel a path names.
+fn list_of(list: &str, channel: &str) -> Result<(ListName, Channel), ApiError> {
+    let list = ListName::parse(list).ok_or_else(|| {
+        ApiError::invalid(
+            "unknown_list",
+            format!("no list `{list}` (expected block, allow or unsubscribed)"),
+        )
+    })?;
+    let channel = channel
+        .parse()
+        .map_err(|m| ApiError::invalid("unknown_channel", m))?;
+    Ok((list, channel))
+}
+
+/// The receivers of a change, normalised for the channel; every bad one is named.
+fn receivers_of(channel: Channel, change: &ListChange) -> Result<Vec<String>, ApiError> {
+    if change.receivers.is_empty() || change.receivers.len() > MAX_LIST_CHANGE {
+        return Err(ApiError::invalid(
+            "bad_receivers",
+            format!("1 to {MAX_LIST_CHANGE} receivers per change"),
+        ));
+    }
+    let mut out = Vec::with_capacity(change.receivers.len());
+    let mut details = Vec::new();
+    for (i, raw) in change.receivers.iter().enumerate() {
+        match parse_receiver(channel, raw) {
+            Ok(r) => out.push(r),
+            Err(message) => details.push(Detail {
+                path: format!("receivers[{i}]"),
+                code: "bad_receiver",
+                message,
+            }),
+        }
+    }
+    if details.is_empty() {
+        Ok(out)
+    } else {
+        Err(ApiError::from_details(details))
+    }
+}
+
+/// `GET /v1/lists/{list}/{channel}`: receivers in order, `limit` per page after `after`.
+pub async fn get_list(
+    State(state): State<ApiState>,
+    AuthApp(app): AuthApp,
+    Path((list, channel)): Path<(String, String)>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let (list, channel) = list_of(&list, &channel)?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let receivers = state
+        .inner
+        .store
+        .list_page(app.id, channel, list, &q.after, limit)
+        .await?;
+    let next = (receivers.len() as i64 == limit)
+        .then(|| receivers.last().cloned())
+        .flatten();
+    Ok(Json(json!({"receivers": receivers, "next_after": next})))
+}
+
+/// `POST /v1/lists/{list}/{channel}`: adds receivers.
+pub async fn add_to_list(
+    State(state): State<ApiState>,
+    AuthApp(app): AuthApp,
+    Path((list, channel)): Path<(String, String)>,
+    body: JsonBody<ListChange>,
+) -> Result<Json<Value>, ApiError> {
+    let (list, channel) = list_of(&list, &channel)?;
+    let receivers = receivers_of(channel, &body.value)?;
+    let added = state
+        .inner
+        .store
+        .add_to_list(app.id, channel, list, &receivers)
+        .await?;
+    Ok(Json(json!({"added": added})))
+}
+
+/// `DELETE /v1/lists/{list}/{channel}`: removes receivers.
+pub async fn remove_from_list(
+    State(state): State<ApiState>,
+    AuthApp(app): AuthApp,
+    Path((list, channel)): Path<(String, String)>,
+    body: JsonBody<ListChange>,
+) -> Result<Json<Value>, ApiError> {
+    let (list, channel) = list_of(&list, &channel)?;
+    let receivers = receivers_of(channel, &body.value)?;
+    let removed = state
+        .inner
+        .store
+        .remove_from_list(app.id, channel, list, &receivers)
+        .await?;
+    Ok(Json(json!({"removed": removed})))
+}
+
+/// `DELETE /v1/messages/{id}`: cancels a message that waits for its `send_at` or for the end of
+/// quiet hours. `404 not_found` when there is no such waiting message of this app; `409
+/// too_late` when it was released and is being sent.
+pub async fn cancel(
+    State(state): State<ApiState>,
+    AuthApp(app): AuthApp,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id: MessageId = id
+        .parse()
+        .map_err(|_| ApiError::invalid("bad_message_id", "a message id is a UUID"))?;
+    let entry = match state.inner.store.cancel_scheduled(&app.name, id).await {
+        Ok(entry) => entry,
+        Err(StoreError::NotFound) => {
+            return Err(ApiError::NotFound(
+                "no message of this app waits with that id",
+            ));
+        }
+        Err(StoreError::Conflict(message)) => {
+            return Err(ApiError::Conflict {
+                code: "too_late",
+                message,
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    // The cancellation is committed; its event is published after. Should that fail, the
+    // message still stays unsent, and the trace lacks the `discarded` event.
+    match serde_json::from_str::<MessageRecord>(&entry.record) {
+        Ok(record) => {
+            let mut event = DeliveryEvent::for_record(&record, MessageState::Discarded, 1);
+            event.error_code = Some("cancelled".into());
+            event.error_detail = Some("cancelled through the API".into());
+            if let Err(e) = state
+                .inner
+                .bus
+                .publish(DELIVERY_TOPIC, vec![event.to_record()])
+                .await
+            {
+                tracing::error!(message_id = %id, error = %e, "cancelled, but its event was not published");
+            }
+        }
+        Err(e) => {
+            tracing::error!(message_id = %id, error = %e, "a schedule entry is not a message record")
+        }
+    }
+    Ok(Json(json!({"message_id": id, "state": "cancelled"})))
+}

@@ -1,0 +1,50 @@
+-- Pipeline policies (issue #5): per-app policy documents, receiver lists, durable schedules and
+-- the counters behind content dedup and frequency caps. Times are unix milliseconds.
+
+-- One JSON policy document per app (see herald_core::policy::AppPolicy), replaced as a whole.
+CREATE TABLE app_policies (
+    app_id      INTEGER PRIMARY KEY REFERENCES apps(id),
+    policy      TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL
+);
+
+-- Receivers blocked, allowed or unsubscribed, per app and channel.
+CREATE TABLE receiver_lists (
+    app_id      INTEGER NOT NULL REFERENCES apps(id),
+    channel     TEXT NOT NULL,
+    list        TEXT NOT NULL,       -- block | allow | unsubscribed
+    receiver    TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    PRIMARY KEY (app_id, channel, list, receiver)
+) WITHOUT ROWID;
+CREATE INDEX receiver_lists_by_receiver ON receiver_lists (app_id, receiver);
+
+-- Messages waiting for their time: a future `send_at`, or a quiet-hours deferral. A dispatch
+-- worker claims due rows for a lease, publishes them to herald.requests, then deletes them.
+CREATE TABLE schedule (
+    message_id     TEXT PRIMARY KEY,
+    app            TEXT NOT NULL,
+    due_at         INTEGER NOT NULL,
+    kind           TEXT NOT NULL,    -- scheduled | deferred
+    record         TEXT NOT NULL,    -- the message record (JSON) to publish when due
+    claimed_until  INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX schedule_by_due ON schedule (due_at);
+
+-- Content dedup: one row per (app, template, receiver, rendered content) hash while its window lasts.
+CREATE TABLE content_dedup (
+    key         TEXT PRIMARY KEY,
+    message_id  TEXT NOT NULL,
+    expires_at  INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- Frequency caps: messages counted per scope (app, receiver, channel, msg type, cap) and window.
+CREATE TABLE frequency_counts (
+    scope         TEXT NOT NULL,
+    window_start  INTEGER NOT NULL,
+    count         INTEGER NOT NULL,
+    cap           INTEGER NOT NULL,      -- the cap's max when last counted
+    expires_at    INTEGER NOT NULL,
+    PRIMARY KEY (scope, window_start)
+) WITHOUT ROWID;
