@@ -135,8 +135,9 @@ pub struct DispatchConfig {
     /// policy change takes to apply.
     #[serde(deserialize_with = "duration")]
     pub policy_cache_ttl: Duration,
-    /// How long a worker holds scheduled messages it took to release; if it dies, another
-    /// worker releases them after this.
+    /// How long a worker holds the scheduled messages it took to release (those due within the
+    /// next half second); if it dies, another worker releases them after this. Publishing takes
+    /// milliseconds; a lease that runs out early only publishes a copy, which the ledger absorbs.
     #[serde(deserialize_with = "duration")]
     pub schedule_lease: Duration,
 }
@@ -153,7 +154,7 @@ impl Default for DispatchConfig {
             attachment_max_bytes: 10 * 1024 * 1024,
             allow_private_urls: false,
             policy_cache_ttl: Duration::from_secs(5),
-            schedule_lease: Duration::from_secs(30),
+            schedule_lease: Duration::from_secs(2),
         }
     }
 }

@@ -1,6 +1,7 @@
-//! The crash test: 10,000 messages accepted under load (inbox and email), the process killed
+//! The crash tests: 10,000 messages accepted under load (inbox and email), the process killed
 //! with SIGKILL midway, started again; every accepted message is sent exactly once and the
-//! warehouse holds exactly one `sent` event for each.
+//! warehouse holds exactly one `sent` event for each. And scheduled messages pending across a
+//! kill: each sent once, on time.
 
 use crate::support::SmtpSink;
 use serde_json::{Value, json};
@@ -269,6 +270,94 @@ async fn kill_9_midway_loses_nothing_and_sends_nothing_twice() {
         received.len()
     );
     let mut second = second;
+    second.child.kill().unwrap();
+    second.child.wait().unwrap();
+}
+
+/// Messages scheduled a few seconds ahead, `herald serve` SIGKILLed before they are due and
+/// started again: each is sent exactly once, within a second of its `send_at`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_messages_survive_a_kill_and_go_on_time() {
+    const BATCHES: usize = 5;
+    const PER_BATCH: usize = 100;
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["apps", "create", "crash"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let key = text
+        .lines()
+        .find_map(|l| l.strip_prefix("api key: "))
+        .unwrap()
+        .to_string();
+    let mut first = serve(dir.path());
+    let http = reqwest::Client::new();
+    let (_, t) = post(&http, &first.base, &key, "/v1/templates",
+        json!({"name": "i", "channel": "inbox", "msg_type": "notice", "content": {"title": "t {$name}", "content": "c"}})).await.unwrap();
+    let template = t["id"].as_i64().unwrap();
+
+    // Batch k is due 8 + k seconds from now, to the millisecond.
+    let start = chrono::Utc::now();
+    let mut due: HashMap<String, chrono::DateTime<chrono::Utc>> = HashMap::new();
+    for k in 0..BATCHES {
+        let at = start + chrono::Duration::milliseconds(8_000 + 1_000 * k as i64 + 137);
+        let receivers: Vec<String> = (0..PER_BATCH).map(|i| format!("user-{k}-{i}")).collect();
+        let body = json!({"template_id": template, "send_at": at, "messages": [{"receivers": receivers, "variables": {"name": "x"}}]});
+        let (s, a) = post(&http, &first.base, &key, "/v1/send/batch", body)
+            .await
+            .unwrap();
+        assert_eq!(s, 202, "{a}");
+        for m in a["messages"].as_array().unwrap() {
+            due.insert(m["message_id"].as_str().unwrap().to_string(), at);
+        }
+    }
+    // Dispatch puts them in the schedule at once; kill well before the first is due.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let mut second = serve(dir.path());
+
+    let warehouse = dir.path().join("warehouse");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let sent: HashMap<String, (u64, f64)> = loop {
+        let csv = crate::support::sql_csv(&warehouse, "SELECT CAST(message_id AS VARCHAR) AS m, count(*) AS n, date_part('epoch', min(ts)) AS at FROM delivery_events WHERE state = 'sent' GROUP BY message_id").await;
+        let sent: HashMap<String, (u64, f64)> = csv
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                (
+                    f[0].to_string(),
+                    (f[1].parse().unwrap(), f[2].parse().unwrap()),
+                )
+            })
+            .collect();
+        if due.keys().all(|id| sent.contains_key(id)) {
+            break sent;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} scheduled messages never reached sent",
+            due.keys().filter(|id| !sent.contains_key(*id)).count()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let mut latest = 0f64;
+    for (id, at) in &due {
+        let (n, sent_at) = sent[id];
+        assert_eq!(n, 1, "{id} was sent {n} times");
+        let late = sent_at - at.timestamp_micros() as f64 / 1e6;
+        assert!(late >= 0.0, "{id} was sent {late:.3} s early");
+        assert!(late <= 1.0, "{id} was sent {late:.3} s late");
+        latest = latest.max(late);
+    }
+    eprintln!(
+        "scheduled crash test: {} messages sent once each, the latest {latest:.3} s after its send_at",
+        due.len()
+    );
     second.child.kill().unwrap();
     second.child.wait().unwrap();
 }

@@ -424,8 +424,10 @@ fn expected_biz_ids(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails: after a dispatch worker is killed with SIGKILL, 10 of 25,000 messages are \
-            never dispatched (the README's 'Not done yet' says more)"]
+#[ignore = "fails on per-receiver order: with tansu 0.6, all 25,000 messages were sent exactly \
+            once, but when the replacement worker joined, tansu gave it partitions the surviving \
+            worker was still processing (it did not wait for that member to rejoin), so both \
+            sent one receiver's messages at once (README, 'Not done yet')"]
 async fn separate_roles_survive_a_killed_dispatch_worker() {
     const HTTP_GROUPS: usize = 4;
     const HTTP_RECEIVERS: usize = 50; // per group
@@ -434,7 +436,11 @@ async fn separate_roles_survive_a_killed_dispatch_worker() {
     const KAFKA_PER_RECEIVER: usize = 100; // 5,000 from the Python producer
     const TOTAL: usize = 25_000;
 
-    let broker = Broker::start("memory://tansu/");
+    // tansu's memory engine loses records read from the middle of a batch; its libsql file
+    // engine does not.
+    let storage_dir = tempfile::tempdir().unwrap();
+    let storage = format!("sqlite://{}", storage_dir.path().join("tansu.db").display());
+    let broker = Broker::start(&storage);
     let d = Deployment::new(&broker, "").await;
     let key = d.create_app("e2e");
     let ingest = d.spawn("ingest");
