@@ -368,6 +368,24 @@ impl Channels for ChannelServices {
             .await
             .map_err(failure)
     }
+
+    fn can_recall(&self, channel: Channel) -> bool {
+        // The channels whose vendor client implements `Sender::recall`.
+        matches!(
+            channel,
+            Channel::WecomApp | Channel::DingtalkWork | Channel::FeishuApp
+        )
+    }
+
+    async fn recall(&self, account: &Account, sent: &DeliveryEvent) -> Result<(), VendorFailure> {
+        let Some(sender) = self.0.for_channel(sent.channel) else {
+            return Err(failure(SendError::not_supported("recall")));
+        };
+        sender
+            .recall(sent, account.id, &account.config)
+            .await
+            .map_err(failure)
+    }
 }
 
 fn failure(e: SendError) -> VendorFailure {

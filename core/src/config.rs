@@ -119,7 +119,7 @@ pub struct DispatchConfig {
     #[serde(deserialize_with = "duration")]
     pub retry_base: Duration,
     /// Longest wait a worker spends before a retry (a vendor's `Retry-After` included); a longer
-    /// one ends the message as `send_failed` until durable deferral exists.
+    /// one puts the message in the schedule (`retrying`) and the batch goes on.
     #[serde(deserialize_with = "duration")]
     pub max_retry_wait: Duration,
     /// How often sent messages without a receipt are asked for at vendors that are polled.
@@ -140,6 +140,43 @@ pub struct DispatchConfig {
     /// milliseconds; a lease that runs out early only publishes a copy, which the ledger absorbs.
     #[serde(deserialize_with = "duration")]
     pub schedule_lease: Duration,
+    /// Oldest a message may be (from its acceptance) when it is sent, per message type; an
+    /// older one is `expired`, not sent late.
+    pub max_age: MaxAge,
+}
+
+/// The oldest a message of each type may be when it is sent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MaxAge {
+    #[serde(deserialize_with = "duration")]
+    pub notice: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub marketing: Duration,
+    /// Auth codes are worthless once their validity is over.
+    #[serde(deserialize_with = "duration")]
+    pub auth_code: Duration,
+}
+
+impl Default for MaxAge {
+    fn default() -> Self {
+        MaxAge {
+            notice: Duration::from_secs(72 * 3600),
+            marketing: Duration::from_secs(24 * 3600),
+            auth_code: Duration::from_secs(10 * 60),
+        }
+    }
+}
+
+impl MaxAge {
+    /// The bound for `msg_type`.
+    pub fn of(&self, msg_type: crate::MsgType) -> Duration {
+        match msg_type {
+            crate::MsgType::Notice => self.notice,
+            crate::MsgType::Marketing => self.marketing,
+            crate::MsgType::AuthCode => self.auth_code,
+        }
+    }
 }
 
 impl Default for DispatchConfig {
@@ -155,6 +192,7 @@ impl Default for DispatchConfig {
             allow_private_urls: false,
             policy_cache_ttl: Duration::from_secs(5),
             schedule_lease: Duration::from_secs(2),
+            max_age: MaxAge::default(),
         }
     }
 }

@@ -64,7 +64,7 @@ async fn write_loop(store: Store, mut rx: mpsc::UnboundedReceiver<Queued>) {
             next = rx.try_recv().ok();
         }
         if !rows.is_empty() {
-            if let Err(e) = store.record_ledger(&rows, &[]).await {
+            if let Err(e) = store.record_ledger(&rows, &[], &[]).await {
                 tracing::warn!(error = %e, count = rows.len(), "ledger write after sends failed; the batch write retries it");
             }
             rows.clear();

@@ -15,7 +15,7 @@ use herald_core::{Channel, MessageRecord, MsgType, State};
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A `send_at` at most this far ahead counts as due (clocks of processes differ a little).
 const DUE_TOLERANCE: chrono::Duration = chrono::Duration::milliseconds(100);
@@ -251,6 +251,32 @@ fn verdict(
         limits(r, policy, tz, now)
     };
     Verdict::Send { limits, masked }
+}
+
+/// `verdict`, unless it sends a message older than `max_age` (counted from its acceptance, or
+/// from its `send_at` when that is later): then the message is `expired`.
+pub fn expire(
+    verdict: Verdict,
+    r: &MessageRecord,
+    max_age: Duration,
+    now: DateTime<Utc>,
+) -> Verdict {
+    let born = r.send_at.map_or(r.accepted_at, |at| at.max(r.accepted_at));
+    let age = (now - born).to_std().unwrap_or_default();
+    match verdict {
+        Verdict::Send { .. } if age > max_age => Verdict::Stop(Stop::new(
+            LedgerState::Expired,
+            State::Expired,
+            "expired",
+            format!(
+                "{} s old, past the {} s a {} message may wait",
+                age.as_secs(),
+                max_age.as_secs(),
+                r.msg_type.as_str()
+            ),
+        )),
+        v => v,
+    }
 }
 
 /// The receiver's time zone: the request's, else the app's.

@@ -26,7 +26,7 @@
 
 use crate::channels::{SendError, SendOutcome, Sender, Senders};
 use crate::outcomes::OutcomeWriter;
-use crate::policy::{Policies, Stop, Verdict};
+use crate::policy::{Policies, Stop, Verdict, expire};
 use crate::requests::{ExpandError, Refusal, RequestExpander, dead_letter};
 use futures::stream::{self, StreamExt};
 use herald_core::bus::{Bus, BusError, Delivered, Record, next_positions};
@@ -123,6 +123,8 @@ struct Try {
     result: Result<SendOutcome, SendError>,
     /// Another call follows this failed one.
     retried: bool,
+    /// The next call waits in the schedule until then (a vendor's long `Retry-After`).
+    deferred_until: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Work {
@@ -272,10 +274,13 @@ impl Dispatcher {
         let mut candidates = Vec::new();
         for (i, w) in work.iter_mut().enumerate() {
             match ledger.get(&w.record.message_id) {
-                None => candidates.push((i, false)),
-                Some(&(LedgerState::Scheduled, attempt)) => {
+                None => candidates.push((i, None)),
+                Some(&(state @ (LedgerState::Scheduled | LedgerState::Retrying), attempt)) => {
+                    // Its first events are out already: copies are flagged, so that the
+                    // warehouse drops them.
                     w.attempt = attempt;
-                    candidates.push((i, true));
+                    w.redelivered = true;
+                    candidates.push((i, Some(state)));
                 }
                 Some(&(state, attempt)) if state.is_final() => {
                     w.redelivered = true;
@@ -303,8 +308,25 @@ impl Dispatcher {
 
         let mut final_rows = Vec::new();
         let mut inbox = Vec::new();
+        let mut failed = Vec::new();
+        let mut retries = Vec::new();
         for w in &work {
             if !w.to_send() {
+                continue;
+            }
+            if let Some(t) = w.last()
+                && let Some(until) = t.deferred_until
+            {
+                let entry = ScheduledMessage {
+                    message_id: w.record.message_id,
+                    app: w.record.app.clone(),
+                    due_at: until,
+                    kind: ScheduleKind::Retry,
+                    record: serde_json::to_string(&w.record).unwrap_or_default(),
+                    lease: 0,
+                };
+                retries.push((entry, t.attempt + 1));
+                outcome.waiting += 1;
                 continue;
             }
             match w.last() {
@@ -325,10 +347,14 @@ impl Dispatcher {
                     outcome.failed += 1;
                     let attempt = last.map_or(w.attempt, |t| t.attempt);
                     final_rows.push((w.record.message_id, LedgerState::SendFailed, attempt));
+                    failed.push(&w.record);
                 }
             }
         }
-        self.store.record_ledger(&final_rows, &inbox).await?;
+        self.store
+            .record_ledger(&final_rows, &inbox, &failed)
+            .await?;
+        self.store.defer_retries(&retries).await?;
 
         let events: Vec<DeliveryEvent> = work
             .iter()
@@ -349,39 +375,58 @@ impl Dispatcher {
         Ok(outcome)
     }
 
-    /// Runs the policies over `candidates` (index into `work`, whether the ledger says
-    /// `scheduled`) and claims them in one store transaction; records on each message what
-    /// became of it.
+    /// Runs the policies over `candidates` (index into `work`, the waiting state its ledger row
+    /// has) — messages released for a retry passed them before — and claims them in one store
+    /// transaction; records on each message what became of it.
     async fn claim(
         &self,
         work: &mut [Work],
-        candidates: &[(usize, bool)],
+        candidates: &[(usize, Option<LedgerState>)],
         outcome: &mut BatchOutcome,
     ) -> Result<(), DispatchError> {
         if candidates.is_empty() {
             return Ok(());
         }
         let now = chrono::Utc::now();
-        let records: Vec<&MessageRecord> =
-            candidates.iter().map(|&(i, _)| &work[i].record).collect();
-        let verdicts = self.policies.evaluate(&records, now).await?;
+        let retry = |from: &Option<LedgerState>| *from == Some(LedgerState::Retrying);
+        let records: Vec<&MessageRecord> = candidates
+            .iter()
+            .filter(|(_, from)| !retry(from))
+            .map(|&(i, _)| &work[i].record)
+            .collect();
+        let mut evaluated = self.policies.evaluate(&records, now).await?.into_iter();
+        let verdicts: Vec<Verdict> = candidates
+            .iter()
+            .map(|(i, from)| {
+                let r = &work[*i].record;
+                let v = if retry(from) {
+                    Verdict::Send {
+                        limits: Vec::new(),
+                        masked: None,
+                    }
+                } else {
+                    evaluated.next().expect("one verdict per evaluated record")
+                };
+                expire(v, r, self.config.max_age.of(r.msg_type), now)
+            })
+            .collect();
         let claims: Vec<MessageClaim> = candidates
             .iter()
             .zip(&verdicts)
-            .map(|(&(i, from_scheduled), verdict)| {
+            .map(|(&(i, from), verdict)| {
                 let w = &work[i];
                 let (state, schedule, limits) = match verdict {
                     Verdict::Send { limits, .. } => (LedgerState::Sending, None, limits.clone()),
                     Verdict::Stop(stop) => (stop.ledger, None, Vec::new()),
                     Verdict::Wait { kind, until } => {
-                        let mut record = w.record.clone();
-                        record.send_at = Some(*until);
+                        // The record as it came: its age still counts from its acceptance (or
+                        // its own `send_at`).
                         let entry = ScheduledMessage {
-                            message_id: record.message_id,
-                            app: record.app.clone(),
+                            message_id: w.record.message_id,
+                            app: w.record.app.clone(),
                             due_at: *until,
                             kind: *kind,
-                            record: serde_json::to_string(&record).unwrap_or_default(),
+                            record: serde_json::to_string(&w.record).unwrap_or_default(),
                             lease: 0,
                         };
                         (LedgerState::Scheduled, Some(entry), Vec::new())
@@ -389,7 +434,7 @@ impl Dispatcher {
                 };
                 MessageClaim {
                     message_id: w.record.message_id,
-                    from_scheduled,
+                    from,
                     state,
                     attempt: w.attempt,
                     schedule,
@@ -451,6 +496,7 @@ impl Dispatcher {
                         billing_units: None,
                     }),
                     retried: false,
+                    deferred_until: None,
                 });
             }
         }
@@ -587,20 +633,40 @@ impl Dispatcher {
             for (&k, result) in pending.iter().zip(results) {
                 let (_, record, first) = items[k];
                 let attempt = first + retry;
-                let delay = match &result {
+                let wanted = match &result {
                     Err(SendError::Retryable { retry_after, .. })
                         if attempt < self.config.max_attempts =>
                     {
                         Some(retry_delay(&self.config, retry, *retry_after))
-                            .filter(|d| *d <= self.config.max_retry_wait)
                     }
                     _ => None,
                 };
-                ledger_rows.push(match (&result, delay) {
-                    (_, Some(_)) => (record.message_id, LedgerState::Sending, attempt + 1),
-                    (Ok(_), None) => (record.message_id, LedgerState::Sent, attempt),
-                    (Err(_), None) => (record.message_id, LedgerState::SendFailed, attempt),
-                });
+                // A short wait is spent here; a long one in the schedule, if the message is
+                // still young enough then.
+                let delay = wanted.filter(|d| *d <= self.config.max_retry_wait);
+                let deferred_until = wanted
+                    .filter(|d| *d > self.config.max_retry_wait)
+                    .map(|d| done_at + chrono::Duration::from_std(d).unwrap_or_default())
+                    .filter(|at| {
+                        let born = record
+                            .send_at
+                            .map_or(record.accepted_at, |s| s.max(record.accepted_at));
+                        let max_age = self.config.max_age.of(record.msg_type);
+                        (*at - born).to_std().unwrap_or_default() <= max_age
+                    });
+                match (&result, delay) {
+                    (_, Some(_)) => {
+                        ledger_rows.push((record.message_id, LedgerState::Sending, attempt + 1))
+                    }
+                    // Written with its schedule entry at the end of the batch.
+                    _ if deferred_until.is_some() => {}
+                    (Ok(_), None) => {
+                        ledger_rows.push((record.message_id, LedgerState::Sent, attempt))
+                    }
+                    (Err(_), None) => {
+                        ledger_rows.push((record.message_id, LedgerState::SendFailed, attempt))
+                    }
+                }
                 if let Some(d) = delay {
                     wait = wait.max(d);
                     again.push(k);
@@ -611,7 +677,8 @@ impl Dispatcher {
                     done_at,
                     latency_ms,
                     result,
-                    retried: delay.is_some(),
+                    retried: delay.is_some() || deferred_until.is_some(),
+                    deferred_until,
                 });
             }
             if matches!(account, Ok(Some(_))) {
@@ -666,9 +733,11 @@ impl Dispatcher {
             e.redelivered = w.redelivered;
             e
         };
+        // Accepted and received once per message, whatever the attempt: copies re-emitted after
+        // a crash, a schedule or a retry keep the ids of the first, which the warehouse drops.
         let mut out = vec![
-            ev(State::Accepted, w.attempt, r.accepted_at),
-            ev(State::Received, w.attempt, received_at),
+            ev(State::Accepted, 1, r.accepted_at),
+            ev(State::Received, 1, received_at),
         ];
         if let Some(stop) = &w.stop {
             let mut e = ev(stop.state, w.attempt, received_at);
@@ -680,6 +749,7 @@ impl Dispatcher {
             let state = match kind {
                 ScheduleKind::Scheduled => State::Scheduled,
                 ScheduleKind::Deferred => State::Deferred,
+                ScheduleKind::Retry => State::Retrying,
             };
             let mut e = ev(state, w.attempt, received_at);
             e.error_detail = Some(format!("until {}", until.to_rfc3339()));
@@ -728,7 +798,12 @@ impl Dispatcher {
                             };
                             let mut e = ev(state, t.attempt, t.done_at);
                             e.error_code = Some(err.code().to_string());
-                            e.error_detail = Some(err.detail().to_string());
+                            e.error_detail = Some(match t.deferred_until {
+                                Some(until) => {
+                                    format!("{}; next try at {}", err.detail(), until.to_rfc3339())
+                                }
+                                None => err.detail().to_string(),
+                            });
                             e
                         }
                     };
@@ -751,6 +826,7 @@ fn stopped_state(state: LedgerState) -> State {
         LedgerState::DedupContent => State::DedupContent,
         LedgerState::DedupFrequency => State::DedupFrequency,
         LedgerState::Filtered => State::Filtered,
+        LedgerState::Expired => State::Expired,
         _ => State::Discarded,
     }
 }
@@ -764,8 +840,12 @@ fn state_code(state: LedgerState) -> &'static str {
     }
 }
 
+/// The longest backoff between two tries.
+const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+
 /// The wait before retry number `retry + 1`: the vendor's `Retry-After` when it gave one, else
-/// full jitter over `retry_base * 2^retry`, capped at `max_retry_wait`.
+/// full jitter over `retry_base * 2^retry`, at most [`MAX_BACKOFF`]. Waits up to
+/// `max_retry_wait` are spent in the worker, longer ones in the schedule.
 fn retry_delay(config: &DispatchConfig, retry: u32, retry_after: Option<Duration>) -> Duration {
     if let Some(d) = retry_after {
         return d;
@@ -773,6 +853,35 @@ fn retry_delay(config: &DispatchConfig, retry: u32, retry_after: Option<Duration
     let ceiling = config
         .retry_base
         .saturating_mul(1 << retry.min(20))
-        .min(config.max_retry_wait);
+        .min(MAX_BACKOFF);
     ceiling.mul_f64(rand::random::<f64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    proptest::proptest! {
+        #[test]
+        fn backoff_is_full_jitter_under_a_doubling_ceiling(
+            retry in 0u32..40,
+            base_ms in 1u64..5_000,
+            after in proptest::option::of(0u64..100_000),
+        ) {
+            let config = DispatchConfig {
+                retry_base: Duration::from_millis(base_ms),
+                ..DispatchConfig::default()
+            };
+            let d = retry_delay(&config, retry, after.map(Duration::from_millis));
+            match after {
+                Some(ms) => proptest::prop_assert_eq!(d, Duration::from_millis(ms)),
+                None => {
+                    let ceiling = Duration::from_millis(base_ms)
+                        .saturating_mul(1 << retry.min(20))
+                        .min(MAX_BACKOFF);
+                    proptest::prop_assert!(d <= ceiling);
+                }
+            }
+        }
+    }
 }

@@ -10,6 +10,7 @@ mod error;
 mod policy;
 pub mod producer;
 mod read;
+mod recall;
 mod send;
 mod vendors;
 
@@ -24,11 +25,12 @@ use herald_core::config::HttpConfig;
 use herald_core::store::Account;
 use herald_core::store::Store;
 use herald_core::telemetry::Metrics;
-use herald_core::{Channel, Receipt};
+use herald_core::{Channel, DeliveryEvent, Receipt};
 use std::sync::Arc;
 
 /// What ingest needs from the channel clients, which the dispatch crate owns: validation of
-/// account configs and template contents, parsing of vendors' receipt pushes, and media upload.
+/// account configs and template contents, parsing of vendors' receipt pushes, media upload and
+/// recall.
 #[async_trait::async_trait]
 pub trait Channels: Send + Sync {
     /// Checks a channel account's config.
@@ -51,6 +53,13 @@ pub trait Channels: Send + Sync {
         account: &Account,
         upload: MediaUpload,
     ) -> Result<String, VendorFailure>;
+
+    /// Whether messages of `channel` can be recalled at all (some of its vendors can).
+    fn can_recall(&self, channel: Channel) -> bool;
+
+    /// Recalls a sent message through `account`, the one that sent it; `sent` is its `sent`
+    /// event. `not_supported` (code) where the channel or vendor cannot recall.
+    async fn recall(&self, account: &Account, sent: &DeliveryEvent) -> Result<(), VendorFailure>;
 }
 
 /// A file for `POST /v1/accounts/{id}/media`.
@@ -127,6 +136,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/send", post(send::send))
         .route("/v1/send/batch", post(send::send_batch))
         .route("/v1/messages/{id}", get(read::trace).delete(policy::cancel))
+        .route("/v1/messages/{id}/recall", post(recall::recall_message))
+        .route("/v1/messages/redrive", post(policy::redrive))
         .route(
             "/v1/policy",
             get(policy::get_policy).put(policy::put_policy),
@@ -154,6 +165,7 @@ pub fn router(state: ApiState) -> Router {
                 .put(catalog::update_template)
                 .delete(catalog::delete_template),
         )
+        .route("/v1/templates/{id}/recall", post(recall::recall_template))
         .route("/v1/inbox/{receiver}", get(read::inbox))
         .route("/v1/inbox/{receiver}/read", post(read::mark_read))
         .layer(DefaultBodyLimit::max(limit))

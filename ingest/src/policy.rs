@@ -1,6 +1,7 @@
 //! Pipeline policies through the API: the app's policy document (`/v1/policy`), its receiver
-//! lists (`/v1/lists/{list}/{channel}`: block, allow, unsubscribed) and cancelling a scheduled
-//! message (`DELETE /v1/messages/{id}`). Dispatch reads policies through a short cache, so a
+//! lists (`/v1/lists/{list}/{channel}`: block, allow, unsubscribed), cancelling a scheduled
+//! message (`DELETE /v1/messages/{id}`) and sending failed ones again
+//! (`POST /v1/messages/redrive`). Dispatch reads policies through a short cache, so a
 //! change applies within seconds, without a restart.
 
 use crate::auth::AuthApp;
@@ -10,7 +11,7 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use herald_core::domain::parse_receiver;
 use herald_core::policy::AppPolicy;
-use herald_core::store::{ListName, StoreError};
+use herald_core::store::{ListName, Redrive, StoreError};
 use herald_core::wire::DELIVERY_TOPIC;
 use herald_core::{Channel, DeliveryEvent, MessageId, MessageRecord, State as MessageState};
 use serde::Deserialize;
@@ -199,4 +200,72 @@ pub async fn cancel(
         }
     }
     Ok(Json(json!({"message_id": id, "state": "cancelled"})))
+}
+
+/// Body of `POST /v1/messages/redrive`: message ids, or a template and a time range.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedriveBody {
+    message_ids: Option<Vec<String>>,
+    template_id: Option<i64>,
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    until: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Most messages one redrive sends again.
+const MAX_REDRIVE: usize = 10_000;
+
+/// `POST /v1/messages/redrive`: sends failed (`send_failed`) messages again, by id or by
+/// template and failure time (default: the last 24 hours). Each goes back through the vendor
+/// once, however many redrives race: its ledger row moves from `send_failed` to `retrying` in
+/// the same transaction that schedules it. Answers the ids redriven.
+pub async fn redrive(
+    State(state): State<ApiState>,
+    AuthApp(app): AuthApp,
+    body: JsonBody<RedriveBody>,
+) -> Result<Json<Value>, ApiError> {
+    let b = body.value;
+    let selection = match (b.message_ids, b.template_id) {
+        (Some(ids), None) if b.since.is_none() && b.until.is_none() => {
+            if ids.is_empty() || ids.len() > 1000 {
+                return Err(ApiError::invalid(
+                    "bad_redrive",
+                    "1 to 1000 message_ids per redrive",
+                ));
+            }
+            let ids = ids
+                .iter()
+                .map(|id| id.parse())
+                .collect::<Result<Vec<MessageId>, _>>()
+                .map_err(|_| ApiError::invalid("bad_message_id", "a message id is a UUID"))?;
+            Redrive::Messages(ids)
+        }
+        (None, Some(template_id)) => {
+            let until = b.until.unwrap_or_else(chrono::Utc::now);
+            let since = b.since.unwrap_or(until - chrono::Duration::hours(24));
+            if since >= until {
+                return Err(ApiError::invalid(
+                    "bad_redrive",
+                    "since must be before until",
+                ));
+            }
+            Redrive::Template {
+                template_id,
+                since: since.timestamp_millis(),
+                until: until.timestamp_millis(),
+            }
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "bad_redrive",
+                "give message_ids, or template_id with an optional since and until",
+            ));
+        }
+    };
+    let ids = state
+        .inner
+        .store
+        .redrive(&app.name, &selection, MAX_REDRIVE as i64)
+        .await?;
+    Ok(Json(json!({"redriven": ids.len(), "message_ids": ids})))
 }

@@ -8,6 +8,8 @@ mod crash;
 mod distributed;
 mod media;
 mod policies;
+mod recall;
+mod retries;
 mod sms;
 mod support;
 mod wechat;

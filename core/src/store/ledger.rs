@@ -8,6 +8,7 @@
 
 use super::{Store, StoreError, now_ms, placeholders, value_rows};
 use crate::domain::MessageId;
+use crate::wire::MessageRecord;
 use sqlx::Row;
 use std::collections::HashMap;
 
@@ -16,6 +17,9 @@ use std::collections::HashMap;
 pub enum LedgerState {
     /// Waiting in the schedule (a future `send_at` or a quiet-hours deferral).
     Scheduled,
+    /// Waiting in the schedule for a retry (a vendor's long `Retry-After`, or a redrive); it
+    /// passed the policies already.
+    Retrying,
     /// Passed the policies; a vendor call may be under way.
     Sending,
     Sent,
@@ -28,11 +32,14 @@ pub enum LedgerState {
     Filtered,
     /// A scheduled message cancelled through the API.
     Cancelled,
+    /// Too old to be sent (`dispatch.max_age` of its message type).
+    Expired,
 }
 
 impl LedgerState {
-    const ALL: [LedgerState; 10] = [
+    const ALL: [LedgerState; 12] = [
         LedgerState::Scheduled,
+        LedgerState::Retrying,
         LedgerState::Sending,
         LedgerState::Sent,
         LedgerState::SendFailed,
@@ -42,11 +49,13 @@ impl LedgerState {
         LedgerState::DedupFrequency,
         LedgerState::Filtered,
         LedgerState::Cancelled,
+        LedgerState::Expired,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             LedgerState::Scheduled => "scheduled",
+            LedgerState::Retrying => "retrying",
             LedgerState::Sending => "sending",
             LedgerState::Sent => "sent",
             LedgerState::SendFailed => "send_failed",
@@ -56,6 +65,7 @@ impl LedgerState {
             LedgerState::DedupFrequency => "dedup_frequency",
             LedgerState::Filtered => "filtered",
             LedgerState::Cancelled => "cancelled",
+            LedgerState::Expired => "expired",
         }
     }
 
@@ -68,7 +78,10 @@ impl LedgerState {
 
     /// Whether the message is done: it must not be sent again.
     pub fn is_final(self) -> bool {
-        !matches!(self, LedgerState::Sending | LedgerState::Scheduled)
+        !matches!(
+            self,
+            LedgerState::Sending | LedgerState::Scheduled | LedgerState::Retrying
+        )
     }
 }
 
@@ -114,13 +127,15 @@ impl Store {
     }
 
     /// Records `rows` (message, state, attempt) in one transaction, together with the inbox
-    /// messages in `inbox` (each stored once even if written again).
+    /// messages in `inbox` (each stored once even if written again) and the records of messages
+    /// that failed for good in `failed` (kept for `POST /v1/messages/redrive`).
     pub async fn record_ledger(
         &self,
         rows: &[(MessageId, LedgerState, u32)],
         inbox: &[SentInbox],
+        failed: &[&MessageRecord],
     ) -> Result<(), StoreError> {
-        if rows.is_empty() && inbox.is_empty() {
+        if rows.is_empty() && inbox.is_empty() && failed.is_empty() {
             return Ok(());
         }
         let now = now_ms();
@@ -167,6 +182,25 @@ impl Store {
                     .bind(m.template_id)
                     .bind(m.content.to_string())
                     .bind(now);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        for chunk in failed.chunks(CHUNK) {
+            let sql = format!(
+                "INSERT INTO failed_messages (message_id, app, template_id, failed_at, record) \
+                 VALUES {} ON CONFLICT (message_id) DO UPDATE SET failed_at = excluded.failed_at",
+                value_rows(chunk.len(), 5)
+            );
+            let mut q = sqlx::query(&sql);
+            for r in chunk {
+                q = q
+                    .bind(r.message_id.to_string())
+                    .bind(&r.app)
+                    .bind(r.template_id)
+                    .bind(now)
+                    .bind(
+                        serde_json::to_string(r).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    );
             }
             q.execute(&mut *tx).await?;
         }

@@ -23,7 +23,9 @@ pub use catalog::{Account, App, NewTemplate, Template, hash_key};
 pub use idempotency::Claim;
 pub use inbox::InboxEntry;
 pub use ledger::{LedgerState, SentInbox};
-pub use policy::{ClaimOutcome, Limit, ListName, MessageClaim, ScheduleKind, ScheduledMessage};
+pub use policy::{
+    ClaimOutcome, Limit, ListName, MessageClaim, Redrive, ScheduleKind, ScheduledMessage,
+};
 pub use vendors::PendingReceipt;
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};

@@ -4,7 +4,8 @@
 //! # Claims
 //!
 //! Before a message is sent, deferred or stopped, dispatch *claims* it: one transaction writes its
-//! ledger row (only if it has none, or if it says `scheduled`), and for the messages it claimed
+//! ledger row (only if it has none, or if it still has the waiting state — `scheduled`,
+//! `retrying` — it was read with), and for the messages it claimed
 //! to send, counts them against content dedup and frequency caps. Counting happens in the same
 //! transaction as the claim, and only for the winner of the claim, so a message redelivered after
 //! a crash or seen by two workers during a rebalance is counted once, and two workers racing on
@@ -59,13 +60,22 @@ pub enum ScheduleKind {
     Scheduled,
     /// Quiet hours.
     Deferred,
+    /// A retry after a vendor's long `Retry-After`, or a redrive.
+    Retry,
 }
 
 impl ScheduleKind {
+    const ALL: [ScheduleKind; 3] = [
+        ScheduleKind::Scheduled,
+        ScheduleKind::Deferred,
+        ScheduleKind::Retry,
+    ];
+
     fn as_str(self) -> &'static str {
         match self {
             ScheduleKind::Scheduled => "scheduled",
             ScheduleKind::Deferred => "deferred",
+            ScheduleKind::Retry => "retry",
         }
     }
 }
@@ -114,8 +124,9 @@ impl Limit {
 #[derive(Debug, Clone)]
 pub struct MessageClaim {
     pub message_id: MessageId,
-    /// The ledger row says `scheduled` (else there is no row).
-    pub from_scheduled: bool,
+    /// The waiting state the ledger row has (`Scheduled` or `Retrying`); `None` when the message
+    /// has no row yet.
+    pub from: Option<LedgerState>,
     /// `Sending`, `Scheduled` (with `schedule`), or a final policy state.
     pub state: LedgerState,
     pub attempt: u32,
@@ -123,6 +134,19 @@ pub struct MessageClaim {
     pub schedule: Option<ScheduledMessage>,
     /// Limits to pass when `state` is `Sending`, in order.
     pub limits: Vec<Limit>,
+}
+
+/// Which failed messages `POST /v1/messages/redrive` sends again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Redrive {
+    /// These messages.
+    Messages(Vec<MessageId>),
+    /// A template's messages that failed in `[since, until)` (unix ms).
+    Template {
+        template_id: i64,
+        since: i64,
+        until: i64,
+    },
 }
 
 /// The result of one claim.
@@ -318,7 +342,7 @@ impl Store {
 
         // Claim the ledger rows: insert where there is none, move on from `scheduled`.
         let mut won: HashSet<MessageId> = HashSet::new();
-        let fresh: Vec<&MessageClaim> = claims.iter().filter(|c| !c.from_scheduled).collect();
+        let fresh: Vec<&MessageClaim> = claims.iter().filter(|c| c.from.is_none()).collect();
         for chunk in fresh.chunks(CHUNK) {
             let sql = format!(
                 "INSERT INTO send_ledger (message_id, state, attempt, updated_at) VALUES {} \
@@ -337,23 +361,27 @@ impl Store {
                 won.insert(parse_id(row.get(0))?);
             }
         }
-        let mut moving: HashMap<LedgerState, Vec<&MessageClaim>> = HashMap::new();
-        for c in claims.iter().filter(|c| c.from_scheduled) {
-            if c.state == LedgerState::Scheduled {
+        let mut moving: HashMap<(LedgerState, LedgerState), Vec<&MessageClaim>> = HashMap::new();
+        for c in claims.iter() {
+            let Some(from) = c.from else { continue };
+            if c.state == from {
                 // Still waiting (a redelivered record, or deferred again): nothing to move.
                 won.insert(c.message_id);
             } else {
-                moving.entry(c.state).or_default().push(c);
+                moving.entry((from, c.state)).or_default().push(c);
             }
         }
-        for (state, group) in moving {
+        for ((from, state), group) in moving {
             for chunk in group.chunks(CHUNK) {
                 let sql = format!(
                     "UPDATE send_ledger SET state = $1, updated_at = $2 \
-                     WHERE state = 'scheduled' AND message_id IN ({}) RETURNING message_id",
-                    placeholders(3, chunk.len())
+                     WHERE state = $3 AND message_id IN ({}) RETURNING message_id",
+                    placeholders(4, chunk.len())
                 );
-                let mut q = sqlx::query(&sql).bind(state.as_str()).bind(now);
+                let mut q = sqlx::query(&sql)
+                    .bind(state.as_str())
+                    .bind(now)
+                    .bind(from.as_str());
                 for c in chunk {
                     q = q.bind(c.message_id.to_string());
                 }
@@ -375,24 +403,7 @@ impl Store {
             .filter_map(|(c, _)| c.schedule.as_ref())
             .collect();
         for chunk in waiting.chunks(CHUNK) {
-            // An entry that exists gets the new time and loses its lease, so that a scheduler
-            // releasing it right now does not delete it afterwards.
-            let sql = format!(
-                "INSERT INTO schedule (message_id, app, due_at, kind, record) VALUES {} \
-                 ON CONFLICT (message_id) DO UPDATE SET due_at = excluded.due_at, \
-                 kind = excluded.kind, record = excluded.record, claimed_until = 0",
-                value_rows(chunk.len(), 5)
-            );
-            let mut q = sqlx::query(&sql);
-            for s in chunk {
-                q = q
-                    .bind(s.message_id.to_string())
-                    .bind(&s.app)
-                    .bind(s.due_at.timestamp_millis())
-                    .bind(s.kind.as_str())
-                    .bind(&s.record);
-            }
-            q.execute(&mut *tx).await?;
+            insert_schedule(&mut tx, chunk).await?;
         }
 
         let (passed, stopped) = count_limits(&mut tx, claims, &winners, now).await?;
@@ -527,6 +538,118 @@ impl Store {
         Ok(entry)
     }
 
+    /// Puts messages whose vendor asked for a long wait in the schedule: each ledger row
+    /// becomes `retrying` with its next attempt, and its entry is written, in one transaction.
+    pub async fn defer_retries(
+        &self,
+        retries: &[(ScheduledMessage, u32)],
+    ) -> Result<(), StoreError> {
+        if retries.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        for chunk in retries.chunks(CHUNK) {
+            let sql = format!(
+                "INSERT INTO send_ledger (message_id, state, attempt, updated_at) VALUES {} \
+                 ON CONFLICT (message_id) DO UPDATE SET state = excluded.state, \
+                 attempt = excluded.attempt, updated_at = excluded.updated_at",
+                value_rows(chunk.len(), 4)
+            );
+            let mut q = sqlx::query(&sql);
+            for (entry, attempt) in chunk {
+                q = q
+                    .bind(entry.message_id.to_string())
+                    .bind(LedgerState::Retrying.as_str())
+                    .bind(i64::from(*attempt))
+                    .bind(now);
+            }
+            q.execute(&mut *tx).await?;
+            let entries: Vec<&ScheduledMessage> = chunk.iter().map(|(e, _)| e).collect();
+            insert_schedule(&mut tx, &entries).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Sends failed messages of the app named `app` again: those of `ids`, or of template
+    /// `template` that failed between `since` and `until` (unix ms), at most `limit`. Each
+    /// one's ledger row moves from `send_failed` to `retrying` (so a message is redriven once,
+    /// however many calls race) and it goes in the schedule, due now. Returns the ids redriven.
+    pub async fn redrive(
+        &self,
+        app: &str,
+        selection: &Redrive,
+        limit: i64,
+    ) -> Result<Vec<MessageId>, StoreError> {
+        let rows = match selection {
+            Redrive::Messages(ids) => {
+                let sql = format!(
+                    "SELECT message_id, record FROM failed_messages WHERE app = $1 \
+                     AND message_id IN ({}) LIMIT ${}",
+                    placeholders(2, ids.len()),
+                    ids.len() + 2
+                );
+                let mut q = sqlx::query(&sql).bind(app);
+                for id in ids {
+                    q = q.bind(id.to_string());
+                }
+                q.bind(limit).fetch_all(&self.pool).await?
+            }
+            Redrive::Template {
+                template_id,
+                since,
+                until,
+            } => {
+                sqlx::query(
+                    "SELECT message_id, record FROM failed_messages WHERE app = $1 \
+                     AND template_id = $2 AND failed_at >= $3 AND failed_at < $4 \
+                     ORDER BY failed_at LIMIT $5",
+                )
+                .bind(app)
+                .bind(template_id)
+                .bind(since)
+                .bind(until)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        let now = chrono::Utc::now();
+        let mut redriven = Vec::new();
+        let mut tx = self.pool.begin().await?;
+        for row in rows {
+            let id = parse_id(row.get(0))?;
+            let moved = sqlx::query(
+                "UPDATE send_ledger SET state = 'retrying', attempt = attempt + 1, \
+                 updated_at = $1 WHERE message_id = $2 AND state = 'send_failed'",
+            )
+            .bind(now.timestamp_millis())
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            sqlx::query("DELETE FROM failed_messages WHERE message_id = $1")
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await?;
+            if moved == 1 {
+                let entry = ScheduledMessage {
+                    message_id: id,
+                    app: app.to_string(),
+                    due_at: now,
+                    kind: ScheduleKind::Retry,
+                    record: row.get(1),
+                    lease: 0,
+                };
+                insert_schedule(&mut tx, &[&entry]).await?;
+                redriven.push(id);
+            }
+        }
+        tx.commit().await?;
+        Ok(redriven)
+    }
+
     /// Deletes dedup and frequency rows whose window is over; returns how many.
     pub async fn prune_limits(&self) -> Result<u64, StoreError> {
         let now = now_ms();
@@ -544,17 +667,41 @@ impl Store {
     }
 }
 
+/// Writes schedule entries (distinct messages). An entry that exists gets the new time and
+/// loses its lease, so that a scheduler releasing it right now does not delete it afterwards.
+async fn insert_schedule(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    entries: &[&ScheduledMessage],
+) -> Result<(), StoreError> {
+    let sql = format!(
+        "INSERT INTO schedule (message_id, app, due_at, kind, record) VALUES {} \
+         ON CONFLICT (message_id) DO UPDATE SET due_at = excluded.due_at, \
+         kind = excluded.kind, record = excluded.record, claimed_until = 0",
+        value_rows(entries.len(), 5)
+    );
+    let mut q = sqlx::query(&sql);
+    for s in entries {
+        q = q
+            .bind(s.message_id.to_string())
+            .bind(&s.app)
+            .bind(s.due_at.timestamp_millis())
+            .bind(s.kind.as_str())
+            .bind(&s.record);
+    }
+    q.execute(&mut **tx).await?;
+    Ok(())
+}
+
 /// A schedule row selected as `message_id, app, due_at, kind, record, claimed_until`.
 fn scheduled_of(r: &AnyRow) -> Result<ScheduledMessage, StoreError> {
     Ok(ScheduledMessage {
         message_id: parse_id(r.get(0))?,
         app: r.get(1),
         due_at: DateTime::from_timestamp_millis(r.get(2)).unwrap_or_default(),
-        kind: if r.get::<&str, _>(3) == ScheduleKind::Deferred.as_str() {
-            ScheduleKind::Deferred
-        } else {
-            ScheduleKind::Scheduled
-        },
+        kind: ScheduleKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == r.get::<&str, _>(3))
+            .ok_or_else(|| StoreError::Corrupt("schedule kind".into()))?,
         record: r.get(4),
         lease: r.get(5),
     })

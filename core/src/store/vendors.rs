@@ -1,9 +1,12 @@
 //! Vendor state shared by every dispatch worker: access tokens, and the vendor id of each sent
-//! message, which receipts are joined to.
+//! message, which receipts and recalls are joined to.
 
 use super::{Store, StoreError, now_ms, value_rows};
+use crate::domain::MessageId;
 use crate::wire::{DeliveryEvent, Receipt, State, event_id};
+use chrono::{DateTime, Utc};
 use sqlx::Row;
+use sqlx::any::AnyRow;
 
 /// A sent message awaiting its receipt, as a receipt poller needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,8 +59,9 @@ impl Store {
         Ok(())
     }
 
-    /// Remembers the vendor ids of `sent` events (those with a vendor and a vendor id), so that
-    /// receipts find their message. Writing one again changes nothing.
+    /// Remembers the vendor ids of `sent` events (those with a vendor and a vendor id), with
+    /// their app and template, so that receipts and recalls find their message. Writing one
+    /// again changes nothing.
     pub async fn record_vendor_messages(&self, sent: &[DeliveryEvent]) -> Result<(), StoreError> {
         let rows: Vec<&DeliveryEvent> = sent
             .iter()
@@ -70,9 +74,9 @@ impl Store {
         for chunk in rows.chunks(CHUNK) {
             let sql = format!(
                 "INSERT INTO vendor_messages \
-                 (vendor, vendor_message_id, receiver, message_id, account_id, sent_at, event) \
-                 VALUES {} ON CONFLICT DO NOTHING",
-                value_rows(chunk.len(), 7)
+                 (vendor, vendor_message_id, receiver, message_id, account_id, sent_at, event, \
+                 app, template_id) VALUES {} ON CONFLICT DO NOTHING",
+                value_rows(chunk.len(), 9)
             );
             let mut q = sqlx::query(&sql);
             for e in chunk {
@@ -83,7 +87,9 @@ impl Store {
                     .bind(e.message_id.to_string())
                     .bind(e.account_id)
                     .bind(e.ts.timestamp_millis())
-                    .bind(serde_json::to_string(e).unwrap_or_default());
+                    .bind(serde_json::to_string(e).unwrap_or_default())
+                    .bind(&e.app)
+                    .bind(e.template_id);
             }
             q.execute(&mut *tx).await?;
         }
@@ -109,12 +115,7 @@ impl Store {
         .bind(receiver)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                serde_json::from_str(r.get::<&str, _>(0))
-                    .map_err(|e| StoreError::Corrupt(format!("vendor message event: {e}")))
-            })
-            .collect()
+        rows.iter().map(stored_event).collect()
     }
 
     /// Up to `limit` messages sent through `account_id` since `since_ms` that have no receipt
@@ -203,4 +204,118 @@ impl Store {
         tx.commit().await?;
         Ok(())
     }
+
+    /// The `sent` events stored for `message_id` (usually one; two when a crash during the
+    /// vendor call sent it twice), oldest first, each with when it was recalled (unix ms;
+    /// `None` while not), whichever app sent it: callers check the event's `app`, which rows
+    /// written before the recall migration only have there.
+    pub async fn sent_events_of_message(
+        &self,
+        message_id: &MessageId,
+    ) -> Result<Vec<(DeliveryEvent, Option<i64>)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT event, recalled_at FROM vendor_messages WHERE message_id = $1 \
+             ORDER BY sent_at, vendor_message_id",
+        )
+        .bind(message_id.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((stored_event(r)?, r.get(1))))
+            .collect()
+    }
+
+    /// Up to `limit` `sent` events of `app`'s template `template_id` sent in
+    /// [`since_ms`, `until_ms`) (unix ms) and not recalled yet, oldest first. Rows written
+    /// before the recall migration have no app or template and are not found.
+    pub async fn sent_events_of_template(
+        &self,
+        app: &str,
+        template_id: i64,
+        since_ms: i64,
+        until_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<DeliveryEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT event FROM vendor_messages WHERE app = $1 AND template_id = $2 \
+             AND sent_at >= $3 AND sent_at < $4 AND recalled_at IS NULL \
+             ORDER BY sent_at, message_id LIMIT $5",
+        )
+        .bind(app)
+        .bind(template_id)
+        .bind(since_ms)
+        .bind(until_ms)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(stored_event).collect()
+    }
+
+    /// How many messages of `app`'s template `template_id` sent in [`since_ms`, `until_ms`)
+    /// are recalled already.
+    pub async fn recalled_of_template(
+        &self,
+        app: &str,
+        template_id: i64,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT COUNT(DISTINCT message_id) FROM vendor_messages WHERE app = $1 \
+             AND template_id = $2 AND sent_at >= $3 AND sent_at < $4 AND recalled_at IS NOT NULL",
+        )
+        .bind(app)
+        .bind(template_id)
+        .bind(since_ms)
+        .bind(until_ms)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Marks every message sent through `account_id` under (`vendor`, `vendor_message_id`)
+    /// recalled at `at`, where it is not yet — the vendor recalls the whole vendor message, so
+    /// every receiver that shared it — and returns the `recalled` events of the messages it
+    /// marked: none when another recall marked them first. Each event is its `sent` event with
+    /// state, time and a deterministic id changed, so publishing it twice is harmless.
+    pub async fn mark_recalled(
+        &self,
+        vendor: &str,
+        vendor_message_id: &str,
+        account_id: i64,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<DeliveryEvent>, StoreError> {
+        let rows = sqlx::query(
+            "UPDATE vendor_messages SET recalled_at = $1 WHERE vendor = $2 \
+             AND vendor_message_id = $3 AND account_id = $4 AND recalled_at IS NULL \
+             RETURNING event",
+        )
+        .bind(at.timestamp_millis())
+        .bind(vendor)
+        .bind(vendor_message_id)
+        .bind(account_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let mut e = stored_event(r)?;
+                e.state = State::Recalled;
+                e.event_id = event_id(&e.message_id, e.state, e.attempt);
+                e.ts = at;
+                e.latency_ms = None;
+                e.error_code = None;
+                e.error_detail = None;
+                e.billing_units = None;
+                e.cost_micros = None;
+                e.currency = None;
+                e.redelivered = false;
+                Ok(e)
+            })
+            .collect()
+    }
+}
+
+/// The `sent` event in a row's first column.
+fn stored_event(r: &AnyRow) -> Result<DeliveryEvent, StoreError> {
+    serde_json::from_str(r.get::<&str, _>(0))
+        .map_err(|e| StoreError::Corrupt(format!("vendor message event: {e}")))
 }

@@ -48,3 +48,13 @@ CREATE TABLE frequency_counts (
     expires_at    BIGINT NOT NULL,
     PRIMARY KEY (scope, window_start)
 );
+
+-- Messages that failed for good (`send_failed`), with their record, for POST /v1/messages/redrive.
+CREATE TABLE failed_messages (
+    message_id   TEXT PRIMARY KEY,
+    app          TEXT NOT NULL,
+    template_id  BIGINT NOT NULL,
+    failed_at    BIGINT NOT NULL,
+    record       TEXT NOT NULL
+);
+CREATE INDEX failed_messages_by_template ON failed_messages (app, template_id, failed_at);

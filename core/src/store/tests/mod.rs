@@ -78,6 +78,7 @@ on_both!(
     claims_pass_limits_once,
     concurrent_claims_respect_a_cap,
     schedule_lease_release_and_cancel,
+    recall_finds_sent_messages_and_marks_them_once,
 );
 
 mod policy;
@@ -226,6 +227,7 @@ async fn ledger_and_inbox(store: Store) {
                 (a, LedgerState::Sent, 2),
             ],
             &[],
+            &[],
         )
         .await
         .unwrap();
@@ -247,12 +249,12 @@ async fn ledger_and_inbox(store: Store) {
         inbox(MessageId::new(), "u2"),
     ];
     store
-        .record_ledger(&[(b, LedgerState::Sent, 1)], &entries)
+        .record_ledger(&[(b, LedgerState::Sent, 1)], &entries, &[])
         .await
         .unwrap();
     // Written again (a redelivered batch): still once.
     store
-        .record_ledger(&[(b, LedgerState::Sent, 1)], &entries[..1])
+        .record_ledger(&[(b, LedgerState::Sent, 1)], &entries[..1], &[])
         .await
         .unwrap();
     let page = store.inbox("shop", "u1", None, 10, false).await.unwrap();
@@ -415,4 +417,161 @@ async fn vendor_messages_and_receipts(store: Store) {
     let pending = store.pending_receipts(5, since, 10).await.unwrap();
     assert_eq!(pending.len(), 1);
     assert_eq!(pending[0].receiver, r2.receiver);
+}
+
+async fn recall_finds_sent_messages_and_marks_them_once(store: Store) {
+    // r1 and r2 shared one WeCom message; r3 is another template's; r4 another app's.
+    let (r1, r2, mut r3, r4) = (
+        record("shop", "zhangsan"),
+        record("shop", "lisi"),
+        record("shop", "wangwu"),
+        record("bank", "zhaoliu"),
+    );
+    r3.template_id = 2;
+    let sent = |r: &MessageRecord, id: &str, second: u32| {
+        let mut e = event(r, State::Sent, 2, second);
+        e.channel = Channel::WecomApp;
+        e.vendor = Some("wecom".into());
+        e.vendor_message_id = Some(id.into());
+        e
+    };
+    let events = [
+        sent(&r1, "msg-1", 5),
+        sent(&r2, "msg-1", 5),
+        sent(&r3, "msg-3", 6),
+        sent(&r4, "msg-4", 7),
+    ];
+    store.record_vendor_messages(&events).await.unwrap();
+    // A row written before the recall migration: no app, no template.
+    let old = record("shop", "old-user");
+    let old_sent = sent(&old, "msg-0", 1);
+    sqlx::query(
+        "INSERT INTO vendor_messages \
+         (vendor, vendor_message_id, receiver, message_id, account_id, sent_at, event) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind("wecom")
+    .bind("msg-0")
+    .bind(&old.receiver)
+    .bind(old.message_id.to_string())
+    .bind(5_i64)
+    .bind(old_sent.ts.timestamp_millis())
+    .bind(serde_json::to_string(&old_sent).unwrap())
+    .execute(&store.pool)
+    .await
+    .unwrap();
+
+    let of_message = store.sent_events_of_message(&r1.message_id).await.unwrap();
+    assert_eq!(of_message, [(events[0].clone(), None)]);
+    let of_old = store.sent_events_of_message(&old.message_id).await.unwrap();
+    assert_eq!(of_old, [(old_sent, None)]);
+    assert!(
+        store
+            .sent_events_of_message(&MessageId::new())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let (since, until) = (
+        events[0].ts.timestamp_millis() - 10_000,
+        events[0].ts.timestamp_millis() + 10_000,
+    );
+    let of_template = store
+        .sent_events_of_template("shop", 1, since, until, 10)
+        .await
+        .unwrap();
+    let ids: Vec<MessageId> = of_template.iter().map(|e| e.message_id).collect();
+    let mut expected = vec![r1.message_id, r2.message_id];
+    expected.sort_by_key(|m| m.to_string());
+    assert_eq!(
+        ids, expected,
+        "the old row has no template; r3 and r4 are not of it"
+    );
+    let one = store
+        .sent_events_of_template("shop", 1, since, until, 1)
+        .await
+        .unwrap();
+    assert_eq!(one.len(), 1);
+    // `until` is exclusive, `since` inclusive.
+    let at_sent = events[0].ts.timestamp_millis();
+    for (s, u, n) in [(since, at_sent, 0), (at_sent, at_sent + 1, 2)] {
+        let found = store
+            .sent_events_of_template("shop", 1, s, u, 10)
+            .await
+            .unwrap();
+        assert_eq!(found.len(), n);
+    }
+    assert_eq!(
+        store
+            .sent_events_of_template("bank", 1, since, until, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // The wrong account marks nothing; the right one marks both receivers of msg-1, once.
+    let at = Utc.with_ymd_and_hms(2026, 11, 26, 10, 5, 0).unwrap();
+    assert!(
+        store
+            .mark_recalled("wecom", "msg-1", 6, at)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let mut recalled = store.mark_recalled("wecom", "msg-1", 5, at).await.unwrap();
+    recalled.sort_by_key(|e| e.message_id.to_string());
+    assert_eq!(recalled.len(), 2);
+    for (e, m) in recalled.iter().zip(&expected) {
+        assert_eq!(e.message_id, *m);
+        assert_eq!(e.state, State::Recalled);
+        assert_eq!(e.ts, at);
+        assert_eq!(e.attempt, 2);
+        assert_eq!(e.event_id, crate::wire::event_id(m, State::Recalled, 2));
+        assert_eq!(e.vendor_message_id.as_deref(), Some("msg-1"));
+        assert_eq!(e.app, "shop");
+        assert_eq!(e.channel, Channel::WecomApp);
+    }
+    assert!(
+        store
+            .mark_recalled("wecom", "msg-1", 5, at)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.sent_events_of_message(&r2.message_id).await.unwrap()[0].1,
+        Some(at.timestamp_millis())
+    );
+    assert!(
+        store
+            .sent_events_of_template("shop", 1, since, until, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .recalled_of_template("shop", 1, since, until)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        store
+            .recalled_of_template("shop", 2, since, until)
+            .await
+            .unwrap(),
+        0
+    );
+    // Rows from before the migration are still recalled by their vendor id.
+    assert_eq!(
+        store
+            .mark_recalled("wecom", "msg-0", 5, at)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }

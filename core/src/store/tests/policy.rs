@@ -8,7 +8,7 @@ use std::collections::HashSet;
 fn claim(id: MessageId, state: LedgerState, limits: Vec<Limit>) -> MessageClaim {
     MessageClaim {
         message_id: id,
-        from_scheduled: false,
+        from: None,
         state,
         attempt: 1,
         schedule: None,
@@ -246,7 +246,7 @@ pub(super) async fn schedule_lease_release_and_cancel(store: Store) {
 
     // Scheduled again while leased (a redelivery): the release must not delete it.
     let mut again = c.clone();
-    again.from_scheduled = true;
+    again.from = Some(LedgerState::Scheduled);
     store.claim_messages(&[again]).await.unwrap();
     store.release_scheduled(&taken).await.unwrap();
     let retaken = store.claim_due(due, lease, 10).await.unwrap();
@@ -294,7 +294,7 @@ pub(super) async fn schedule_lease_release_and_cancel(store: Store) {
     });
     store.claim_messages(&[c]).await.unwrap();
     let moved = MessageClaim {
-        from_scheduled: true,
+        from: Some(LedgerState::Scheduled),
         ..claim(x.message_id, LedgerState::Sending, vec![])
     };
     assert_eq!(
