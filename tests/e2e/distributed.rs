@@ -357,6 +357,10 @@ async fn wait_for_sent(warehouse: &Path, expected: usize) -> Vec<(String, String
                 distinct.len()
             );
         }
+        assert!(
+            Instant::now() < deadline,
+            "the warehouse got no event in 240 s"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
@@ -552,6 +556,10 @@ async fn a_broker_restart_loses_nothing_accepted() {
         assert!(Instant::now() < deadline, "dispatch made no progress");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Every role is past joining its consumer group: the warehouse has events. (Restarting
+    // tansu while a group is forming left the analytics group without members for good in one
+    // run: tansu keeps the group's state in its database and does not recover it.)
+    wait_for_sent(&d.warehouse(), 1).await;
     tokio::task::block_in_place(|| broker.restart(Duration::from_secs(3)));
     let accepted = loader.await.unwrap();
     assert_eq!(accepted.len(), RECEIVERS * PER_RECEIVER);

@@ -7,8 +7,6 @@ use crate::wire::{DeliveryEvent, State};
 use sqlx::Row;
 use std::collections::HashSet;
 
-const CHUNK: usize = 1000;
-
 impl Store {
     /// Adds events to the index; events already there are left as they are.
     pub async fn index_events(&self, events: &[DeliveryEvent]) -> Result<(), StoreError> {
@@ -16,7 +14,7 @@ impl Store {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
-        for chunk in events.chunks(CHUNK) {
+        for chunk in events.chunks(self.rows_per_statement(5)) {
             let sql = format!(
                 "INSERT INTO message_events (message_id, event_id, ts, state, event) VALUES {} \
                  ON CONFLICT DO NOTHING",
@@ -43,7 +41,7 @@ impl Store {
         ids: &[(MessageId, String)],
     ) -> Result<HashSet<String>, StoreError> {
         let mut out = HashSet::new();
-        for chunk in ids.chunks(CHUNK) {
+        for chunk in ids.chunks(self.rows_per_statement(2)) {
             let sql = format!(
                 "SELECT event_id FROM message_events WHERE (message_id, event_id) IN (VALUES {})",
                 value_rows(chunk.len(), 2)

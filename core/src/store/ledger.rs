@@ -95,9 +95,6 @@ pub struct SentInbox {
     pub content: serde_json::Value,
 }
 
-/// Rows per multi-row statement: SQLite takes at most 32,766 bound parameters.
-pub(crate) const CHUNK: usize = 1000;
-
 impl Store {
     /// The ledger rows of `ids` that exist: state and attempt.
     pub async fn ledger_states(
@@ -105,7 +102,7 @@ impl Store {
         ids: &[MessageId],
     ) -> Result<HashMap<MessageId, (LedgerState, u32)>, StoreError> {
         let mut out = HashMap::new();
-        for chunk in ids.chunks(CHUNK) {
+        for chunk in ids.chunks(self.rows_per_statement(1)) {
             let sql = format!(
                 "SELECT message_id, state, attempt FROM send_ledger WHERE message_id IN ({})",
                 placeholders(1, chunk.len())
@@ -149,7 +146,7 @@ impl Store {
             }
         }
         let mut tx = self.pool.begin().await?;
-        for chunk in order.chunks(CHUNK) {
+        for chunk in order.chunks(self.rows_per_statement(4)) {
             let sql = format!(
                 "INSERT INTO send_ledger (message_id, state, attempt, updated_at) VALUES {} \
                  ON CONFLICT (message_id) DO UPDATE SET state = excluded.state, \
@@ -167,7 +164,7 @@ impl Store {
             }
             q.execute(&mut *tx).await?;
         }
-        for chunk in inbox.chunks(CHUNK) {
+        for chunk in inbox.chunks(self.rows_per_statement(6)) {
             let sql = format!(
                 "INSERT INTO inbox (message_id, app, receiver, template_id, content, created_at) \
                  VALUES {} ON CONFLICT DO NOTHING",
@@ -185,7 +182,7 @@ impl Store {
             }
             q.execute(&mut *tx).await?;
         }
-        for chunk in failed.chunks(CHUNK) {
+        for chunk in failed.chunks(self.rows_per_statement(5)) {
             let sql = format!(
                 "INSERT INTO failed_messages (message_id, app, template_id, failed_at, record) \
                  VALUES {} ON CONFLICT (message_id) DO UPDATE SET failed_at = excluded.failed_at",

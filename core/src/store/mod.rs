@@ -82,6 +82,9 @@ pub(crate) fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// Bound values per SQLite statement (see [`Store::rows_per_statement`]).
+const SQLITE_PARAMS_PER_STATEMENT: usize = 256;
+
 /// Settings of every SQLite connection: WAL with `synchronous = NORMAL` (a committed transaction
 /// survives a killed process; only a power cut can lose the last commits), a busy timeout so
 /// writers queue instead of failing, and enforced foreign keys.
@@ -138,6 +141,18 @@ impl Store {
     /// Which database this store runs on.
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// How many rows of `params` bound values each to put in one multi-row statement. SQLite
+    /// (through sqlx) resolves each `$n` by a linear search of the statement's parameter names,
+    /// so binding costs grow with the square of a statement's parameters: 1,000 rows of six
+    /// values made dispatch three times slower than ~250 values per statement. PostgreSQL binds
+    /// by position.
+    pub(crate) fn rows_per_statement(&self, params: usize) -> usize {
+        match self.backend {
+            Backend::Sqlite => (SQLITE_PARAMS_PER_STATEMENT / params.max(1)).max(1),
+            Backend::Postgres => 1000,
+        }
     }
 
     /// Whether the database answers.

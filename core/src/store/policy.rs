@@ -15,7 +15,6 @@
 //! (`send_ledger.state` also holds `scheduled` and the policy states since this module; the
 //! comment in `0001_init.sql` predates them.)
 
-use super::ledger::CHUNK;
 use super::{LedgerState, Store, StoreError, now_ms, placeholders, value_rows};
 use crate::domain::{Channel, MessageId};
 use crate::policy::AppPolicy;
@@ -229,7 +228,7 @@ impl Store {
         let now = now_ms();
         let mut added = 0;
         let mut tx = self.pool.begin().await?;
-        for chunk in receivers.chunks(CHUNK) {
+        for chunk in receivers.chunks(self.rows_per_statement(5)) {
             let sql = format!(
                 "INSERT INTO receiver_lists (app_id, channel, list, receiver, created_at) \
                  VALUES {} ON CONFLICT DO NOTHING",
@@ -259,7 +258,7 @@ impl Store {
         receivers: &[String],
     ) -> Result<u64, StoreError> {
         let mut removed = 0;
-        for chunk in receivers.chunks(CHUNK) {
+        for chunk in receivers.chunks(self.rows_per_statement(1)) {
             let sql = format!(
                 "DELETE FROM receiver_lists WHERE app_id = $1 AND channel = $2 AND list = $3 \
                  AND receiver IN ({})",
@@ -307,7 +306,7 @@ impl Store {
         receivers: &[&str],
     ) -> Result<HashSet<(Channel, ListName, String)>, StoreError> {
         let mut out = HashSet::new();
-        for chunk in receivers.chunks(CHUNK) {
+        for chunk in receivers.chunks(self.rows_per_statement(1)) {
             let sql = format!(
                 "SELECT l.channel, l.list, l.receiver FROM receiver_lists l \
                  JOIN apps a ON a.id = l.app_id WHERE a.name = $1 AND l.receiver IN ({})",
@@ -343,7 +342,7 @@ impl Store {
         // Claim the ledger rows: insert where there is none, move on from `scheduled`.
         let mut won: HashSet<MessageId> = HashSet::new();
         let fresh: Vec<&MessageClaim> = claims.iter().filter(|c| c.from.is_none()).collect();
-        for chunk in fresh.chunks(CHUNK) {
+        for chunk in fresh.chunks(self.rows_per_statement(4)) {
             let sql = format!(
                 "INSERT INTO send_ledger (message_id, state, attempt, updated_at) VALUES {} \
                  ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
@@ -372,7 +371,7 @@ impl Store {
             }
         }
         for ((from, state), group) in moving {
-            for chunk in group.chunks(CHUNK) {
+            for chunk in group.chunks(self.rows_per_statement(1)) {
                 let sql = format!(
                     "UPDATE send_ledger SET state = $1, updated_at = $2 \
                      WHERE state = $3 AND message_id IN ({}) RETURNING message_id",
@@ -402,11 +401,12 @@ impl Store {
             .filter(|(_, won)| **won)
             .filter_map(|(c, _)| c.schedule.as_ref())
             .collect();
-        for chunk in waiting.chunks(CHUNK) {
+        for chunk in waiting.chunks(self.rows_per_statement(5)) {
             insert_schedule(&mut tx, chunk).await?;
         }
 
-        let (passed, stopped) = count_limits(&mut tx, claims, &winners, now).await?;
+        let (passed, stopped) =
+            count_limits(&mut tx, claims, &winners, now, self.rows_per_statement(5)).await?;
         for (i, state) in stopped.iter().enumerate() {
             let Some(state) = state else { continue };
             // Give back what the stopped message took from its other limits.
@@ -484,7 +484,7 @@ impl Store {
             by_lease.entry(e.lease).or_default().push(&e.message_id);
         }
         for (lease, ids) in by_lease {
-            for chunk in ids.chunks(CHUNK) {
+            for chunk in ids.chunks(self.rows_per_statement(1)) {
                 let sql = format!(
                     "DELETE FROM schedule WHERE claimed_until = $1 AND message_id IN ({})",
                     placeholders(2, chunk.len())
@@ -549,7 +549,7 @@ impl Store {
         }
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
-        for chunk in retries.chunks(CHUNK) {
+        for chunk in retries.chunks(self.rows_per_statement(5)) {
             let sql = format!(
                 "INSERT INTO send_ledger (message_id, state, attempt, updated_at) VALUES {} \
                  ON CONFLICT (message_id) DO UPDATE SET state = excluded.state, \
@@ -718,6 +718,7 @@ async fn count_limits<'c>(
     claims: &'c [MessageClaim],
     winners: &[bool],
     now: i64,
+    rows: usize,
 ) -> Result<(Vec<Vec<&'c Limit>>, Vec<Option<LedgerState>>), StoreError> {
     let mut rounds: Vec<Vec<(usize, &Limit)>> = Vec::new();
     let mut seen: HashMap<(&str, i64), usize> = HashMap::new();
@@ -746,7 +747,7 @@ async fn count_limits<'c>(
                 })
                 .copied()
                 .collect();
-            for chunk in ops.chunks(CHUNK) {
+            for chunk in ops.chunks(rows) {
                 let ok = if content {
                     upsert_content(tx, claims, chunk, now).await?
                 } else {

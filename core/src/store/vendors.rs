@@ -17,9 +17,6 @@ pub struct PendingReceipt {
     pub sent_at: i64,
 }
 
-/// Rows per multi-row statement (SQLite binds at most 32,766 parameters, PostgreSQL 65,535).
-const CHUNK: usize = 1000;
-
 impl Store {
     /// The stored token under `key` and its expiry (unix ms), if any.
     pub async fn vendor_token(&self, key: &str) -> Result<Option<(String, i64)>, StoreError> {
@@ -71,7 +68,7 @@ impl Store {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
-        for chunk in rows.chunks(CHUNK) {
+        for chunk in rows.chunks(self.rows_per_statement(9)) {
             let sql = format!(
                 "INSERT INTO vendor_messages \
                  (vendor, vendor_message_id, receiver, message_id, account_id, sent_at, event, \
