@@ -95,11 +95,12 @@ pub struct ScheduledMessage {
 /// A stateful limit a message must pass to be sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Limit {
-    /// No other message with this content key may pass until `expires_at` (unix ms).
-    Content { key: String, expires_at: i64 },
+    /// No other message with this content key (a hash) may pass until `expires_at` (unix ms).
+    Content { key: i64, expires_at: i64 },
     /// At most `max` messages per `scope` in the window starting at `window_start` (unix ms).
     Frequency {
-        scope: String,
+        /// A hash naming the cap and the receiver.
+        scope: i64,
         window_start: i64,
         max: u32,
         expires_at: i64,
@@ -107,14 +108,14 @@ pub enum Limit {
 }
 
 impl Limit {
-    fn sort_key(&self) -> (&str, i64) {
+    fn sort_key(&self) -> (i64, i64) {
         match self {
-            Limit::Content { key, .. } => (key, 0),
+            Limit::Content { key, .. } => (*key, 0),
             Limit::Frequency {
                 scope,
                 window_start,
                 ..
-            } => (scope, *window_start),
+            } => (*scope, *window_start),
         }
     }
 }
@@ -317,10 +318,7 @@ impl Store {
                 q = q.bind(*r);
             }
             for row in q.fetch_all(&self.pool).await? {
-                let channel = row.get::<&str, _>(0).parse().map_err(StoreError::Corrupt)?;
-                let list = ListName::parse(row.get(1))
-                    .ok_or_else(|| StoreError::Corrupt("receiver list name".into()))?;
-                out.insert((channel, list, row.get(2)));
+                out.insert(list_entry(&row)?);
             }
         }
         Ok(out)
@@ -414,7 +412,7 @@ impl Store {
                 match limit {
                     Limit::Content { key, .. } => {
                         sqlx::query("DELETE FROM content_dedup WHERE key = $1 AND message_id = $2")
-                            .bind(key)
+                            .bind(*key)
                             .bind(claims[i].message_id.to_string())
                             .execute(&mut *tx)
                             .await?;
@@ -692,6 +690,14 @@ async fn insert_schedule(
     Ok(())
 }
 
+/// A receiver-list row selected as `channel, list, receiver`.
+fn list_entry(row: &AnyRow) -> Result<(Channel, ListName, String), StoreError> {
+    let channel = row.get::<&str, _>(0).parse().map_err(StoreError::Corrupt)?;
+    let list = ListName::parse(row.get(1))
+        .ok_or_else(|| StoreError::Corrupt("receiver list name".into()))?;
+    Ok((channel, list, row.get(2)))
+}
+
 /// A schedule row selected as `message_id, app, due_at, kind, record, claimed_until`.
 fn scheduled_of(r: &AnyRow) -> Result<ScheduledMessage, StoreError> {
     Ok(ScheduledMessage {
@@ -721,7 +727,7 @@ async fn count_limits<'c>(
     rows: usize,
 ) -> Result<(Vec<Vec<&'c Limit>>, Vec<Option<LedgerState>>), StoreError> {
     let mut rounds: Vec<Vec<(usize, &Limit)>> = Vec::new();
-    let mut seen: HashMap<(&str, i64), usize> = HashMap::new();
+    let mut seen: HashMap<(i64, i64), usize> = HashMap::new();
     for (i, c) in claims.iter().enumerate() {
         if c.state != LedgerState::Sending || !winners[i] {
             continue;
@@ -738,7 +744,7 @@ async fn count_limits<'c>(
     let mut passed: Vec<Vec<&Limit>> = vec![Vec::new(); claims.len()];
     let mut stopped: Vec<Option<LedgerState>> = vec![None; claims.len()];
     for mut round in rounds {
-        round.sort_by(|a, b| a.1.sort_key().cmp(&b.1.sort_key()));
+        round.sort_by_key(|(_, limit)| limit.sort_key());
         for content in [true, false] {
             let ops: Vec<(usize, &Limit)> = round
                 .iter()
@@ -754,8 +760,7 @@ async fn count_limits<'c>(
                     upsert_frequency(tx, chunk).await?
                 };
                 for &(i, limit) in chunk {
-                    let (key, window) = limit.sort_key();
-                    if ok.contains(&(key.to_string(), window)) {
+                    if ok.contains(&limit.sort_key()) {
                         passed[i].push(limit);
                     } else {
                         stopped[i] = Some(if content {
@@ -777,7 +782,7 @@ async fn upsert_content(
     claims: &[MessageClaim],
     ops: &[(usize, &Limit)],
     now: i64,
-) -> Result<HashSet<(String, i64)>, StoreError> {
+) -> Result<HashSet<(i64, i64)>, StoreError> {
     let sql = format!(
         "INSERT INTO content_dedup (key, message_id, expires_at) VALUES {} \
          ON CONFLICT (key) DO UPDATE SET message_id = excluded.message_id, \
@@ -789,13 +794,13 @@ async fn upsert_content(
     for &(i, limit) in ops {
         if let Limit::Content { key, expires_at } = limit {
             q = q
-                .bind(key.as_str())
+                .bind(*key)
                 .bind(claims[i].message_id.to_string())
                 .bind(*expires_at);
         }
     }
     let rows = q.bind(now).fetch_all(&mut **tx).await?;
-    Ok(rows.iter().map(|r| (r.get::<String, _>(0), 0)).collect())
+    Ok(rows.iter().map(|r| (r.get::<i64, _>(0), 0)).collect())
 }
 
 /// Counts one message against each cap of `ops` (distinct scopes) that is under its maximum;
@@ -803,7 +808,7 @@ async fn upsert_content(
 async fn upsert_frequency(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     ops: &[(usize, &Limit)],
-) -> Result<HashSet<(String, i64)>, StoreError> {
+) -> Result<HashSet<(i64, i64)>, StoreError> {
     let sql = format!(
         "INSERT INTO frequency_counts (scope, window_start, count, cap, expires_at) VALUES {} \
          ON CONFLICT (scope, window_start) DO UPDATE SET count = frequency_counts.count + 1, \
@@ -821,7 +826,7 @@ async fn upsert_frequency(
         } = limit
         {
             q = q
-                .bind(scope.as_str())
+                .bind(*scope)
                 .bind(*window_start)
                 .bind(1i64)
                 .bind(i64::from(*max))
@@ -831,7 +836,7 @@ async fn upsert_frequency(
     let rows = q.fetch_all(&mut **tx).await?;
     Ok(rows
         .iter()
-        .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1)))
+        .map(|r| (r.get::<i64, _>(0), r.get::<i64, _>(1)))
         .collect())
 }
 

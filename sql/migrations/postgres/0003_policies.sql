@@ -32,16 +32,16 @@ CREATE TABLE schedule (
 );
 CREATE INDEX schedule_by_due ON schedule (due_at);
 
--- Content dedup: one row per (app, template, receiver, rendered content) hash while its window lasts.
+-- Content dedup: one row per (app, template, receiver, rendered content) while its window lasts.
 CREATE TABLE content_dedup (
-    key         TEXT PRIMARY KEY,
+    key         BIGINT PRIMARY KEY,   -- 64 bits of the SHA-256 of (app, template, receiver, content)
     message_id  TEXT NOT NULL,
     expires_at  BIGINT NOT NULL
 );
 
 -- Frequency caps: messages counted per scope (app, receiver, channel, msg type, cap) and window.
 CREATE TABLE frequency_counts (
-    scope         TEXT NOT NULL,
+    scope         BIGINT NOT NULL,   -- 64 bits of the SHA-256 of (app, receiver, cap)
     window_start  BIGINT NOT NULL,
     count         BIGINT NOT NULL,
     cap           BIGINT NOT NULL,      -- the cap's max when last counted

@@ -16,20 +16,17 @@ fn claim(id: MessageId, state: LedgerState, limits: Vec<Limit>) -> MessageClaim 
     }
 }
 
-fn cap(scope: &str, max: u32) -> Limit {
+fn cap(scope: i64, max: u32) -> Limit {
     Limit::Frequency {
-        scope: scope.into(),
+        scope,
         window_start: 1_000,
         max,
         expires_at: now_ms() + 60_000,
     }
 }
 
-fn content(key: &str, expires_at: i64) -> Limit {
-    Limit::Content {
-        key: key.into(),
-        expires_at,
-    }
+fn content(key: i64, expires_at: i64) -> Limit {
+    Limit::Content { key, expires_at }
 }
 
 pub(super) async fn policy_documents_and_lists(store: Store) {
@@ -98,24 +95,24 @@ pub(super) async fn claims_pass_limits_once(store: Store) {
             claim(
                 ids[0],
                 LedgerState::Sending,
-                vec![content("k", far), cap("r1", 2)],
+                vec![content(1, far), cap(11, 2)],
             ),
             // Same content in the same batch: a duplicate.
             claim(
                 ids[1],
                 LedgerState::Sending,
-                vec![content("k", far), cap("r1", 2)],
+                vec![content(1, far), cap(11, 2)],
             ),
             claim(
                 ids[2],
                 LedgerState::Sending,
-                vec![content("k2", far), cap("r1", 2)],
+                vec![content(2, far), cap(11, 2)],
             ),
             // Over the cap; its content key is given back.
             claim(
                 ids[3],
                 LedgerState::Sending,
-                vec![content("k3", far), cap("r1", 2)],
+                vec![content(3, far), cap(11, 2)],
             ),
             claim(ids[4], LedgerState::Blocked, vec![]),
         ])
@@ -138,7 +135,7 @@ pub(super) async fn claims_pass_limits_once(store: Store) {
 
     // Claiming again (a redelivered batch) loses, and counts nothing.
     let again = store
-        .claim_messages(&[claim(ids[0], LedgerState::Sending, vec![cap("r1", 3)])])
+        .claim_messages(&[claim(ids[0], LedgerState::Sending, vec![cap(11, 3)])])
         .await
         .unwrap();
     assert_eq!(again, [ClaimOutcome::Lost]);
@@ -149,9 +146,9 @@ pub(super) async fn claims_pass_limits_once(store: Store) {
             claim(
                 ids[5],
                 LedgerState::Sending,
-                vec![content("k3", far), cap("r1", 3)],
+                vec![content(3, far), cap(11, 3)],
             ),
-            claim(MessageId::new(), LedgerState::Sending, vec![cap("r1", 3)]),
+            claim(MessageId::new(), LedgerState::Sending, vec![cap(11, 3)]),
         ])
         .await
         .unwrap();
@@ -167,13 +164,13 @@ pub(super) async fn claims_pass_limits_once(store: Store) {
     let expired = [claim(
         MessageId::new(),
         LedgerState::Sending,
-        vec![content("old", past)],
+        vec![content(21, past)],
     )];
     store.claim_messages(&expired).await.unwrap();
     let later = [claim(
         MessageId::new(),
         LedgerState::Sending,
-        vec![content("old", far)],
+        vec![content(21, far)],
     )];
     assert_eq!(
         store.claim_messages(&later).await.unwrap(),
@@ -182,7 +179,7 @@ pub(super) async fn claims_pass_limits_once(store: Store) {
     let gone = [claim(
         MessageId::new(),
         LedgerState::Sending,
-        vec![content("gone", past)],
+        vec![content(22, past)],
     )];
     store.claim_messages(&gone).await.unwrap();
     assert_eq!(store.prune_limits().await.unwrap(), 1);
@@ -194,11 +191,7 @@ pub(super) async fn concurrent_claims_respect_a_cap(store: Store) {
         .map(|_| {
             let store = store.clone();
             tokio::spawn(async move {
-                let c = claim(
-                    MessageId::new(),
-                    LedgerState::Sending,
-                    vec![cap("racer", 5)],
-                );
+                let c = claim(MessageId::new(), LedgerState::Sending, vec![cap(31, 5)]);
                 store.claim_messages(&[c]).await.unwrap()[0]
             })
         })
