@@ -3,6 +3,7 @@
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use herald_core::MessageId;
 use herald_core::store::StoreError;
 use serde::Serialize;
 
@@ -69,6 +70,12 @@ impl ApiError {
             message,
             details,
         }
+    }
+
+    /// Parses a message id from a path or body: a `422 bad_message_id` unless it is a UUID.
+    pub fn message_id(raw: &str) -> Result<MessageId, ApiError> {
+        raw.parse()
+            .map_err(|_| ApiError::invalid("bad_message_id", "a message id is a UUID"))
     }
 
     /// The machine-readable code.

@@ -161,9 +161,7 @@ pub async fn cancel(
     AuthApp(app): AuthApp,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let id: MessageId = id
-        .parse()
-        .map_err(|_| ApiError::invalid("bad_message_id", "a message id is a UUID"))?;
+    let id = ApiError::message_id(&id)?;
     let entry = match state.inner.store.cancel_scheduled(&app.name, id).await {
         Ok(entry) => entry,
         Err(StoreError::NotFound) => {
@@ -235,9 +233,8 @@ pub async fn redrive(
             }
             let ids = ids
                 .iter()
-                .map(|id| id.parse())
-                .collect::<Result<Vec<MessageId>, _>>()
-                .map_err(|_| ApiError::invalid("bad_message_id", "a message id is a UUID"))?;
+                .map(|id| ApiError::message_id(id))
+                .collect::<Result<Vec<MessageId>, _>>()?;
             Redrive::Messages(ids)
         }
         (None, Some(template_id)) => {

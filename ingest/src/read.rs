@@ -5,7 +5,6 @@ use crate::body::JsonBody;
 use crate::{ApiError, ApiState};
 use axum::Json;
 use axum::extract::{Path, Query, State};
-use herald_core::MessageId;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -18,9 +17,7 @@ pub async fn trace(
     AuthApp(app): AuthApp,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let id: MessageId = id
-        .parse()
-        .map_err(|_| ApiError::invalid("bad_message_id", "a message id is a UUID"))?;
+    let id = ApiError::message_id(&id)?;
     let events = state.inner.store.message_events(&app.name, &id).await?;
     let last = events.last().ok_or(ApiError::NotFound(
         "no such message (events appear within the warehouse flush interval)",

@@ -49,9 +49,7 @@ pub async fn recall_message(
     AuthApp(app): AuthApp,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let id: MessageId = id
-        .parse()
-        .map_err(|_| ApiError::invalid("bad_message_id", "a message id is a UUID"))?;
+    let id = ApiError::message_id(&id)?;
     let inner = &state.inner;
     // The app is checked on the event: rows from before the recall migration have it only there.
     let rows: Vec<(DeliveryEvent, Option<i64>)> = inner

@@ -46,6 +46,21 @@ fn serve(dir: &Path) -> Serve {
     Serve { child, base }
 }
 
+/// Creates an app with `herald apps create` in `dir`; returns its API key.
+fn create_app(dir: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["apps", "create", "crash"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("api key: "))
+        .unwrap()
+        .to_string()
+}
+
 async fn post(
     http: &reqwest::Client,
     base: &str,
@@ -118,18 +133,7 @@ async fn load(
 async fn kill_9_midway_loses_nothing_and_sends_nothing_twice() {
     let dir = tempfile::tempdir().unwrap();
     let smtp = SmtpSink::start();
-    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args(["apps", "create", "crash"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    let key = text
-        .lines()
-        .find_map(|l| l.strip_prefix("api key: "))
-        .unwrap()
-        .to_string();
+    let key = create_app(dir.path());
 
     let mut first = serve(dir.path());
     let http = reqwest::Client::new();
@@ -281,18 +285,7 @@ async fn scheduled_messages_survive_a_kill_and_go_on_time() {
     const BATCHES: usize = 5;
     const PER_BATCH: usize = 100;
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args(["apps", "create", "crash"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    let key = text
-        .lines()
-        .find_map(|l| l.strip_prefix("api key: "))
-        .unwrap()
-        .to_string();
+    let key = create_app(dir.path());
     let mut first = serve(dir.path());
     let http = reqwest::Client::new();
     let (_, t) = post(&http, &first.base, &key, "/v1/templates",

@@ -146,24 +146,11 @@ impl Store {
             }
         }
         let mut tx = self.pool.begin().await?;
-        for chunk in order.chunks(self.rows_per_statement(4)) {
-            let sql = format!(
-                "INSERT INTO send_ledger (message_id, state, attempt, updated_at) VALUES {} \
-                 ON CONFLICT (message_id) DO UPDATE SET state = excluded.state, \
-                 attempt = excluded.attempt, updated_at = excluded.updated_at",
-                value_rows(chunk.len(), 4)
-            );
-            let mut q = sqlx::query(&sql);
-            for id in chunk {
-                let (state, attempt) = last[id];
-                q = q
-                    .bind(id.to_string())
-                    .bind(state.as_str())
-                    .bind(i64::from(attempt))
-                    .bind(now);
-            }
-            q.execute(&mut *tx).await?;
-        }
+        let rows: Vec<(MessageId, LedgerState, u32)> = order
+            .iter()
+            .map(|id| (**id, last[id].0, last[id].1))
+            .collect();
+        upsert_ledger(&mut tx, &rows, now, self.rows_per_statement(4)).await?;
         for chunk in inbox.chunks(self.rows_per_statement(6)) {
             let sql = format!(
                 "INSERT INTO inbox (message_id, app, receiver, template_id, content, created_at) \
@@ -204,4 +191,31 @@ impl Store {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// Writes ledger rows (distinct messages) in `tx`, `rows_per_statement` at a time.
+pub(super) async fn upsert_ledger(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    rows: &[(MessageId, LedgerState, u32)],
+    now: i64,
+    rows_per_statement: usize,
+) -> Result<(), StoreError> {
+    for chunk in rows.chunks(rows_per_statement) {
+        let sql = format!(
+            "INSERT INTO send_ledger (message_id, state, attempt, updated_at) VALUES {} \
+             ON CONFLICT (message_id) DO UPDATE SET state = excluded.state, \
+             attempt = excluded.attempt, updated_at = excluded.updated_at",
+            value_rows(chunk.len(), 4)
+        );
+        let mut q = sqlx::query(&sql);
+        for (id, state, attempt) in chunk {
+            q = q
+                .bind(id.to_string())
+                .bind(state.as_str())
+                .bind(i64::from(*attempt))
+                .bind(now);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
 }

@@ -15,6 +15,7 @@
 //! (`send_ledger.state` also holds `scheduled` and the policy states since this module; the
 //! comment in `0001_init.sql` predates them.)
 
+use super::ledger::upsert_ledger;
 use super::{LedgerState, Store, StoreError, now_ms, placeholders, value_rows};
 use crate::domain::{Channel, MessageId};
 use crate::policy::AppPolicy;
@@ -547,24 +548,14 @@ impl Store {
         }
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
-        for chunk in retries.chunks(self.rows_per_statement(5)) {
-            let sql = format!(
-                "INSERT INTO send_ledger (message_id, state, attempt, updated_at) VALUES {} \
-                 ON CONFLICT (message_id) DO UPDATE SET state = excluded.state, \
-                 attempt = excluded.attempt, updated_at = excluded.updated_at",
-                value_rows(chunk.len(), 4)
-            );
-            let mut q = sqlx::query(&sql);
-            for (entry, attempt) in chunk {
-                q = q
-                    .bind(entry.message_id.to_string())
-                    .bind(LedgerState::Retrying.as_str())
-                    .bind(i64::from(*attempt))
-                    .bind(now);
-            }
-            q.execute(&mut *tx).await?;
-            let entries: Vec<&ScheduledMessage> = chunk.iter().map(|(e, _)| e).collect();
-            insert_schedule(&mut tx, &entries).await?;
+        let rows: Vec<(MessageId, LedgerState, u32)> = retries
+            .iter()
+            .map(|(entry, attempt)| (entry.message_id, LedgerState::Retrying, *attempt))
+            .collect();
+        upsert_ledger(&mut tx, &rows, now, self.rows_per_statement(4)).await?;
+        let entries: Vec<&ScheduledMessage> = retries.iter().map(|(e, _)| e).collect();
+        for chunk in entries.chunks(self.rows_per_statement(5)) {
+            insert_schedule(&mut tx, chunk).await?;
         }
         tx.commit().await?;
         Ok(())
