@@ -654,3 +654,89 @@ async fn refused_producer_records_land_in_the_dlq_with_their_reason() {
     }
     let _ = bus;
 }
+
+/// A frequency cap holds in total with two dispatch processes on Kafka and PostgreSQL: of 12
+/// messages to each of 20 receivers, exactly 5 per receiver are sent (the first 5, in order) and
+/// the rest end `dedup_frequency`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_dispatch_processes_hold_a_frequency_cap_in_total() {
+    const RECEIVERS: usize = 20;
+    const PER_RECEIVER: usize = 12;
+    const CAP: i64 = 5;
+    let storage_dir = tempfile::tempdir().unwrap();
+    let storage = format!("sqlite://{}", storage_dir.path().join("tansu.db").display());
+    let broker = Broker::start(&storage);
+    let d = Deployment::new(&broker, "").await;
+    let key = d.create_app("e2e");
+    let ingest = d.spawn("ingest");
+    let _a = d.spawn("dispatch");
+    let _b = d.spawn("dispatch");
+    let _analytics = d.spawn("analytics");
+    let template = inbox_template(&ingest, &key).await;
+    let resp = reqwest::Client::new()
+        .put(format!("{}/v1/policy", ingest.base()))
+        .bearer_auth(&key)
+        .json(&json!({"frequency_caps": [{"channel": "inbox", "max": CAP, "period_secs": 86400}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+
+    let accepted = load_http(
+        ingest.base(),
+        key.clone(),
+        template,
+        "c-".into(),
+        RECEIVERS,
+        PER_RECEIVER,
+    )
+    .await;
+    assert_eq!(accepted.len(), RECEIVERS * PER_RECEIVER);
+
+    let pool = sqlx::PgPool::connect(&d.store_url).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let states: HashMap<String, i64> = loop {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, count(*) FROM send_ledger GROUP BY state")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        let states: HashMap<String, i64> = rows.into_iter().collect();
+        if states.values().sum::<i64>() == (RECEIVERS * PER_RECEIVER) as i64
+            && !states.contains_key("sending")
+        {
+            break states;
+        }
+        assert!(Instant::now() < deadline, "not all claimed: {states:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        states.get("sent"),
+        Some(&(RECEIVERS as i64 * CAP)),
+        "{states:?}"
+    );
+    assert_eq!(
+        states.get("dedup_frequency"),
+        Some(&((RECEIVERS * PER_RECEIVER) as i64 - RECEIVERS as i64 * CAP)),
+        "{states:?}"
+    );
+    // Per receiver: exactly the first CAP messages (sequence numbers 0..CAP) reached the inbox.
+    let rows: Vec<(String, String)> = sqlx::query_as("SELECT receiver, content FROM inbox")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let mut seqs: HashMap<String, Vec<i64>> = HashMap::new();
+    for (receiver, content) in rows {
+        let content: Value = serde_json::from_str(&content).unwrap();
+        let seq = content["title"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("note ");
+        seqs.entry(receiver).or_default().push(seq.parse().unwrap());
+    }
+    assert_eq!(seqs.len(), RECEIVERS);
+    for (receiver, mut got) in seqs {
+        got.sort_unstable();
+        assert_eq!(got, (0..CAP).collect::<Vec<_>>(), "{receiver}");
+    }
+}
