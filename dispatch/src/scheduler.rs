@@ -63,7 +63,8 @@ impl Scheduler {
                 }
                 Err(e) => tracing::warn!(error = %e, "could not read the schedule"),
             }
-            let later = wheel.split_off(&(chrono::Utc::now() + chrono::Duration::milliseconds(1)));
+            // Entries due before now go; none goes early.
+            let later = wheel.split_off(&chrono::Utc::now());
             let due: Vec<ScheduledMessage> = std::mem::replace(&mut wheel, later)
                 .into_values()
                 .flatten()

@@ -104,7 +104,11 @@ async fn a_long_retry_after_waits_in_the_schedule_not_in_the_worker() {
     let calls = calls.lock().unwrap().clone();
     assert_eq!(calls.len(), 2);
     let waited = calls[1].1 - calls[0].1;
-    assert!(waited >= Duration::from_secs(2), "retried after {waited:?}");
+    // The schedule runs on the wall clock, this measure on the monotonic one: allow their drift.
+    assert!(
+        waited >= Duration::from_millis(1990),
+        "retried after {waited:?}"
+    );
     assert!(waited < Duration::from_secs(4), "retried after {waited:?}");
     app.stop().await;
 }
