@@ -9,6 +9,7 @@
 
 use herald_core::MessageId;
 use herald_core::store::{LedgerState, Store};
+use std::collections::HashMap;
 use tokio::sync::{mpsc, oneshot};
 
 /// A ledger row: message, state, attempt.
@@ -64,7 +65,7 @@ async fn write_loop(store: Store, mut rx: mpsc::UnboundedReceiver<Queued>) {
             next = rx.try_recv().ok();
         }
         if !rows.is_empty() {
-            if let Err(e) = store.record_ledger(&rows, &[], &[]).await {
+            if let Err(e) = store.record_ledger(&rows, &HashMap::new(), &[], &[]).await {
                 tracing::warn!(error = %e, count = rows.len(), "ledger write after sends failed; the batch write retries it");
             }
             rows.clear();

@@ -100,6 +100,8 @@ struct Work {
     redelivered: bool,
     /// The ledger's final state, when the message must not be sent again.
     done: Option<(LedgerState, u32)>,
+    /// When it was sent or failed for good, for a message done before (its events' time).
+    done_at: Option<chrono::DateTime<chrono::Utc>>,
     /// The attempt number of the first vendor call in this batch.
     attempt: u32,
     /// Every vendor call made for this message in this batch, in order.
@@ -134,6 +136,7 @@ impl Work {
             record,
             redelivered: false,
             done: None,
+            done_at: None,
             attempt: 1,
             tries: Vec::new(),
             stop: None,
@@ -300,6 +303,19 @@ impl Dispatcher {
                 }
             }
         }
+        let done: Vec<MessageId> = work
+            .iter()
+            .filter(|w| w.done.is_some())
+            .map(|w| w.record.message_id)
+            .collect();
+        if !done.is_empty() {
+            let times = self.store.done_times(&done).await?;
+            for w in work.iter_mut().filter(|w| w.done.is_some()) {
+                w.done_at = times
+                    .get(&w.record.message_id)
+                    .and_then(|us| chrono::DateTime::from_timestamp_micros(*us));
+            }
+        }
         self.claim(&mut work, &candidates, &mut outcome).await?;
 
         self.send_all(&mut work).await;
@@ -307,6 +323,7 @@ impl Dispatcher {
         self.outcomes.flush().await;
 
         let mut final_rows = Vec::new();
+        let mut done_at = HashMap::new();
         let mut inbox = Vec::new();
         let mut failed = Vec::new();
         let mut retries = Vec::new();
@@ -333,6 +350,7 @@ impl Dispatcher {
                 Some(t @ Try { result: Ok(_), .. }) => {
                     outcome.sent += 1;
                     final_rows.push((w.record.message_id, LedgerState::Sent, t.attempt));
+                    done_at.insert(w.record.message_id, t.done_at.timestamp_micros());
                     if w.record.channel == Channel::Inbox {
                         inbox.push(SentInbox {
                             message_id: w.record.message_id,
@@ -347,12 +365,15 @@ impl Dispatcher {
                     outcome.failed += 1;
                     let attempt = last.map_or(w.attempt, |t| t.attempt);
                     final_rows.push((w.record.message_id, LedgerState::SendFailed, attempt));
+                    if let Some(t) = last {
+                        done_at.insert(w.record.message_id, t.done_at.timestamp_micros());
+                    }
                     failed.push(&w.record);
                 }
             }
         }
         self.store
-            .record_ledger(&final_rows, &inbox, &failed)
+            .record_ledger(&final_rows, &done_at, &inbox, &failed)
             .await?;
         self.store.defer_retries(&retries).await?;
 
@@ -762,13 +783,17 @@ impl Dispatcher {
             out.push(e);
         }
         match &w.done {
+            // Sent or failed before: copies carry the original time (the ledger keeps it), so
+            // that one receiver's events stay in order even where some of the first ones are lost.
             Some((LedgerState::Sent, attempt)) => {
-                out.push(ev(State::Sending, *attempt, received_at));
-                out.push(ev(State::Sent, *attempt, received_at));
+                let at = w.done_at.unwrap_or(received_at);
+                out.push(ev(State::Sending, *attempt, at));
+                out.push(ev(State::Sent, *attempt, at));
             }
             Some((LedgerState::SendFailed, attempt)) => {
-                out.push(ev(State::Sending, *attempt, received_at));
-                let mut e = ev(State::SendFailed, *attempt, received_at);
+                let at = w.done_at.unwrap_or(received_at);
+                out.push(ev(State::Sending, *attempt, at));
+                let mut e = ev(State::SendFailed, *attempt, at);
                 e.error_code = Some("unknown".into());
                 out.push(e);
             }

@@ -123,12 +123,41 @@ impl Store {
         Ok(out)
     }
 
-    /// Records `rows` (message, state, attempt) in one transaction, together with the inbox
-    /// messages in `inbox` (each stored once even if written again) and the records of messages
-    /// that failed for good in `failed` (kept for `POST /v1/messages/redrive`).
+    /// When each of `ids` that has one was sent or failed for good (its `done_at`, unix µs).
+    pub async fn done_times(
+        &self,
+        ids: &[MessageId],
+    ) -> Result<HashMap<MessageId, i64>, StoreError> {
+        let mut out = HashMap::new();
+        for chunk in ids.chunks(self.rows_per_statement(1)) {
+            let sql = format!(
+                "SELECT message_id, done_at FROM send_ledger WHERE done_at IS NOT NULL \
+                 AND message_id IN ({})",
+                placeholders(1, chunk.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id.to_string());
+            }
+            for row in q.fetch_all(&self.pool).await? {
+                let id: MessageId = row
+                    .get::<&str, _>(0)
+                    .parse()
+                    .map_err(|e| StoreError::Corrupt(format!("ledger id: {e}")))?;
+                out.insert(id, row.get::<i64, _>(1));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records `rows` (message, state, attempt) in one transaction, with the time of each
+    /// message's final event in `done_at` (unix µs, where known), the inbox messages in `inbox`
+    /// (each stored once even if written again) and the records of messages that failed for good
+    /// in `failed` (kept for `POST /v1/messages/redrive`).
     pub async fn record_ledger(
         &self,
         rows: &[(MessageId, LedgerState, u32)],
+        done_at: &HashMap<MessageId, i64>,
         inbox: &[SentInbox],
         failed: &[&MessageRecord],
     ) -> Result<(), StoreError> {
@@ -150,7 +179,7 @@ impl Store {
             .iter()
             .map(|id| (**id, last[id].0, last[id].1))
             .collect();
-        upsert_ledger(&mut tx, &rows, now, self.rows_per_statement(4)).await?;
+        upsert_ledger(&mut tx, &rows, done_at, now, self.rows_per_statement(5)).await?;
         for chunk in inbox.chunks(self.rows_per_statement(6)) {
             let sql = format!(
                 "INSERT INTO inbox (message_id, app, receiver, template_id, content, created_at) \
@@ -193,19 +222,22 @@ impl Store {
     }
 }
 
-/// Writes ledger rows (distinct messages) in `tx`, `rows_per_statement` at a time.
+/// Writes ledger rows (distinct messages) in `tx`, `rows_per_statement` at a time; a row's
+/// `done_at` is kept when the new row brings none.
 pub(super) async fn upsert_ledger(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     rows: &[(MessageId, LedgerState, u32)],
+    done_at: &HashMap<MessageId, i64>,
     now: i64,
     rows_per_statement: usize,
 ) -> Result<(), StoreError> {
     for chunk in rows.chunks(rows_per_statement) {
         let sql = format!(
-            "INSERT INTO send_ledger (message_id, state, attempt, updated_at) VALUES {} \
+            "INSERT INTO send_ledger (message_id, state, attempt, updated_at, done_at) VALUES {} \
              ON CONFLICT (message_id) DO UPDATE SET state = excluded.state, \
-             attempt = excluded.attempt, updated_at = excluded.updated_at",
-            value_rows(chunk.len(), 4)
+             attempt = excluded.attempt, updated_at = excluded.updated_at, \
+             done_at = COALESCE(excluded.done_at, send_ledger.done_at)",
+            value_rows(chunk.len(), 5)
         );
         let mut q = sqlx::query(&sql);
         for (id, state, attempt) in chunk {
@@ -213,7 +245,8 @@ pub(super) async fn upsert_ledger(
                 .bind(id.to_string())
                 .bind(state.as_str())
                 .bind(i64::from(*attempt))
-                .bind(now);
+                .bind(now)
+                .bind(done_at.get(id).copied());
         }
         q.execute(&mut **tx).await?;
     }

@@ -552,7 +552,14 @@ impl Store {
             .iter()
             .map(|(entry, attempt)| (entry.message_id, LedgerState::Retrying, *attempt))
             .collect();
-        upsert_ledger(&mut tx, &rows, now, self.rows_per_statement(4)).await?;
+        upsert_ledger(
+            &mut tx,
+            &rows,
+            &HashMap::new(),
+            now,
+            self.rows_per_statement(5),
+        )
+        .await?;
         let entries: Vec<&ScheduledMessage> = retries.iter().map(|(e, _)| e).collect();
         for chunk in entries.chunks(self.rows_per_statement(5)) {
             insert_schedule(&mut tx, chunk).await?;

@@ -58,3 +58,7 @@ CREATE TABLE failed_messages (
     record       TEXT NOT NULL
 );
 CREATE INDEX failed_messages_by_template ON failed_messages (app, template_id, failed_at);
+
+-- When a message was sent or failed for good (unix microseconds, the time of its event), so
+-- that events re-emitted for a redelivered message carry the original time.
+ALTER TABLE send_ledger ADD COLUMN done_at INTEGER;

@@ -6,6 +6,7 @@ use crate::domain::{Channel, MessageId, MsgType};
 use crate::wire::{DeliveryEvent, MessageRecord, Receipt, State};
 use chrono::{TimeZone, Utc};
 use serde_json::json;
+use std::collections::HashMap;
 
 /// A store on a fresh database, and what keeps it alive.
 struct Fresh {
@@ -226,6 +227,7 @@ async fn ledger_and_inbox(store: Store) {
                 // The last row for a message wins.
                 (a, LedgerState::Sent, 2),
             ],
+            &HashMap::new(),
             &[],
             &[],
         )
@@ -249,14 +251,29 @@ async fn ledger_and_inbox(store: Store) {
         inbox(MessageId::new(), "u2"),
     ];
     store
-        .record_ledger(&[(b, LedgerState::Sent, 1)], &entries, &[])
+        .record_ledger(
+            &[(b, LedgerState::Sent, 1)],
+            &HashMap::from([(b, 7)]),
+            &entries,
+            &[],
+        )
         .await
         .unwrap();
     // Written again (a redelivered batch): still once.
     store
-        .record_ledger(&[(b, LedgerState::Sent, 1)], &entries[..1], &[])
+        .record_ledger(
+            &[(b, LedgerState::Sent, 1)],
+            &HashMap::new(),
+            &entries[..1],
+            &[],
+        )
         .await
         .unwrap();
+    // The time of the final event is kept when a later write brings none.
+    assert_eq!(
+        store.done_times(&[a, b, c]).await.unwrap(),
+        HashMap::from([(b, 7)])
+    );
     let page = store.inbox("shop", "u1", None, 10, false).await.unwrap();
     assert_eq!(page.len(), 2);
     assert!(page.iter().all(|e| e.read_at.is_none()));
