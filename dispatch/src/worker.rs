@@ -278,20 +278,21 @@ impl Dispatcher {
         for (i, w) in work.iter_mut().enumerate() {
             match ledger.get(&w.record.message_id) {
                 None => candidates.push((i, None)),
-                Some(&(state @ (LedgerState::Scheduled | LedgerState::Retrying), attempt)) => {
+                Some(&(state @ (LedgerState::Scheduled | LedgerState::Retrying), attempt, _)) => {
                     // Its first events are out already: copies are flagged, so that the
                     // warehouse drops them.
                     w.attempt = attempt;
                     w.redelivered = true;
                     candidates.push((i, Some(state)));
                 }
-                Some(&(state, attempt)) if state.is_final() => {
+                Some(&(state, attempt, done_at)) if state.is_final() => {
                     w.redelivered = true;
                     w.done = Some((state, attempt));
+                    w.done_at = done_at.and_then(chrono::DateTime::from_timestamp_micros);
                     outcome.absorbed += 1;
                     self.metrics.redelivery_absorbed.inc();
                 }
-                Some(&(_, attempt)) => {
+                Some(&(_, attempt, _)) => {
                     // Claimed and past the policies before: the crash came during the vendor
                     // call (the inbox is written with its ledger row, so it cannot repeat).
                     w.redelivered = true;
@@ -301,19 +302,6 @@ impl Dispatcher {
                         tracing::warn!(message_id = %w.record.message_id, "crash during a vendor call: sending again");
                     }
                 }
-            }
-        }
-        let done: Vec<MessageId> = work
-            .iter()
-            .filter(|w| w.done.is_some())
-            .map(|w| w.record.message_id)
-            .collect();
-        if !done.is_empty() {
-            let times = self.store.done_times(&done).await?;
-            for w in work.iter_mut().filter(|w| w.done.is_some()) {
-                w.done_at = times
-                    .get(&w.record.message_id)
-                    .and_then(|us| chrono::DateTime::from_timestamp_micros(*us));
             }
         }
         self.claim(&mut work, &candidates, &mut outcome).await?;

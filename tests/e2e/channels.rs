@@ -1,13 +1,14 @@
 //! Email and webhook end to end: herald sends to a real SMTP server and to an HTTP receiver that
 //! verifies the signature independently.
 
-use crate::support::{SmtpSink, TestApp, message_ids};
+use crate::support::{SmtpSink, TestApp, message_ids, webhook_receiver};
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 #[tokio::test]
 async fn email_arrives_with_subject_and_both_bodies() {
@@ -155,32 +156,16 @@ async fn webhook_is_signed_and_a_wrong_secret_fails_permanently() {
 }
 
 /// A receiver that fails each message's first `failures` calls with `503 Retry-After: 0`.
-async fn flaky_receiver(failures: usize) -> (String, Arc<Mutex<Vec<String>>>) {
-    let calls = Arc::new(Mutex::new(Vec::<String>::new()));
-    let c = calls.clone();
-    let handler = move |headers: HeaderMap| {
-        let calls = c.clone();
-        async move {
-            let id = headers
-                .get("x-herald-message-id")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_string();
-            let mut calls = calls.lock().unwrap();
-            calls.push(id.clone());
-            let seen = calls.iter().filter(|c| **c == id).count();
-            if seen <= failures {
-                (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "0")])
-            } else {
-                (StatusCode::OK, [("retry-after", "0")])
-            }
-        }
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    let router = axum::Router::new().route("/hook", axum::routing::post(handler));
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    (url, calls)
+async fn flaky_receiver(failures: usize) -> (String, Arc<Mutex<Vec<(String, Instant)>>>) {
+    webhook_receiver(move |n| {
+        let status = if n <= failures {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::OK
+        };
+        (status, "0")
+    })
+    .await
 }
 
 #[tokio::test]

@@ -35,6 +35,8 @@ struct Broker {
     child: Child,
     port: u16,
     storage: String,
+    /// The directory of an on-disk broker's database.
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Broker {
@@ -44,7 +46,18 @@ impl Broker {
             child: spawn_tansu(port, storage),
             port,
             storage: storage.to_string(),
+            _dir: None,
         }
+    }
+
+    /// A broker on tansu's SQLite engine in a temporary directory. (Its memory engine loses
+    /// records read from the middle of a produced batch.)
+    fn on_disk() -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = format!("sqlite://{}", dir.path().join("tansu.db").display());
+        let mut broker = Broker::start(&storage);
+        broker._dir = Some(dir);
+        broker
     }
 
     fn address(&self) -> String {
@@ -440,11 +453,7 @@ async fn separate_roles_survive_a_killed_dispatch_worker() {
     const KAFKA_PER_RECEIVER: usize = 100; // 5,000 from the Python producer
     const TOTAL: usize = 25_000;
 
-    // tansu's memory engine loses records read from the middle of a batch; its libsql file
-    // engine does not.
-    let storage_dir = tempfile::tempdir().unwrap();
-    let storage = format!("sqlite://{}", storage_dir.path().join("tansu.db").display());
-    let broker = Broker::start(&storage);
+    let broker = Broker::on_disk();
     let d = Deployment::new(&broker, "").await;
     let key = d.create_app("e2e");
     let ingest = d.spawn("ingest");
@@ -532,9 +541,7 @@ async fn separate_roles_survive_a_killed_dispatch_worker() {
 async fn a_broker_restart_loses_nothing_accepted() {
     const RECEIVERS: usize = 50;
     const PER_RECEIVER: usize = 60; // 3,000 messages
-    let storage_dir = tempfile::tempdir().unwrap();
-    let storage = format!("sqlite://{}", storage_dir.path().join("tansu.db").display());
-    let mut broker = Broker::start(&storage);
+    let mut broker = Broker::on_disk();
     let d = Deployment::new(&broker, "").await;
     let key = d.create_app("e2e");
     let ingest = d.spawn("ingest");
@@ -663,9 +670,7 @@ async fn two_dispatch_processes_hold_a_frequency_cap_in_total() {
     const RECEIVERS: usize = 20;
     const PER_RECEIVER: usize = 12;
     const CAP: i64 = 5;
-    let storage_dir = tempfile::tempdir().unwrap();
-    let storage = format!("sqlite://{}", storage_dir.path().join("tansu.db").display());
-    let broker = Broker::start(&storage);
+    let broker = Broker::on_disk();
     let d = Deployment::new(&broker, "").await;
     let key = d.create_app("e2e");
     let ingest = d.spawn("ingest");

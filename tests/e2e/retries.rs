@@ -1,43 +1,11 @@
 //! Retries beyond the worker's inline wait, expiry and redrive, end to end through a webhook
 //! receiver whose answers the test controls.
 
-use crate::support::{TestApp, message_ids};
-use axum::http::{HeaderMap, StatusCode};
+use crate::support::{TestApp, message_ids, webhook_receiver};
+use axum::http::StatusCode;
 use serde_json::{Value, json};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-/// What the receiver answers: a status and a `Retry-After` in seconds.
-type Answer = (StatusCode, &'static str);
-
-/// A webhook receiver answering `answer(n)` to the n-th call (from 1) for a message; returns its
-/// URL and the calls (message id, when).
-async fn receiver(
-    answer: impl Fn(usize) -> Answer + Send + Sync + 'static,
-) -> (String, Arc<Mutex<Vec<(String, Instant)>>>) {
-    let calls = Arc::new(Mutex::new(Vec::<(String, Instant)>::new()));
-    let (c, answer) = (calls.clone(), Arc::new(answer));
-    let handler = move |headers: HeaderMap| {
-        let (calls, answer) = (c.clone(), answer.clone());
-        async move {
-            let id = headers
-                .get("x-herald-message-id")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_string();
-            let mut calls = calls.lock().unwrap();
-            calls.push((id.clone(), Instant::now()));
-            let n = calls.iter().filter(|(c, _)| *c == id).count();
-            let (status, retry_after) = answer(n);
-            (status, [("retry-after", retry_after)])
-        }
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    let router = axum::Router::new().route("/hook", axum::routing::post(handler));
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    (url, calls)
-}
+use std::sync::Arc;
+use std::time::Duration;
 
 /// A webhook template on an account for `url`; returns the template id.
 async fn webhook_template(app: &TestApp, url: &str, msg_type: &str) -> Value {
@@ -72,7 +40,7 @@ fn states(trace: &Value) -> Vec<(String, u64)> {
 #[tokio::test]
 async fn a_long_retry_after_waits_in_the_schedule_not_in_the_worker() {
     // The first call answers 503 with Retry-After: 2 s, four times the inline limit.
-    let (url, calls) = receiver(|n| {
+    let (url, calls) = webhook_receiver(|n| {
         if n == 1 {
             (StatusCode::SERVICE_UNAVAILABLE, "2")
         } else {
@@ -116,7 +84,7 @@ async fn a_long_retry_after_waits_in_the_schedule_not_in_the_worker() {
 #[tokio::test]
 async fn a_retry_past_the_message_types_age_fails_and_a_deferred_message_expires() {
     // Auth codes may be 1 s old: a 3 s Retry-After would send one late, so it fails instead.
-    let (url, calls) = receiver(|_| (StatusCode::SERVICE_UNAVAILABLE, "3")).await;
+    let (url, calls) = webhook_receiver(|_| (StatusCode::SERVICE_UNAVAILABLE, "3")).await;
     let app = TestApp::spawn_with(|c| {
         c.dispatch.max_retry_wait = Duration::from_millis(500);
         c.dispatch.max_age.auth_code = Duration::from_secs(1);
@@ -173,7 +141,7 @@ async fn redrive_sends_failed_messages_again_once() {
     // Refused until the receiver is fixed.
     let fixed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let f = fixed.clone();
-    let (url, calls) = receiver(move |_| {
+    let (url, calls) = webhook_receiver(move |_| {
         if f.load(std::sync::atomic::Ordering::SeqCst) {
             (StatusCode::OK, "0")
         } else {

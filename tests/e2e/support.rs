@@ -1,11 +1,13 @@
 //! Starting herald for a test and talking to it.
 
+use axum::http::{HeaderMap, StatusCode};
 use herald::{Application, Roles};
 use herald_core::config::Config;
 use herald_core::store::Store;
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
@@ -243,4 +245,36 @@ impl Drop for SmtpSink {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// What the receiver answers: a status and a `Retry-After` in seconds.
+pub type Answer = (StatusCode, &'static str);
+
+/// A webhook receiver answering `answer(n)` to the n-th call (from 1) for a message (by its
+/// `X-Herald-Message-Id`); returns its URL and the calls (message id, when).
+pub async fn webhook_receiver(
+    answer: impl Fn(usize) -> Answer + Send + Sync + 'static,
+) -> (String, Arc<Mutex<Vec<(String, Instant)>>>) {
+    let calls = Arc::new(Mutex::new(Vec::<(String, Instant)>::new()));
+    let (c, answer) = (calls.clone(), Arc::new(answer));
+    let handler = move |headers: HeaderMap| {
+        let (calls, answer) = (c.clone(), answer.clone());
+        async move {
+            let id = headers
+                .get("x-herald-message-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            let mut calls = calls.lock().unwrap();
+            calls.push((id.clone(), Instant::now()));
+            let n = calls.iter().filter(|(c, _)| *c == id).count();
+            let (status, retry_after) = answer(n);
+            (status, [("retry-after", retry_after)])
+        }
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let router = axum::Router::new().route("/hook", axum::routing::post(handler));
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (url, calls)
 }

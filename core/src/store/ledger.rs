@@ -96,15 +96,17 @@ pub struct SentInbox {
 }
 
 impl Store {
-    /// The ledger rows of `ids` that exist: state and attempt.
+    /// The ledger rows of `ids` that exist: state, attempt, and when the message was sent or
+    /// failed for good (`done_at`, unix µs, where recorded).
     pub async fn ledger_states(
         &self,
         ids: &[MessageId],
-    ) -> Result<HashMap<MessageId, (LedgerState, u32)>, StoreError> {
+    ) -> Result<HashMap<MessageId, (LedgerState, u32, Option<i64>)>, StoreError> {
         let mut out = HashMap::new();
         for chunk in ids.chunks(self.rows_per_statement(1)) {
             let sql = format!(
-                "SELECT message_id, state, attempt FROM send_ledger WHERE message_id IN ({})",
+                "SELECT message_id, state, attempt, done_at FROM send_ledger \
+                 WHERE message_id IN ({})",
                 placeholders(1, chunk.len())
             );
             let mut q = sqlx::query(&sql);
@@ -117,34 +119,8 @@ impl Store {
                     .parse()
                     .map_err(|e| StoreError::Corrupt(format!("ledger id: {e}")))?;
                 let state = LedgerState::parse(row.get(1))?;
-                out.insert(id, (state, row.get::<i64, _>(2) as u32));
-            }
-        }
-        Ok(out)
-    }
-
-    /// When each of `ids` that has one was sent or failed for good (its `done_at`, unix µs).
-    pub async fn done_times(
-        &self,
-        ids: &[MessageId],
-    ) -> Result<HashMap<MessageId, i64>, StoreError> {
-        let mut out = HashMap::new();
-        for chunk in ids.chunks(self.rows_per_statement(1)) {
-            let sql = format!(
-                "SELECT message_id, done_at FROM send_ledger WHERE done_at IS NOT NULL \
-                 AND message_id IN ({})",
-                placeholders(1, chunk.len())
-            );
-            let mut q = sqlx::query(&sql);
-            for id in chunk {
-                q = q.bind(id.to_string());
-            }
-            for row in q.fetch_all(&self.pool).await? {
-                let id: MessageId = row
-                    .get::<&str, _>(0)
-                    .parse()
-                    .map_err(|e| StoreError::Corrupt(format!("ledger id: {e}")))?;
-                out.insert(id, row.get::<i64, _>(1));
+                let done_at: Option<i64> = row.get(3);
+                out.insert(id, (state, row.get::<i64, _>(2) as u32, done_at));
             }
         }
         Ok(out)

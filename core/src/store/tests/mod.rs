@@ -235,8 +235,8 @@ async fn ledger_and_inbox(store: Store) {
         .unwrap();
     let states = store.ledger_states(&[a, b, c]).await.unwrap();
     assert_eq!(states.len(), 2);
-    assert_eq!(states[&a], (LedgerState::Sent, 2));
-    assert_eq!(states[&b], (LedgerState::Sending, 1));
+    assert_eq!(states[&a], (LedgerState::Sent, 2, None));
+    assert_eq!(states[&b], (LedgerState::Sending, 1, None));
 
     let inbox = |id: MessageId, receiver: &str| SentInbox {
         message_id: id,
@@ -271,7 +271,13 @@ async fn ledger_and_inbox(store: Store) {
         .unwrap();
     // The time of the final event is kept when a later write brings none.
     assert_eq!(
-        store.done_times(&[a, b, c]).await.unwrap(),
+        store
+            .ledger_states(&[a, b, c])
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|(id, (_, _, done_at))| done_at.map(|t| (id, t)))
+            .collect::<HashMap<_, _>>(),
         HashMap::from([(b, 7)])
     );
     let page = store.inbox("shop", "u1", None, 10, false).await.unwrap();

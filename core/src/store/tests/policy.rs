@@ -129,9 +129,9 @@ pub(super) async fn claims_pass_limits_once(store: Store) {
         ]
     );
     let states = store.ledger_states(&ids).await.unwrap();
-    assert_eq!(states[&ids[1]], (LedgerState::DedupContent, 1));
-    assert_eq!(states[&ids[3]], (LedgerState::DedupFrequency, 1));
-    assert_eq!(states[&ids[4]], (LedgerState::Blocked, 1));
+    assert_eq!(states[&ids[1]], (LedgerState::DedupContent, 1, None));
+    assert_eq!(states[&ids[3]], (LedgerState::DedupFrequency, 1, None));
+    assert_eq!(states[&ids[4]], (LedgerState::Blocked, 1, None));
 
     // Claiming again (a redelivered batch) loses, and counts nothing.
     let again = store
