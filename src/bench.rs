@@ -33,8 +33,15 @@ pub struct BenchArgs {
     /// PostgreSQL server for the distributed figures; each measurement creates its own database.
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
     pub postgres: String,
-    /// Only run these figures (comma-separated: accept, batch, e2e, policies, vendor, kafka).
-    #[arg(long, default_value = "accept,batch,e2e,policies,vendor,kafka")]
+    /// The limit of the rate-limit figure, messages a second.
+    #[arg(long, default_value_t = 1000)]
+    pub rate_limit: u32,
+    /// Only run these figures (comma-separated: accept, batch, e2e, policies, vendor, kafka,
+    /// ratelimit).
+    #[arg(
+        long,
+        default_value = "accept,batch,e2e,policies,vendor,kafka,ratelimit"
+    )]
     pub only: String,
     /// Internal: serve the bare baseline handler on this address and nothing else.
     #[arg(long, hide = true)]
@@ -151,6 +158,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if only.contains(&"kafka") {
         rows.extend(kafka::figures(&args).await?);
+    }
+    if only.contains(&"ratelimit") {
+        rows.extend(ratelimit::figures(&args).await?);
     }
     println!("\n| figure | value | unit | ratio to baseline | p99 ms |\n|---|---:|---|---:|---:|");
     for r in rows {
@@ -575,6 +585,7 @@ async fn load(
 }
 
 mod kafka;
+mod ratelimit;
 mod vendor;
 
 /// A minimal HTTP/1.1 client for the harness's few setup calls.

@@ -143,6 +143,55 @@ pub struct DispatchConfig {
     /// Oldest a message may be (from its acceptance) when it is sent, per message type; an
     /// older one is `expired`, not sent late.
     pub max_age: MaxAge,
+    /// The circuit breaker each worker keeps per vendor account.
+    pub breaker: BreakerConfig,
+    /// Longest a message waits in the worker for a rate-limited account's slot (counting the
+    /// messages before it); a longer wait puts it in the schedule (`rate_limited`) and the batch
+    /// goes on.
+    #[serde(deserialize_with = "duration")]
+    pub rate_wait: Duration,
+}
+
+/// When a vendor account's circuit breaker opens, and how it closes again. A call counts as
+/// failed when the vendor could not be reached or answered with a retryable error (a refused
+/// receiver or template is the vendor working); a call slower than `slow_call` counts as slow.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Off: every account is always called.
+    pub enabled: bool,
+    /// The sliding window the rates are taken over.
+    #[serde(deserialize_with = "duration")]
+    pub window: Duration,
+    /// Fewest calls in the window before the rates count.
+    pub min_calls: u32,
+    /// Opens at this share of failed calls (0–1).
+    pub failure_rate: f64,
+    /// A call at least this slow is slow.
+    #[serde(deserialize_with = "duration")]
+    pub slow_call: Duration,
+    /// Opens at this share of slow calls (0–1).
+    pub slow_rate: f64,
+    /// How long an open breaker refuses calls before letting probes through (half-open).
+    #[serde(deserialize_with = "duration")]
+    pub open_for: Duration,
+    /// Calls let through when half-open; all must succeed to close it, one failure reopens it.
+    pub probes: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            enabled: true,
+            window: Duration::from_secs(30),
+            min_calls: 20,
+            failure_rate: 0.5,
+            slow_call: Duration::from_secs(10),
+            slow_rate: 0.8,
+            open_for: Duration::from_secs(30),
+            probes: 3,
+        }
+    }
 }
 
 /// The oldest a message of each type may be when it is sent.
@@ -193,6 +242,8 @@ impl Default for DispatchConfig {
             policy_cache_ttl: Duration::from_secs(5),
             schedule_lease: Duration::from_secs(2),
             max_age: MaxAge::default(),
+            breaker: BreakerConfig::default(),
+            rate_wait: Duration::from_secs(1),
         }
     }
 }

@@ -49,6 +49,24 @@ pub struct Metrics {
     pub receipts: Family<VendorOutcome, Counter>,
     /// Request records moved to `herald.requests.dlq`, by reason code.
     pub dead_lettered: Family<ErrorCode, Counter>,
+    /// Each vendor account's circuit breaker in this process: 0 closed, 1 open, 2 half-open.
+    pub breaker_state: Family<AccountLabel, Gauge>,
+    /// Retries sent to another account of the route than the call that failed, by channel.
+    pub failovers: Family<ChannelLabel, Counter>,
+    /// Messages a rate limit held (in the worker or in the schedule), by account.
+    pub rate_limited: Family<AccountLabel, Counter>,
+}
+
+/// Label of a vendor account.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AccountLabel {
+    pub account_id: i64,
+}
+
+/// Label of a channel.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChannelLabel {
+    pub channel: &'static str,
 }
 
 /// Labels of a vendor receipt.
@@ -81,6 +99,9 @@ impl Metrics {
             warehouse_duplicates_dropped: Counter::default(),
             receipts: Family::default(),
             dead_lettered: Family::default(),
+            breaker_state: Family::default(),
+            failovers: Family::default(),
+            rate_limited: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -137,6 +158,21 @@ impl Metrics {
             "receipts",
             "Vendor receipts by vendor and whether they matched a sent message",
             m.receipts.clone(),
+        );
+        registry.register(
+            "breaker_state",
+            "Circuit breaker of a vendor account in this process: 0 closed, 1 open, 2 half-open",
+            m.breaker_state.clone(),
+        );
+        registry.register(
+            "failovers",
+            "Retries sent to another account of the route, by channel",
+            m.failovers.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Messages a vendor account's rate limit held, in the worker or in the schedule",
+            m.rate_limited.clone(),
         );
         Arc::new(Metrics { registry, ..m })
     }

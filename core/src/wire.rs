@@ -8,6 +8,8 @@ use sha2::{Digest, Sha256};
 
 /// Topic of send requests, keyed by receiver.
 pub const REQUESTS_TOPIC: &str = "herald.requests";
+/// The consumer group of dispatch workers on [`REQUESTS_TOPIC`].
+pub const DISPATCH_GROUP: &str = "herald-dispatch";
 /// Topic of delivery events, keyed by receiver so one message's events stay in order.
 pub const DELIVERY_TOPIC: &str = "herald.delivery";
 /// Topic of request records that could not be processed, with the reason in a header.

@@ -128,6 +128,22 @@ impl Policies {
             .collect())
     }
 
+    /// The accounts a message may be sent through, in the order it tries them: its app's route
+    /// for its channel and type (the first drawn by weight from bits of the message id), else
+    /// its template's account.
+    pub async fn accounts_for(&self, r: &MessageRecord) -> Result<Vec<i64>, StoreError> {
+        let app = self.app(&r.app).await?;
+        Ok(match app.policy.route(r.channel, r.msg_type) {
+            Some(route) => route.order(r.message_id.0.as_u128() as u64),
+            None => r.account_id.into_iter().collect(),
+        })
+    }
+
+    /// The rate limit (per second) the app set on `account`.
+    pub async fn rate_limit(&self, app: &str, account: i64) -> Result<Option<u32>, StoreError> {
+        Ok(self.app(app).await?.policy.rate_limit(account))
+    }
+
     /// The app's policies, through the cache. A bad stored document (which the API never
     /// writes) counts as no policy, loudly.
     async fn app(&self, app: &str) -> Result<Arc<AppPolicies>, StoreError> {

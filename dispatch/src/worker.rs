@@ -24,18 +24,21 @@
 //! still marked `sending` crashed during the vendor call: it is sent again and counted in
 //! `herald_possible_duplicates_total` — the one window where a receiver can get a message twice.
 
+use crate::breaker::{Admission, Breakers};
 use crate::channels::{SendError, SendOutcome, Sender, Senders};
 use crate::outcomes::OutcomeWriter;
 use crate::policy::{Policies, Stop, Verdict, expire};
+use crate::ratelimit::{Acquired, RateLimiter};
 use crate::requests::{ExpandError, Refusal, RequestExpander, dead_letter};
 use futures::stream::{self, StreamExt};
 use herald_core::bus::{Bus, BusError, Delivered, Record, next_positions};
 use herald_core::config::DispatchConfig;
+use herald_core::policy::rate_limits::most_urgent;
 use herald_core::store::{
     Account, ClaimOutcome, LedgerState, MessageClaim, ScheduleKind, ScheduledMessage, SentInbox,
     Store, StoreError,
 };
-use herald_core::telemetry::{ErrorCode, Metrics};
+use herald_core::telemetry::{AccountLabel, ChannelLabel, ErrorCode, Metrics};
 use herald_core::wire::{DELIVERY_TOPIC, REQUESTS_DLQ_TOPIC, REQUESTS_TOPIC};
 use herald_core::{Channel, DeliveryEvent, MessageId, MessageRecord, State};
 use std::collections::HashMap;
@@ -45,10 +48,13 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 /// The consumer group of dispatch workers.
-pub const GROUP: &str = "herald-dispatch";
+pub const GROUP: &str = herald_core::wire::DISPATCH_GROUP;
 
 /// How long a cached channel account is used before it is read again.
 const ACCOUNT_TTL: Duration = Duration::from_secs(5);
+
+/// A wait for a rate limit's slot at least this long is a `rate_limited` event.
+const REPORTED_RATE_WAIT: Duration = Duration::from_millis(50);
 
 /// Errors that stop a batch (it is then redelivered); vendor failures are not among them.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +97,8 @@ pub struct Dispatcher {
     /// Checks records that Kafka producers wrote; `None` refuses them all.
     requests: Option<Arc<dyn RequestExpander>>,
     policies: Policies,
+    breakers: Breakers,
+    rates: RateLimiter,
 }
 
 /// One message of a batch and what became of it.
@@ -114,6 +122,9 @@ struct Work {
     masked: Option<Vec<String>>,
     /// Another worker (or an earlier delivery) claimed it: no sending, no events.
     skip: bool,
+    /// The accounts it may be sent through, in the order it tries them (its route's, else its
+    /// template's); empty for the inbox.
+    plan: Vec<i64>,
 }
 
 /// One vendor call for one message.
@@ -127,6 +138,23 @@ struct Try {
     retried: bool,
     /// The next call waits in the schedule until then (a vendor's long `Retry-After`).
     deferred_until: Option<chrono::DateTime<chrono::Utc>>,
+    /// The account called.
+    account_id: Option<i64>,
+    /// Why no call was made, when none was.
+    no_call: Option<NoCall>,
+    /// How long it waited for its account's rate limit, when that is worth an event.
+    rate_waited: Option<Duration>,
+}
+
+/// Why a message's vendor call was not made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NoCall {
+    /// Every account of its route had its circuit breaker open.
+    CircuitOpen,
+    /// Its account's rate limit would have held it too long: it waits in the schedule until then.
+    RateLimited {
+        until: chrono::DateTime<chrono::Utc>,
+    },
 }
 
 impl Work {
@@ -143,6 +171,7 @@ impl Work {
             wait: None,
             masked: None,
             skip: false,
+            plan: Vec::new(),
         }
     }
 
@@ -160,8 +189,71 @@ impl Work {
 /// Messages for one account, sent together.
 struct Group<'a> {
     channel: Channel,
-    account_id: Option<i64>,
-    items: Vec<(usize, &'a MessageRecord, u32)>,
+    items: Vec<Item<'a>>,
+}
+
+/// A message handed to `deliver`.
+#[derive(Clone, Copy)]
+struct Item<'a> {
+    /// Its index in the batch.
+    index: usize,
+    record: &'a MessageRecord,
+    /// The attempt number of its first call.
+    first_attempt: u32,
+    /// The accounts it may use, in order.
+    plan: &'a [i64],
+}
+
+/// Messages of a delivery (indexes into its items) to send through one account (`None`: the
+/// message has none).
+type Calls = Vec<(Option<i64>, Vec<usize>)>;
+
+/// Messages whose every account's breaker refused a call: the first account of each, and the
+/// shortest wait until one admits calls again.
+type Refused = Vec<(Option<i64>, Vec<usize>, Duration)>;
+
+/// One call to a vendor (or the refusal to make one) for some messages.
+struct Answer {
+    results: Vec<Result<SendOutcome, SendError>>,
+    sending_at: chrono::DateTime<chrono::Utc>,
+    done_at: chrono::DateTime<chrono::Utc>,
+    latency: Duration,
+    /// The account was read and its vendor called.
+    called: bool,
+    /// Why no call was made, when that was herald's choice.
+    no_call: Option<NoCall>,
+    /// How long the call waited for its rate limit, when that is worth an event.
+    rate_waited: Option<Duration>,
+}
+
+impl Answer {
+    /// No call made, for `n` messages: each fails with `code`, retryable after `retry_after`.
+    fn none(
+        n: usize,
+        no_call: Option<NoCall>,
+        code: &str,
+        detail: &str,
+        retry_after: Option<Duration>,
+    ) -> Answer {
+        let now = chrono::Utc::now();
+        Answer {
+            results: (0..n)
+                .map(|_| {
+                    Err(SendError::Retryable {
+                        code: code.into(),
+                        detail: detail.into(),
+                        retry_after,
+                    })
+                })
+                .collect(),
+            sending_at: now,
+            done_at: now,
+            latency: Duration::ZERO,
+            called: false,
+            no_call,
+            rate_waited: None,
+        }
+    }
 }
 
 impl Dispatcher {
@@ -175,8 +267,11 @@ impl Dispatcher {
     ) -> Self {
         let store_for_outcomes = store.clone();
         let policies = Policies::new(store.clone(), &config);
+        let breakers = Breakers::new(config.breaker.clone(), Arc::clone(&metrics));
         Dispatcher {
             policies,
+            breakers,
+            rates: RateLimiter::new(store.clone()),
             store,
             bus,
             senders,
@@ -305,6 +400,11 @@ impl Dispatcher {
             }
         }
         self.claim(&mut work, &candidates, &mut outcome).await?;
+        for w in work.iter_mut() {
+            if w.to_send() && w.record.channel != Channel::Inbox {
+                w.plan = self.policies.accounts_for(&w.record).await?;
+            }
+        }
 
         self.send_all(&mut work).await;
         // The final write below must not be overtaken by a queued earlier state.
@@ -322,15 +422,20 @@ impl Dispatcher {
             if let Some(t) = w.last()
                 && let Some(until) = t.deferred_until
             {
+                // A message the rate limit held made no call: the next one is the same attempt.
+                let (kind, next) = match t.no_call {
+                    Some(NoCall::RateLimited { .. }) => (ScheduleKind::RateLimited, t.attempt),
+                    _ => (ScheduleKind::Retry, t.attempt + 1),
+                };
                 let entry = ScheduledMessage {
                     message_id: w.record.message_id,
                     app: w.record.app.clone(),
                     due_at: until,
-                    kind: ScheduleKind::Retry,
+                    kind,
                     record: serde_json::to_string(&w.record).unwrap_or_default(),
                     lease: 0,
                 };
-                retries.push((entry, t.attempt + 1));
+                retries.push((entry, next));
                 outcome.waiting += 1;
                 continue;
             }
@@ -506,6 +611,9 @@ impl Dispatcher {
                     }),
                     retried: false,
                     deferred_until: None,
+                    account_id: None,
+                    no_call: None,
+                    rate_waited: None,
                 });
             }
         }
@@ -540,18 +648,23 @@ impl Dispatcher {
         let mut group_of: HashMap<(Channel, Option<i64>), usize> = HashMap::new();
         let mut groups: Vec<Group<'_>> = Vec::new();
         for &i in picked {
-            let r = &work[i].record;
+            let w = &work[i];
+            let first = w.plan.first().copied();
             let g = *group_of
-                .entry((r.channel, r.account_id))
+                .entry((w.record.channel, first))
                 .or_insert_with(|| {
                     groups.push(Group {
-                        channel: r.channel,
-                        account_id: r.account_id,
+                        channel: w.record.channel,
                         items: Vec::new(),
                     });
                     groups.len() - 1
                 });
-            groups[g].items.push((i, r, work[i].attempt));
+            groups[g].items.push(Item {
+                index: i,
+                record: &w.record,
+                first_attempt: w.attempt,
+                plan: &w.plan,
+            });
         }
         let mut chunks = Vec::new();
         for group in groups {
@@ -562,17 +675,16 @@ impl Dispatcher {
             let mut items = group.items;
             while !items.is_empty() {
                 let rest = items.split_off(items.len().min(size));
-                chunks.push((group.channel, group.account_id, sender, items));
+                chunks.push((group.channel, sender, items));
                 items = rest;
             }
         }
         // Futures built up front (not in a stream's closure), which keeps the future `Send`.
         let calls: Vec<_> = chunks
             .into_iter()
-            .map(|(channel, account_id, sender, items)| {
+            .map(|(channel, sender, items)| {
                 let span = tracing::info_span!("send", %channel, count = items.len());
-                self.deliver(channel, account_id, sender, items)
-                    .instrument(span)
+                self.deliver(channel, sender, items).instrument(span)
             })
             .collect();
         let done: Vec<Vec<(usize, Vec<Try>)>> = stream::iter(calls)
@@ -582,124 +694,322 @@ impl Dispatcher {
         done.into_iter().flatten().collect()
     }
 
-    /// Sends `items` through one account, retrying retryable failures with exponential backoff
-    /// and full jitter while attempts and the inline wait allow; records each call's outcome in
-    /// the ledger as soon as the vendor answered.
+    /// Sends `items`, each through the first account of its plan whose circuit breaker admits
+    /// the call. A retryable failure is retried while attempts and the inline wait allow: at once
+    /// through the plan's next account while it has untried ones, else after exponential
+    /// backoff with full jitter. Each call's outcome goes to the ledger as soon as the vendor
+    /// answered.
     async fn deliver(
         &self,
         channel: Channel,
-        account_id: Option<i64>,
         sender: &dyn Sender,
-        items: Vec<(usize, &MessageRecord, u32)>,
+        items: Vec<Item<'_>>,
     ) -> Vec<(usize, Vec<Try>)> {
         let mut tries: Vec<Vec<Try>> = items.iter().map(|_| Vec::new()).collect();
+        // Per item: the position in its plan of the account to call next, and how many of its
+        // accounts failed since its last backoff.
+        let mut at = vec![0usize; items.len()];
+        let mut failed_over = vec![0usize; items.len()];
         let mut pending: Vec<usize> = (0..items.len()).collect();
         let mut retry = 0u32;
         while !pending.is_empty() {
-            // Read (through the cache) on every call: a store failure is retryable, a missing
-            // account (or one of another channel) is not.
-            let account = match account_id {
-                Some(id) => self
-                    .account(id)
-                    .await
-                    .map(|a| a.filter(|a| a.channel == channel)),
-                None => Ok(None),
-            };
-            let records: Vec<&MessageRecord> = pending.iter().map(|&k| items[k].1).collect();
-            let sending_at = chrono::Utc::now();
-            let started = Instant::now();
-            let results = match &account {
-                Err(e) => records
-                    .iter()
-                    .map(|_| {
-                        Err(SendError::Retryable {
-                            code: "account_unavailable".into(),
-                            detail: format!("could not read the channel account: {e}"),
-                            retry_after: None,
-                        })
-                    })
-                    .collect(),
-                Ok(None) => records
-                    .iter()
-                    .map(|_| {
-                        Err(SendError::Permanent {
-                            code: "unknown_account".into(),
-                            detail: "the template's channel account no longer exists".into(),
-                        })
-                    })
-                    .collect(),
-                Ok(Some(a)) if records.len() == 1 => {
-                    vec![sender.send(records[0], a.id, &a.config).await]
-                }
-                Ok(Some(a)) => sender.send_batch(&records, a.id, &a.config).await,
-            };
-            let latency_ms = started.elapsed().as_millis() as u64;
-            let done_at = chrono::Utc::now();
+            let (calls, refused) = self.assign(&items, &pending, &mut at);
+            let answers = futures::future::join_all(calls.iter().map(|(account_id, ks)| {
+                let records: Vec<&MessageRecord> = ks.iter().map(|&k| items[k].record).collect();
+                self.limited_call(channel, *account_id, sender, records)
+            }))
+            .await;
+            let mut answered: Vec<(Option<i64>, Vec<usize>, Answer)> = calls
+                .into_iter()
+                .zip(answers)
+                .map(|((account_id, ks), answer)| (account_id, ks, answer))
+                .collect();
+            for (account_id, ks, wait) in refused {
+                let answer = Answer::none(
+                    ks.len(),
+                    Some(NoCall::CircuitOpen),
+                    "circuit_open",
+                    "every account of the message's route has its circuit breaker open",
+                    Some(wait),
+                );
+                answered.push((account_id, ks, answer));
+            }
 
             let mut again = Vec::new();
             let mut wait = Duration::ZERO;
             let mut ledger_rows = Vec::with_capacity(pending.len());
-            for (&k, result) in pending.iter().zip(results) {
-                let (_, record, first) = items[k];
-                let attempt = first + retry;
-                let wanted = match &result {
-                    Err(SendError::Retryable { retry_after, .. })
-                        if attempt < self.config.max_attempts =>
-                    {
-                        Some(retry_delay(&self.config, retry, *retry_after))
-                    }
-                    _ => None,
-                };
-                // A short wait is spent here; a long one in the schedule, if the message is
-                // still young enough then.
-                let delay = wanted.filter(|d| *d <= self.config.max_retry_wait);
-                let deferred_until = wanted
-                    .filter(|d| *d > self.config.max_retry_wait)
-                    .map(|d| done_at + chrono::Duration::from_std(d).unwrap_or_default())
-                    .filter(|at| {
+            for (account_id, ks, answer) in answered {
+                if let (Some(id), true) = (account_id, answer.called) {
+                    let healthy = answer
+                        .results
+                        .iter()
+                        .any(|r| !matches!(r, Err(SendError::Retryable { .. })));
+                    self.breakers.record(id, healthy, answer.latency);
+                }
+                let latency_ms = answer.latency.as_millis() as u64;
+                for (k, result) in ks.into_iter().zip(answer.results) {
+                    let Item {
+                        record,
+                        first_attempt,
+                        plan,
+                        ..
+                    } = items[k];
+                    let attempt = first_attempt + retry;
+                    let young_enough = |until: &chrono::DateTime<chrono::Utc>| {
                         let born = record
                             .send_at
                             .map_or(record.accepted_at, |s| s.max(record.accepted_at));
                         let max_age = self.config.max_age.of(record.msg_type);
-                        (*at - born).to_std().unwrap_or_default() <= max_age
+                        (*until - born).to_std().unwrap_or_default() <= max_age
+                    };
+                    let wanted = match &result {
+                        // Held by a rate limit: to the schedule, however long.
+                        _ if matches!(answer.no_call, Some(NoCall::RateLimited { .. })) => None,
+                        Err(SendError::Retryable { retry_after, .. })
+                            if attempt < self.config.max_attempts =>
+                        {
+                            if answer.called && failed_over[k] + 1 < plan.len() {
+                                // Another account of the route has not failed yet: at once.
+                                failed_over[k] += 1;
+                                at[k] = (at[k] + 1) % plan.len();
+                                self.metrics
+                                    .failovers
+                                    .get_or_create(&ChannelLabel {
+                                        channel: channel.as_str(),
+                                    })
+                                    .inc();
+                                Some(Duration::ZERO)
+                            } else {
+                                if answer.called && plan.len() > 1 {
+                                    failed_over[k] = 0;
+                                    at[k] = (at[k] + 1) % plan.len();
+                                }
+                                Some(retry_delay(&self.config, retry, *retry_after))
+                            }
+                        }
+                        _ => None,
+                    };
+                    // A short wait is spent here; a long one in the schedule, if the message
+                    // is still young enough then.
+                    let delay = wanted.filter(|d| *d <= self.config.max_retry_wait);
+                    let deferred_until = match answer.no_call {
+                        Some(NoCall::RateLimited { until }) => Some(until),
+                        _ => wanted.filter(|d| *d > self.config.max_retry_wait).map(|d| {
+                            answer.done_at + chrono::Duration::from_std(d).unwrap_or_default()
+                        }),
+                    }
+                    .filter(young_enough);
+                    match (&result, delay) {
+                        (_, Some(_)) => {
+                            ledger_rows.push((record.message_id, LedgerState::Sending, attempt + 1))
+                        }
+                        // Written with its schedule entry at the end of the batch.
+                        _ if deferred_until.is_some() => {}
+                        (Ok(_), None) => {
+                            ledger_rows.push((record.message_id, LedgerState::Sent, attempt))
+                        }
+                        (Err(_), None) => {
+                            ledger_rows.push((record.message_id, LedgerState::SendFailed, attempt))
+                        }
+                    }
+                    if let Some(d) = delay {
+                        wait = wait.max(d);
+                        again.push(k);
+                    }
+                    tries[k].push(Try {
+                        attempt,
+                        sending_at: answer.sending_at,
+                        done_at: answer.done_at,
+                        latency_ms,
+                        result,
+                        retried: delay.is_some() || deferred_until.is_some(),
+                        deferred_until,
+                        account_id,
+                        no_call: answer.no_call,
+                        rate_waited: answer.rate_waited,
                     });
-                match (&result, delay) {
-                    (_, Some(_)) => {
-                        ledger_rows.push((record.message_id, LedgerState::Sending, attempt + 1))
-                    }
-                    // Written with its schedule entry at the end of the batch.
-                    _ if deferred_until.is_some() => {}
-                    (Ok(_), None) => {
-                        ledger_rows.push((record.message_id, LedgerState::Sent, attempt))
-                    }
-                    (Err(_), None) => {
-                        ledger_rows.push((record.message_id, LedgerState::SendFailed, attempt))
-                    }
                 }
-                if let Some(d) = delay {
-                    wait = wait.max(d);
-                    again.push(k);
-                }
-                tries[k].push(Try {
-                    attempt,
-                    sending_at,
-                    done_at,
-                    latency_ms,
-                    result,
-                    retried: delay.is_some() || deferred_until.is_some(),
-                    deferred_until,
-                });
             }
-            if matches!(account, Ok(Some(_))) {
-                self.outcomes.record(ledger_rows);
-            }
+            self.outcomes.record(ledger_rows);
             if !again.is_empty() {
                 tokio::time::sleep(wait).await;
             }
+            again.sort_unstable();
             pending = again;
             retry += 1;
         }
-        items.iter().map(|(i, _, _)| *i).zip(tries).collect()
+        items.iter().map(|item| item.index).zip(tries).collect()
+    }
+
+    /// Groups the `pending` items by the account each calls now: from its position `at` in its
+    /// plan, the first account whose breaker admits a call (`at` moves there). Items whose every
+    /// account is refused come back apart, with the shortest wait until one admits again.
+    fn assign(&self, items: &[Item<'_>], pending: &[usize], at: &mut [usize]) -> (Calls, Refused) {
+        let mut admitted: HashMap<i64, Admission> = HashMap::new();
+        let mut calls = Calls::new();
+        let mut refused = Refused::new();
+        for &k in pending {
+            let plan = items[k].plan;
+            let mut chosen = None;
+            let mut wait = Duration::MAX;
+            for step in 0..plan.len() {
+                let j = (at[k] + step) % plan.len();
+                let admission = *admitted
+                    .entry(plan[j])
+                    .or_insert_with(|| self.breakers.admit(plan[j]));
+                match admission {
+                    Admission::Call => {
+                        chosen = Some(j);
+                        break;
+                    }
+                    Admission::Refused { retry_in } => wait = wait.min(retry_in),
+                }
+            }
+            let account_id = match chosen {
+                Some(j) => {
+                    at[k] = j;
+                    Some(plan[j])
+                }
+                None if plan.is_empty() => None,
+                None => {
+                    let first = Some(plan[at[k] % plan.len()]);
+                    match refused
+                        .iter_mut()
+                        .find(|(a, _, w)| *a == first && *w == wait)
+                    {
+                        Some((_, ks, _)) => ks.push(k),
+                        None => refused.push((first, vec![k], wait)),
+                    }
+                    continue;
+                }
+            };
+            match calls.iter_mut().find(|(a, _)| *a == account_id) {
+                Some((_, ks)) => ks.push(k),
+                None => calls.push((account_id, vec![k])),
+            }
+        }
+        (calls, refused)
+    }
+
+    /// [`Self::call`] once the account's rate limit (set in the app's policy) gives a slot to
+    /// every one of `records`; when that would take too long, no call and the time to come back.
+    async fn limited_call(
+        &self,
+        channel: Channel,
+        account_id: Option<i64>,
+        sender: &dyn Sender,
+        records: Vec<&MessageRecord>,
+    ) -> Answer {
+        let (Some(account), Some(first)) = (account_id, records.first()) else {
+            return self.call(channel, account_id, sender, records).await;
+        };
+        let unavailable = |e: StoreError| {
+            Answer::none(
+                records.len(),
+                None,
+                "rate_limit_unavailable",
+                &format!("could not read the account's rate limit: {e}"),
+                None,
+            )
+        };
+        let per_second = match self.policies.rate_limit(&first.app, account).await {
+            Ok(Some(limit)) => limit,
+            Ok(None) => return self.call(channel, account_id, sender, records).await,
+            Err(e) => return unavailable(e),
+        };
+        let lane = records
+            .iter()
+            .map(|r| r.msg_type)
+            .reduce(most_urgent)
+            .unwrap_or(first.msg_type);
+        let n = records.len() as u32;
+        let acquired = self
+            .rates
+            .acquire(account, per_second, n, lane, self.config.rate_wait)
+            .await;
+        let held = || {
+            self.metrics
+                .rate_limited
+                .get_or_create(&AccountLabel {
+                    account_id: account,
+                })
+                .inc_by(u64::from(n));
+        };
+        match acquired {
+            Ok(Acquired::Now { waited }) => {
+                let mut answer = self.call(channel, account_id, sender, records).await;
+                if waited >= REPORTED_RATE_WAIT {
+                    held();
+                    answer.rate_waited = Some(waited);
+                }
+                answer
+            }
+            Ok(Acquired::Later { at }) => {
+                held();
+                Answer::none(
+                    records.len(),
+                    Some(NoCall::RateLimited { until: at }),
+                    "rate_limited",
+                    &format!("account {account} is limited to {per_second} messages a second"),
+                    None,
+                )
+            }
+            Err(e) => unavailable(e),
+        }
+    }
+
+    /// One call through `account_id` (read through the cache on every call: a store failure
+    /// is retryable, a missing account — or one of another channel — is not).
+    async fn call(
+        &self,
+        channel: Channel,
+        account_id: Option<i64>,
+        sender: &dyn Sender,
+        records: Vec<&MessageRecord>,
+    ) -> Answer {
+        let account = match account_id {
+            Some(id) => self
+                .account(id)
+                .await
+                .map(|a| a.filter(|a| a.channel == channel)),
+            None => Ok(None),
+        };
+        let sending_at = chrono::Utc::now();
+        let started = Instant::now();
+        let results = match &account {
+            Err(e) => records
+                .iter()
+                .map(|_| {
+                    Err(SendError::Retryable {
+                        code: "account_unavailable".into(),
+                        detail: format!("could not read the channel account: {e}"),
+                        retry_after: None,
+                    })
+                })
+                .collect(),
+            Ok(None) => records
+                .iter()
+                .map(|_| {
+                    Err(SendError::Permanent {
+                        code: "unknown_account".into(),
+                        detail: "the message's channel account no longer exists".into(),
+                    })
+                })
+                .collect(),
+            Ok(Some(a)) if records.len() == 1 => {
+                vec![sender.send(records[0], a.id, &a.config).await]
+            }
+            Ok(Some(a)) => sender.send_batch(&records, a.id, &a.config).await,
+        };
+        Answer {
+            results,
+            sending_at,
+            done_at: chrono::Utc::now(),
+            latency: started.elapsed(),
+            called: matches!(account, Ok(Some(_))),
+            no_call: None,
+            rate_waited: None,
+        }
     }
 
     /// The live account `id` (cached for [`ACCOUNT_TTL`]); `None` when it does not exist.
@@ -759,6 +1069,7 @@ impl Dispatcher {
                 ScheduleKind::Scheduled => State::Scheduled,
                 ScheduleKind::Deferred => State::Deferred,
                 ScheduleKind::Retry => State::Retrying,
+                ScheduleKind::RateLimited => State::RateLimited,
             };
             let mut e = ev(state, w.attempt, received_at);
             e.error_detail = Some(format!("until {}", until.to_rfc3339()));
@@ -794,7 +1105,21 @@ impl Dispatcher {
             None if !w.to_send() => {}
             None => {
                 for t in &w.tries {
-                    out.push(ev(State::Sending, t.attempt, t.sending_at));
+                    if let Some(waited) = t.rate_waited {
+                        let mut e = ev(State::RateLimited, t.attempt, t.sending_at);
+                        e.account_id = t.account_id.or(e.account_id);
+                        e.error_code = Some("rate_limited".into());
+                        e.error_detail = Some(format!(
+                            "waited {} ms for the account's rate limit",
+                            waited.as_millis()
+                        ));
+                        out.push(e);
+                    }
+                    if t.no_call.is_none() {
+                        let mut e = ev(State::Sending, t.attempt, t.sending_at);
+                        e.account_id = t.account_id.or(e.account_id);
+                        out.push(e);
+                    }
                     let mut e = match &t.result {
                         Ok(o) => {
                             let mut e = ev(State::Sent, t.attempt, t.done_at);
@@ -804,10 +1129,10 @@ impl Dispatcher {
                             e
                         }
                         Err(err) => {
-                            let state = if t.retried {
-                                State::Retrying
-                            } else {
-                                State::SendFailed
+                            let state = match (t.retried, t.no_call) {
+                                (true, Some(NoCall::RateLimited { .. })) => State::RateLimited,
+                                (true, _) => State::Retrying,
+                                (false, _) => State::SendFailed,
                             };
                             let mut e = ev(state, t.attempt, t.done_at);
                             e.error_code = Some(err.code().to_string());
@@ -821,6 +1146,7 @@ impl Dispatcher {
                         }
                     };
                     e.latency_ms = Some(t.latency_ms);
+                    e.account_id = t.account_id.or(e.account_id);
                     out.push(e);
                 }
             }

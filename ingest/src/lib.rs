@@ -153,6 +153,7 @@ pub fn router(state: ApiState) -> Router {
             post(catalog::create_account).get(catalog::list_accounts),
         )
         .route("/v1/accounts/{id}", get(catalog::get_account))
+        .route("/v1/apps/{app}/stats", get(policy::app_stats))
         .route("/v1/accounts/{id}/media", post(vendors::upload_media))
         .route("/v1/receipts/{vendor}", post(vendors::receipts))
         .route(

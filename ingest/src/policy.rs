@@ -11,8 +11,8 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use herald_core::domain::parse_receiver;
 use herald_core::policy::AppPolicy;
-use herald_core::store::{ListName, Redrive, StoreError};
-use herald_core::wire::DELIVERY_TOPIC;
+use herald_core::store::{ListName, Redrive, ScheduleKind, StoreError};
+use herald_core::wire::{DELIVERY_TOPIC, DISPATCH_GROUP, REQUESTS_TOPIC};
 use herald_core::{Channel, DeliveryEvent, MessageId, MessageRecord, State as MessageState};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -39,6 +39,41 @@ pub async fn put_policy(
     policy
         .compile()
         .map_err(|m| ApiError::invalid("bad_policy", m))?;
+    // Every account a route or a rate limit names must be the app's (and of the route's channel).
+    let mut named: Vec<(String, i64, Option<Channel>)> = Vec::new();
+    for (i, route) in policy.routes.iter().enumerate() {
+        for (j, a) in route.accounts.iter().enumerate() {
+            let field = format!("routes[{i}].accounts[{j}]");
+            named.push((field, a.account_id, Some(route.channel)));
+        }
+    }
+    for (i, l) in policy.rate_limits.iter().enumerate() {
+        named.push((format!("rate_limits[{i}]"), l.account_id, None));
+    }
+    for (field, id, channel) in named {
+        match state.inner.store.account(app.id, id).await {
+            Ok(account) => {
+                if let Some(c) = channel
+                    && account.channel != c
+                {
+                    return Err(ApiError::invalid(
+                        "bad_policy",
+                        format!(
+                            "{field}: account {id} is a {} account, not {c}",
+                            account.channel
+                        ),
+                    ));
+                }
+            }
+            Err(StoreError::NotFound) => {
+                return Err(ApiError::invalid(
+                    "bad_policy",
+                    format!("{field}: the app has no account {id}"),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     let version = state.inner.store.put_app_policy(app.id, &policy).await?;
     Ok(Json(json!({"version": version, "policy": policy})))
 }
@@ -265,4 +300,53 @@ pub async fn redrive(
         .redrive(&app.name, &selection, MAX_REDRIVE as i64)
         .await?;
     Ok(Json(json!({"redriven": ids.len(), "message_ids": ids})))
+}
+
+/// `GET /v1/apps/{app}/stats` (the app's name or id; only its own key): what holds the app's
+/// messages back right now — the dispatch workers' lag on `herald.requests` (every app's
+/// records), its messages waiting in the schedule per reason, and how far ahead each of its
+/// rate-limited accounts is booked.
+pub async fn app_stats(
+    State(state): State<ApiState>,
+    AuthApp(app): AuthApp,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if name != app.name && name != app.id.to_string() {
+        return Err(ApiError::NotFound("no such app"));
+    }
+    let store = &state.inner.store;
+    let lag = state
+        .inner
+        .bus
+        .lag(REQUESTS_TOPIC, DISPATCH_GROUP)
+        .await
+        .ok();
+    let mut waiting = serde_json::Map::new();
+    let mut oldest_due = None::<i64>;
+    for kind in ScheduleKind::ALL {
+        waiting.insert(kind.as_str().into(), json!(0));
+    }
+    for (kind, count, due) in store.waiting(&app.name).await? {
+        waiting.insert(kind.as_str().into(), json!(count));
+        oldest_due = Some(oldest_due.map_or(due, |d| d.min(due)));
+    }
+    let (policy, _) = store.app_policy(app.id).await?;
+    let now_us = chrono::Utc::now().timestamp_micros();
+    let mut limits = Vec::new();
+    for l in &policy.rate_limits {
+        let until = store.rate_reserved_until(l.account_id).await?;
+        let booked_ms = until.map_or(0, |u| ((u - now_us) / 1000).max(0));
+        limits.push(json!({
+            "account_id": l.account_id,
+            "per_second": l.per_second,
+            "booked_ahead_ms": booked_ms,
+        }));
+    }
+    Ok(Json(json!({
+        "app": app.name,
+        "requests_lag": lag,
+        "waiting": waiting,
+        "oldest_due_at": oldest_due.and_then(chrono::DateTime::from_timestamp_millis),
+        "rate_limits": limits,
+    })))
 }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 const BATCH: usize = 1000;
 
 /// A tansu broker storing in a temporary SQLite file, on a free port; killed when dropped.
-struct Broker {
+pub(super) struct Broker {
     child: Child,
     address: String,
     /// tansu's working directory, which holds its database; removed when dropped.
@@ -34,7 +34,7 @@ struct Broker {
 }
 
 impl Broker {
-    fn start() -> anyhow::Result<Broker> {
+    pub(super) fn start() -> anyhow::Result<Broker> {
         let tansu = std::env::var_os("HERALD_TANSU")
             .map(PathBuf::from)
             .or_else(|| std::env::home_dir().map(|h| h.join(".cache/herald/tansu/bin/tansu")))
@@ -77,7 +77,7 @@ impl Drop for Broker {
 }
 
 /// Creates an empty database on the PostgreSQL server `server`; returns its URL.
-async fn fresh_database(server: &str) -> anyhow::Result<String> {
+pub(super) async fn fresh_database(server: &str) -> anyhow::Result<String> {
     let admin = sqlx::PgPool::connect(server)
         .await
         .with_context(|| format!("cannot reach PostgreSQL at {server}"))?;
@@ -91,7 +91,7 @@ async fn fresh_database(server: &str) -> anyhow::Result<String> {
 }
 
 /// The environment of every process of a deployment on `broker` and `store`.
-fn distributed_env(broker: &Broker, store: &str) -> Vec<(String, String)> {
+pub(super) fn distributed_env(broker: &Broker, store: &str) -> Vec<(String, String)> {
     vec![
         ("HERALD_BUS_KIND".into(), "kafka".into()),
         ("HERALD_KAFKA__BROKERS".into(), broker.address.clone()),
@@ -262,6 +262,6 @@ pub async fn figures(args: &super::BenchArgs) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
-fn pairs(env: &[(String, String)]) -> Vec<(&str, &str)> {
+pub(super) fn pairs(env: &[(String, String)]) -> Vec<(&str, &str)> {
     env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }

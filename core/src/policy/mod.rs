@@ -8,16 +8,22 @@
 //!   "content_dedup_secs": 300,
 //!   "frequency_caps": [{"channel": "sms", "msg_type": "marketing", "max": 3, "period_secs": 86400}],
 //!   "sensitive_words": ["赌博"],
-//!   "templates": {"42": {"discarded": true}, "43": {"sensitive_words": "reject"}}
+//!   "templates": {"42": {"discarded": true}, "43": {"sensitive_words": "reject"}},
+//!   "routes": [{"channel": "sms", "accounts": [{"account_id": 3, "weight": 80}, {"account_id": 4, "weight": 20}]}],
+//!   "rate_limits": [{"account_id": 3, "per_second": 3000}]
 //! }
 //! ```
 
 pub mod quiet_hours;
+pub mod rate_limits;
+pub mod routes;
 pub mod sensitive;
 
 use crate::domain::{Channel, MsgType};
 use chrono_tz::Tz;
 use quiet_hours::QuietWindow;
+use rate_limits::RateLimit;
+use routes::Route;
 use sensitive::Dictionary;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -47,6 +53,13 @@ pub struct AppPolicy {
     /// Per-template settings, keyed by template id.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub templates: BTreeMap<String, TemplatePolicy>,
+    /// Weighted vendor accounts per channel (and message type), in place of the template's
+    /// account; the first route that matches a message applies.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<Route>,
+    /// The most messages a second each listed account sends, from all workers together.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rate_limits: Vec<RateLimit>,
 }
 
 /// A daily quiet-hours window and what it does to each message type.
@@ -139,6 +152,8 @@ pub struct Policy {
     pub frequency_caps: Vec<FrequencyCap>,
     pub dictionary: Dictionary,
     pub templates: BTreeMap<i64, TemplatePolicy>,
+    pub routes: Vec<Route>,
+    pub rate_limits: Vec<RateLimit>,
 }
 
 impl Default for Policy {
@@ -198,6 +213,8 @@ impl AppPolicy {
                 .map_err(|_| format!("templates: `{id}` is not a template id"))?;
             templates.insert(id, t.clone());
         }
+        routes::check(&self.routes)?;
+        rate_limits::check(&self.rate_limits)?;
         Ok(Policy {
             timezone,
             quiet_hours,
@@ -205,6 +222,8 @@ impl AppPolicy {
             frequency_caps: self.frequency_caps.clone(),
             dictionary,
             templates,
+            routes: self.routes.clone(),
+            rate_limits: self.rate_limits.clone(),
         })
     }
 }
@@ -213,6 +232,19 @@ impl Policy {
     /// The settings of template `id` (the defaults when it has none).
     pub fn template(&self, id: i64) -> TemplatePolicy {
         self.templates.get(&id).cloned().unwrap_or_default()
+    }
+
+    /// The route of a message of `channel` and `msg_type`, when one matches.
+    pub fn route(&self, channel: Channel, msg_type: MsgType) -> Option<&Route> {
+        routes::route_for(&self.routes, channel, msg_type)
+    }
+
+    /// The rate limit of `account`, per second, when the app set one.
+    pub fn rate_limit(&self, account: i64) -> Option<u32> {
+        self.rate_limits
+            .iter()
+            .find(|l| l.account_id == account)
+            .map(|l| l.per_second)
     }
 
     /// The quiet-hours mode for `msg_type`, when the app has quiet hours.

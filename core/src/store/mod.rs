@@ -14,6 +14,7 @@ mod idempotency;
 mod inbox;
 mod ledger;
 mod policy;
+mod rates;
 mod vendors;
 
 #[cfg(test)]
@@ -26,6 +27,7 @@ pub use ledger::{LedgerState, SentInbox};
 pub use policy::{
     ClaimOutcome, Limit, ListName, MessageClaim, Redrive, ScheduleKind, ScheduledMessage,
 };
+pub use rates::Reservation;
 pub use vendors::PendingReceipt;
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};

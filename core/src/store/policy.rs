@@ -62,20 +62,26 @@ pub enum ScheduleKind {
     Deferred,
     /// A retry after a vendor's long `Retry-After`, or a redrive.
     Retry,
+    /// Held by a vendor account's rate limit until its estimated turn.
+    RateLimited,
 }
 
 impl ScheduleKind {
-    const ALL: [ScheduleKind; 3] = [
+    /// Every kind.
+    pub const ALL: [ScheduleKind; 4] = [
         ScheduleKind::Scheduled,
         ScheduleKind::Deferred,
         ScheduleKind::Retry,
+        ScheduleKind::RateLimited,
     ];
 
-    fn as_str(self) -> &'static str {
+    /// The name stored and shown.
+    pub fn as_str(self) -> &'static str {
         match self {
             ScheduleKind::Scheduled => "scheduled",
             ScheduleKind::Deferred => "deferred",
             ScheduleKind::Retry => "retry",
+            ScheduleKind::RateLimited => "rate_limited",
         }
     }
 }
@@ -535,6 +541,26 @@ impl Store {
         let entry = scheduled_of(&row)?;
         tx.commit().await?;
         Ok(entry)
+    }
+
+    /// The app named `app`'s messages in the schedule: per kind, how many and the earliest due
+    /// time (unix ms).
+    pub async fn waiting(&self, app: &str) -> Result<Vec<(ScheduleKind, i64, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT kind, COUNT(*), MIN(due_at) FROM schedule WHERE app = $1 GROUP BY kind",
+        )
+        .bind(app)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let kind = ScheduleKind::ALL
+                    .into_iter()
+                    .find(|k| k.as_str() == r.get::<&str, _>(0))
+                    .ok_or_else(|| StoreError::Corrupt("schedule kind".into()))?;
+                Ok((kind, r.get(1), r.get(2)))
+            })
+            .collect()
     }
 
     /// Puts messages whose vendor asked for a long wait in the schedule: each ledger row

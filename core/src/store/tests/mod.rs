@@ -80,12 +80,13 @@ on_both!(
     concurrent_claims_respect_a_cap,
     schedule_lease_release_and_cancel,
     recall_finds_sent_messages_and_marks_them_once,
+    rate_reservations_tile_the_timeline,
 );
 
 mod policy;
 use policy::{
     claims_pass_limits_once, concurrent_claims_respect_a_cap, policy_documents_and_lists,
-    schedule_lease_release_and_cancel,
+    rate_reservations_tile_the_timeline, schedule_lease_release_and_cancel,
 };
 
 async fn apps_and_keys(store: Store) {

@@ -311,3 +311,51 @@ pub(super) async fn schedule_lease_release_and_cancel(store: Store) {
         [ClaimOutcome::Lost]
     );
 }
+
+/// Sixteen concurrent reservations on one account's timeline get disjoint slots that tile it
+/// exactly; a lane that may not wait that far is refused without taking anything.
+pub async fn rate_reservations_tile_the_timeline(store: Store) {
+    let now = 1_000_000_000i64;
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.reserve_rate(7, 5, 1_000, now, 1_000_000, 0).await })
+        })
+        .collect();
+    let mut starts = Vec::new();
+    for t in tasks {
+        match t.await.unwrap().unwrap() {
+            Reservation::Granted { first_us } => starts.push(first_us),
+            busy => panic!("{busy:?}"),
+        }
+    }
+    starts.sort_unstable();
+    let want: Vec<i64> = (0..16).map(|k| now + k * 5_000).collect();
+    assert_eq!(starts, want, "each reservation starts where the last ended");
+    // Reserved up to now + 80 ms: a lane allowing 50 ms is refused and sees the end.
+    assert_eq!(
+        store
+            .reserve_rate(7, 1, 1_000, now, 50_000, 0)
+            .await
+            .unwrap(),
+        Reservation::Busy {
+            next_us: now + 80_000
+        }
+    );
+    // Much later, idle time is not given back beyond the burst allowance.
+    let later = now + 10_000_000;
+    assert_eq!(
+        store
+            .reserve_rate(7, 2, 1_000, later, 0, 100_000)
+            .await
+            .unwrap(),
+        Reservation::Granted {
+            first_us: later - 100_000
+        }
+    );
+    // Accounts are independent.
+    assert_eq!(
+        store.reserve_rate(8, 1, 1_000, now, 0, 0).await.unwrap(),
+        Reservation::Granted { first_us: now }
+    );
+}

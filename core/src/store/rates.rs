@@ -1,0 +1,84 @@
+//! Rate limits of vendor accounts across every dispatch worker, by the generic cell rate
+//! algorithm: an account's timeline is reserved up to `next_at`, and a worker takes `count`
+//! slots by moving it `count × interval` forward in one statement, which PostgreSQL and SQLite
+//! serialise. Time left unused longer than the burst allowance is not given back.
+
+use super::{Backend, Store, StoreError};
+use sqlx::Row;
+
+/// What a reservation got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reservation {
+    /// The slots, one every interval, the first at this time (unix µs).
+    Granted { first_us: i64 },
+    /// The timeline is reserved up to this time (unix µs), further ahead than allowed.
+    Busy { next_us: i64 },
+}
+
+impl Store {
+    /// How far `account`'s timeline is reserved (unix µs), once it was ever used.
+    pub async fn rate_reserved_until(&self, account: i64) -> Result<Option<i64>, StoreError> {
+        let row = sqlx::query("SELECT next_at FROM rate_limits WHERE account_id = $1")
+            .bind(account)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Reserves `count` slots `interval_us` apart on `account`'s timeline, unless it is
+    /// reserved beyond `now_us + horizon_us`; the slots start no earlier than
+    /// `now_us - burst_us`.
+    pub async fn reserve_rate(
+        &self,
+        account: i64,
+        count: u32,
+        interval_us: i64,
+        now_us: i64,
+        horizon_us: i64,
+        burst_us: i64,
+    ) -> Result<Reservation, StoreError> {
+        let greatest = match self.backend {
+            Backend::Sqlite => "MAX",
+            Backend::Postgres => "GREATEST",
+        };
+        let span = i64::from(count) * interval_us;
+        let sql = format!(
+            "UPDATE rate_limits SET next_at = {greatest}(next_at, $2) + $3 \
+             WHERE account_id = $1 AND next_at <= $4 RETURNING next_at"
+        );
+        for _ in 0..2 {
+            let granted = sqlx::query(&sql)
+                .bind(account)
+                .bind(now_us - burst_us)
+                .bind(span)
+                .bind(now_us + horizon_us)
+                .fetch_optional(&self.pool)
+                .await?;
+            if let Some(row) = granted {
+                let next: i64 = row.get(0);
+                return Ok(Reservation::Granted {
+                    first_us: next - span,
+                });
+            }
+            let next = sqlx::query("SELECT next_at FROM rate_limits WHERE account_id = $1")
+                .bind(account)
+                .fetch_optional(&self.pool)
+                .await?;
+            if let Some(row) = next {
+                return Ok(Reservation::Busy {
+                    next_us: row.get(0),
+                });
+            }
+            sqlx::query(
+                "INSERT INTO rate_limits (account_id, next_at) VALUES ($1, 0) \
+                 ON CONFLICT (account_id) DO NOTHING",
+            )
+            .bind(account)
+            .execute(&self.pool)
+            .await?;
+        }
+        Err(StoreError::Corrupt(format!(
+            "the rate limit row of account {account} vanished"
+        )))
+    }
+}

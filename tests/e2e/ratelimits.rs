@@ -1,0 +1,157 @@
+//! Rate limits of vendor accounts end to end: pacing, messages held in the schedule, priority
+//! lanes and the app's stats, through a webhook receiver that records when each call came.
+
+use crate::support::{TestApp, message_ids, webhook_receiver};
+use axum::http::StatusCode;
+use reqwest::Method;
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+/// A webhook account limited to `per_second`, and a template of `msg_type` on it for each type
+/// in `types`; returns the account id and the template ids.
+async fn limited(app: &TestApp, url: &str, per_second: u32, types: &[&str]) -> (i64, Vec<i64>) {
+    let (s, a) = app
+        .post(
+            "/v1/accounts",
+            json!({"name": "hook", "channel": "webhook", "config": {"url": url, "secret": "s"}}),
+        )
+        .await;
+    assert_eq!(s, 201, "{a}");
+    let account = a["id"].as_i64().unwrap();
+    let mut templates = Vec::new();
+    for t in types {
+        let (s, tpl) = app
+            .post("/v1/templates", json!({"name": t, "channel": "webhook", "msg_type": t, "account_id": account, "content": {"n": "1"}}))
+            .await;
+        assert_eq!(s, 201, "{tpl}");
+        templates.push(tpl["id"].as_i64().unwrap());
+    }
+    let (s, p) = app
+        .call(
+            Method::PUT,
+            "/v1/policy",
+            Some(json!({"rate_limits": [{"account_id": account, "per_second": per_second}]})),
+        )
+        .await;
+    assert_eq!(s, 200, "{p}");
+    (account, templates)
+}
+
+async fn send(app: &TestApp, template: i64, prefix: &str, n: usize) -> Vec<String> {
+    let receivers: Vec<String> = (0..n).map(|k| format!("{prefix}-{k}")).collect();
+    let (s, a) = app
+        .post(
+            "/v1/send",
+            json!({"template_id": template, "receivers": receivers}),
+        )
+        .await;
+    assert_eq!(s, 202, "{a}");
+    message_ids(&a)
+}
+
+/// The most calls in any window of `width` starting at a call.
+fn busiest(times: &[Instant], width: Duration) -> usize {
+    times
+        .iter()
+        .map(|t| {
+            times
+                .iter()
+                .filter(|u| **u >= *t && **u - *t < width)
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+fn states(trace: &Value) -> Vec<String> {
+    trace["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["state"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_rate_limit_paces_sends_and_holds_the_rest_in_the_schedule() {
+    let (url, calls) = webhook_receiver(|_| (StatusCode::OK, "0")).await;
+    let app = TestApp::spawn_with(|c| c.dispatch.rate_wait = Duration::from_millis(500)).await;
+    let (account, templates) = limited(&app, &url, 20, &["notice"]).await;
+    let ids = send(&app, templates[0], "r", 60).await;
+
+    // While they wait, the app sees them: held in the schedule, and the account booked ahead.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let stats = loop {
+        let (s, stats) = app.get("/v1/apps/test-app/stats").await;
+        assert_eq!(s, 200, "{stats}");
+        if stats["waiting"]["rate_limited"].as_i64().unwrap() > 0 {
+            break stats;
+        }
+        assert!(Instant::now() < deadline, "nothing held: {stats}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(stats["rate_limits"][0]["account_id"], account, "{stats}");
+    assert_eq!(stats["rate_limits"][0]["per_second"], 20, "{stats}");
+
+    let mut held = 0;
+    for id in &ids {
+        let trace = app.wait_for_state(id, "sent").await;
+        if states(&trace).iter().any(|s| s == "rate_limited") {
+            held += 1;
+        }
+    }
+    assert!(
+        held >= 30,
+        "only {held} of 60 messages were held by the limit"
+    );
+    let times: Vec<Instant> = calls.lock().unwrap().iter().map(|(_, t)| *t).collect();
+    assert_eq!(times.len(), 60, "each message called once");
+    // 20 a second, plus the 100 ms burst allowance (2), plus slack for late timers on a loaded
+    // machine (calls whose slots passed while a worker was descheduled go together).
+    let most = busiest(&times, Duration::from_secs(1));
+    assert!(
+        most <= 26,
+        "{most} calls within one second at a limit of 20/s"
+    );
+    let span = *times.iter().max().unwrap() - *times.iter().min().unwrap();
+    assert!(span >= Duration::from_millis(2_700), "60 calls in {span:?}");
+    assert!(
+        app.metric(&format!(
+            "herald_rate_limited_total{{account_id=\"{account}\"}}"
+        ))
+        .await
+            >= 30.0
+    );
+    let (s, _) = app.get("/v1/apps/someone-else/stats").await;
+    assert_eq!(s, 404);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_auth_code_overtakes_a_marketing_blast_on_a_shared_limit() {
+    let (url, calls) = webhook_receiver(|_| (StatusCode::OK, "0")).await;
+    let app = TestApp::spawn_with(|c| c.dispatch.rate_wait = Duration::from_millis(500)).await;
+    let (_, templates) = limited(&app, &url, 10, &["marketing", "auth_code"]).await;
+    let blast = send(&app, templates[0], "m", 40).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let sent_at = Instant::now();
+    let code = send(&app, templates[1], "login", 1).await.remove(0);
+    app.wait_for_state(&code, "sent").await;
+    let took = sent_at.elapsed();
+    // The blast needs 4 s at 10/s; the code goes within a few slots.
+    assert!(
+        took < Duration::from_millis(1_000),
+        "the auth code took {took:?}"
+    );
+    let before_code = calls
+        .lock()
+        .unwrap()
+        .iter()
+        .position(|(id, _)| *id == code)
+        .unwrap();
+    assert!(before_code < 20, "{before_code} marketing calls went first");
+    for id in &blast {
+        app.wait_for_state(id, "sent").await;
+    }
+    app.stop().await;
+}
