@@ -33,8 +33,9 @@ pub struct BenchArgs {
     /// PostgreSQL server for the distributed figures; each measurement creates its own database.
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
     pub postgres: String,
-    /// The limit of the rate-limit figure, messages a second.
-    #[arg(long, default_value_t = 1000)]
+    /// The limit of the rate-limit figure, messages a second (below the deployment's capacity,
+    /// which the figure measures first).
+    #[arg(long, default_value_t = 500)]
     pub rate_limit: u32,
     /// Only run these figures (comma-separated: accept, batch, e2e, policies, vendor, kafka,
     /// ratelimit).

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 /// Slots reserved per store round trip: this much of the limit's time.
 const CHUNK: Duration = Duration::from_millis(50);
 /// Time left unused that is still given: the largest burst after an idle spell.
-const BURST: Duration = Duration::from_millis(100);
+const BURST: Duration = Duration::from_millis(250);
 /// Longest pause before asking the store again while the lane may not join the queue.
 const POLL: Duration = Duration::from_millis(20);
 
@@ -141,19 +141,24 @@ impl RateLimiter {
             .map(|q| q.load(Ordering::SeqCst))
             .sum::<u64>()
             + state.queued[rank].fetch_add(u64::from(n), Ordering::SeqCst);
-        let _queued = Dequeue(&state.queued[rank], u64::from(n));
+        let queued = Dequeue(&state.queued[rank], u64::from(n));
         let turn = Duration::from_micros((ahead + u64::from(n)) * interval_us as u64);
         if turn > max_wait {
             return Ok(state.later(n, interval_us, turn));
         }
-        let chunk = ((CHUNK.as_micros() as i64 / interval_us) as u32).max(n);
+        let per_chunk = (CHUNK.as_micros() as i64 / interval_us) as u32;
         loop {
+            // No more than the messages waiting here for slots can use: slots nobody takes in
+            // time are lost to every worker.
+            let waiting: u64 = state.queued.iter().map(|q| q.load(Ordering::SeqCst)).sum();
+            let chunk = per_chunk.min(waiting as u32).max(n);
             let mut slots = state.slots.lock().await;
             let now_us = chrono::Utc::now().timestamp_micros();
             slots.drop_before(now_us - BURST.as_micros() as i64);
             if slots.left() >= u64::from(n) {
                 let at_us = slots.take(n);
                 drop(slots);
+                drop(queued);
                 if at_us > now_us {
                     tokio::time::sleep(Duration::from_micros((at_us - now_us) as u64)).await;
                 }

@@ -106,11 +106,11 @@ async fn a_rate_limit_paces_sends_and_holds_the_rest_in_the_schedule() {
     );
     let times: Vec<Instant> = calls.lock().unwrap().iter().map(|(_, t)| *t).collect();
     assert_eq!(times.len(), 60, "each message called once");
-    // 20 a second, plus the 100 ms burst allowance (2), plus slack for late timers on a loaded
+    // 20 a second, plus the 250 ms burst allowance (5), plus slack for late timers on a loaded
     // machine (calls whose slots passed while a worker was descheduled go together).
     let most = busiest(&times, Duration::from_secs(1));
     assert!(
-        most <= 26,
+        most <= 28,
         "{most} calls within one second at a limit of 20/s"
     );
     let span = *times.iter().max().unwrap() - *times.iter().min().unwrap();
