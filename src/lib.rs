@@ -186,6 +186,15 @@ impl Application {
                 Ok(())
             });
         }
+        if self.roles.ingest {
+            // Scheduled campaigns run in every ingest process, one campaign at a time each.
+            let campaigns =
+                herald_ingest::run_campaigns(self.api_state(&senders), shutdown.clone());
+            tasks.spawn(async move {
+                campaigns.await;
+                Ok(())
+            });
+        }
         tasks.spawn(watch(
             self.bus.clone(),
             self.metrics.clone(),

@@ -1,5 +1,7 @@
 //! The `herald` command: loads config, starts telemetry, and runs what the subcommand asks.
 
+mod campaign;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use herald::{Application, Roles};
@@ -77,6 +79,11 @@ enum Command {
     },
     /// Runs the benchmark harness and prints figures beside their baselines.
     Bench(herald::bench::BenchArgs),
+    /// Scheduled campaigns: a template sent to every row of a CSV file.
+    Campaign {
+        #[command(subcommand)]
+        command: campaign::CampaignCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -167,6 +174,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => herald::bench::run(args).await,
+        Command::Campaign { command } => campaign::run(command).await,
     }
 }
 

@@ -77,6 +77,9 @@ pub struct HttpConfig {
     pub listen: String,
     /// Largest request body accepted, in bytes (`body_too_large` above it).
     pub max_body_bytes: usize,
+    /// Largest CSV file accepted by `POST /v1/campaigns`, in bytes (`body_too_large` above it);
+    /// it is streamed into the store, never held in memory whole.
+    pub max_campaign_bytes: u64,
     /// Most receivers in one `/v1/send` request or one batch message (`too_many_receivers`).
     pub max_receivers: usize,
     /// Most messages in one `/v1/send/batch` request (`too_many_messages`).
@@ -96,6 +99,7 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: "127.0.0.1:8080".into(),
             max_body_bytes: 4 * 1024 * 1024,
+            max_campaign_bytes: 1024 * 1024 * 1024,
             max_receivers: 1000,
             max_batch_messages: 1000,
             max_batch_receivers: 10_000,
@@ -145,6 +149,9 @@ pub struct DispatchConfig {
     pub max_age: MaxAge,
     /// The circuit breaker each worker keeps per vendor account.
     pub breaker: BreakerConfig,
+    /// A file of sensitive words shared by every app (one per line, `#` comments), added to
+    /// each app's own words; re-read within `policy_cache_ttl` when it changes.
+    pub sensitive_words_file: Option<PathBuf>,
     /// Longest a message waits in the worker for a rate-limited account's slot (counting the
     /// messages before it); a longer wait puts it in the schedule (`rate_limited`) and the batch
     /// goes on.
@@ -243,6 +250,7 @@ impl Default for DispatchConfig {
             schedule_lease: Duration::from_secs(2),
             max_age: MaxAge::default(),
             breaker: BreakerConfig::default(),
+            sensitive_words_file: None,
             rate_wait: Duration::from_secs(1),
         }
     }

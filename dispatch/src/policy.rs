@@ -9,13 +9,15 @@
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use herald_core::config::DispatchConfig;
+use herald_core::policy::sensitive::Dictionary;
 use herald_core::policy::{Policy, QuietMode, SensitiveAction, window_start};
 use herald_core::store::{LedgerState, Limit, ListName, ScheduleKind, Store, StoreError};
 use herald_core::{Channel, MessageRecord, MsgType, State};
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// A `send_at` at most this far ahead counts as due (clocks of processes differ a little).
 const DUE_TOLERANCE: chrono::Duration = chrono::Duration::milliseconds(100);
@@ -80,6 +82,8 @@ impl Stop {
 struct AppPolicies {
     policy: Policy,
     allowlisted: HashSet<Channel>,
+    /// The version of the shared dictionary compiled in.
+    shared_version: u64,
 }
 
 /// Evaluates policies for a dispatch worker.
@@ -87,6 +91,65 @@ pub struct Policies {
     store: Store,
     ttl: std::time::Duration,
     cache: Mutex<HashMap<String, (Arc<AppPolicies>, Instant)>>,
+    shared: SharedWords,
+}
+
+/// The sensitive words of `dispatch.sensitive_words_file`, re-read when the file changes.
+struct SharedWords {
+    path: Option<PathBuf>,
+    state: Mutex<SharedState>,
+}
+
+#[derive(Default)]
+struct SharedState {
+    /// When the file was last looked at.
+    checked: Option<Instant>,
+    modified: Option<SystemTime>,
+    words: Arc<Vec<String>>,
+    /// Raised on every change, so that apps' compiled dictionaries are rebuilt.
+    version: u64,
+}
+
+impl SharedWords {
+    /// The current words and their version; looks at the file at most once per `ttl`. A file
+    /// that cannot be read or holds a bad word keeps the last good words, loudly.
+    fn current(&self, ttl: std::time::Duration) -> (Arc<Vec<String>>, u64) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(path) = &self.path else {
+            return (Arc::clone(&s.words), s.version);
+        };
+        if s.checked.is_some_and(|at| at.elapsed() < ttl) {
+            return (Arc::clone(&s.words), s.version);
+        }
+        s.checked = Some(Instant::now());
+        let modified = std::fs::metadata(path).and_then(|m| m.modified());
+        match modified {
+            Ok(m) if s.modified == Some(m) => {}
+            Ok(m) => match std::fs::read_to_string(path) {
+                Ok(text) => {
+                    let words = Dictionary::words_of_file(&text);
+                    match Dictionary::new(&words) {
+                        Ok(_) => {
+                            tracing::info!(path = %path.display(), words = words.len(), "sensitive words loaded");
+                            s.words = Arc::new(words);
+                            s.modified = Some(m);
+                            s.version += 1;
+                        }
+                        Err(e) => {
+                            tracing::error!(path = %path.display(), error = %e, "bad sensitive words file; keeping the last good words")
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "cannot read the sensitive words file; keeping the last good words")
+                }
+            },
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "cannot read the sensitive words file; keeping the last good words")
+            }
+        }
+        (Arc::clone(&s.words), s.version)
+    }
 }
 
 impl Policies {
@@ -96,6 +159,10 @@ impl Policies {
             store,
             ttl: config.policy_cache_ttl,
             cache: Mutex::default(),
+            shared: SharedWords {
+                path: config.sensitive_words_file.clone(),
+                state: Mutex::default(),
+            },
         }
     }
 
@@ -147,23 +214,26 @@ impl Policies {
     /// The app's policies, through the cache. A bad stored document (which the API never
     /// writes) counts as no policy, loudly.
     async fn app(&self, app: &str) -> Result<Arc<AppPolicies>, StoreError> {
+        let (shared, version) = self.shared.current(self.ttl);
         if let Some((p, at)) = self
             .cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(app)
             && at.elapsed() < self.ttl
+            && p.shared_version == version
         {
             return Ok(Arc::clone(p));
         }
         let (doc, allowlisted) = self.store.app_policy_by_name(app).await?;
-        let policy = doc.compile().unwrap_or_else(|e| {
+        let policy = doc.compile_with(&shared).unwrap_or_else(|e| {
             tracing::error!(app, error = %e, "stored policy is invalid; applying none");
             Policy::default()
         });
         let p = Arc::new(AppPolicies {
             policy,
             allowlisted,
+            shared_version: version,
         });
         self.cache
             .lock()
@@ -373,7 +443,45 @@ mod tests {
         AppPolicies {
             policy: doc.compile().unwrap(),
             allowlisted: allowlisted.iter().copied().collect(),
+            shared_version: 0,
         }
+    }
+
+    #[test]
+    fn the_shared_dictionary_reloads_when_its_file_changes_and_keeps_good_words_on_a_bad_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("words.txt");
+        let write = |text: &str, secs: u64| {
+            std::fs::write(&path, text).unwrap();
+            let f = std::fs::File::options().write(true).open(&path).unwrap();
+            f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+                .unwrap();
+        };
+        write("# shared\n赌博\n\n  casino  \n", 1);
+        let shared = SharedWords {
+            path: Some(path.clone()),
+            state: Mutex::default(),
+        };
+        let ttl = Duration::ZERO;
+        let (words, v1) = shared.current(ttl);
+        assert_eq!(*words, vec!["赌博".to_string(), "casino".to_string()]);
+        // Unchanged file: same version, no rebuild.
+        assert_eq!(shared.current(ttl).1, v1);
+        write("lottery\n", 2);
+        let (words, v2) = shared.current(ttl);
+        assert_eq!(*words, vec!["lottery".to_string()]);
+        assert!(v2 > v1);
+        // A word with the mask character is refused: the last good words stay.
+        write("bad*word\n", 3);
+        let (words, v3) = shared.current(ttl);
+        assert_eq!((words.as_slice(), v3), (&["lottery".to_string()][..], v2));
+        // And they are merged into an app's dictionary.
+        let doc: AppPolicy = serde_json::from_value(json!({"sensitive_words": ["spam"]})).unwrap();
+        let policy = doc.compile_with(&words).unwrap();
+        let found = policy
+            .dictionary
+            .matches(&json!({"text": "spam and lottery"}));
+        assert_eq!(found.len(), 2, "{found:?}");
     }
 
     fn at(s: &str) -> DateTime<Utc> {

@@ -5,6 +5,7 @@
 
 mod auth;
 mod body;
+mod campaign;
 mod catalog;
 mod error;
 mod policy;
@@ -14,6 +15,7 @@ mod recall;
 mod send;
 mod vendors;
 
+pub use campaign::run_campaigns;
 pub use error::{ApiError, Detail};
 
 use auth::Caches;
@@ -167,6 +169,11 @@ pub fn router(state: ApiState) -> Router {
                 .delete(catalog::delete_template),
         )
         .route("/v1/templates/{id}/recall", post(recall::recall_template))
+        .route("/v1/campaigns", post(campaign::create).get(campaign::list))
+        .route(
+            "/v1/campaigns/{id}",
+            get(campaign::show).delete(campaign::cancel),
+        )
         .route("/v1/inbox/{receiver}", get(read::inbox))
         .route("/v1/inbox/{receiver}/read", post(read::mark_read))
         .layer(DefaultBodyLimit::max(limit))

@@ -3,6 +3,7 @@
 //! the distributed one (separate role processes over a Kafka-protocol broker and PostgreSQL).
 
 mod api;
+mod campaigns;
 mod channels;
 mod crash;
 mod distributed;
@@ -12,6 +13,7 @@ mod ratelimits;
 mod recall;
 mod retries;
 mod routing;
+mod s3;
 mod sms;
 mod support;
 mod wechat;

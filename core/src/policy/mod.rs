@@ -164,9 +164,18 @@ impl Default for Policy {
     }
 }
 
+/// Most sensitive words in one policy document (a shared dictionary file may hold more).
+const MAX_APP_WORDS: usize = 10_000;
+
 impl AppPolicy {
     /// Checks the document and compiles it; the error says which field is wrong.
     pub fn compile(&self) -> Result<Policy, String> {
+        self.compile_with(&[])
+    }
+
+    /// [`Self::compile`], with `shared` sensitive words (the dispatch workers' dictionary file)
+    /// added to the app's own.
+    pub fn compile_with(&self, shared: &[String]) -> Result<Policy, String> {
         let timezone = match &self.timezone {
             Some(name) => {
                 quiet_hours::parse_timezone(name).map_err(|e| format!("timezone: {e}"))?
@@ -204,8 +213,14 @@ impl AppPolicy {
         if self.frequency_caps.len() > 20 {
             return Err("frequency_caps: at most 20 caps".into());
         }
-        let dictionary =
-            Dictionary::new(&self.sensitive_words).map_err(|e| format!("sensitive_words: {e}"))?;
+        if self.sensitive_words.len() > MAX_APP_WORDS {
+            return Err(format!(
+                "sensitive_words: {} words, but at most {MAX_APP_WORDS} are allowed",
+                self.sensitive_words.len()
+            ));
+        }
+        let words: Vec<String> = self.sensitive_words.iter().chain(shared).cloned().collect();
+        let dictionary = Dictionary::new(&words).map_err(|e| format!("sensitive_words: {e}"))?;
         let mut templates = BTreeMap::new();
         for (id, t) in &self.templates {
             let id: i64 = id

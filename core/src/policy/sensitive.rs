@@ -7,8 +7,8 @@ use serde_json::Value;
 use std::collections::BTreeSet;
 use std::iter;
 
-/// Most words a dictionary may hold.
-const MAX_WORDS: usize = 10_000;
+/// Most words a dictionary may hold (an app's own and the shared file's together).
+const MAX_WORDS: usize = 100_000;
 /// Longest word, in characters.
 const MAX_WORD_CHARS: usize = 64;
 
@@ -24,7 +24,7 @@ pub struct Dictionary {
 impl Dictionary {
     /// Builds the dictionary. Words are trimmed; an empty list is allowed (matches nothing).
     /// Errors, naming the word, on an empty word, a word longer than 64 characters or one
-    /// containing `*`; errors on more than 10,000 words. Duplicates are fine.
+    /// containing `*`; errors on more than 100,000 words. Duplicates are fine.
     pub fn new(words: &[String]) -> Result<Self, String> {
         if words.len() > MAX_WORDS {
             return Err(format!(
@@ -55,6 +55,16 @@ impl Dictionary {
             .build(&words)
             .map_err(|e| format!("cannot build the dictionary: {e}"))?;
         Ok(Self { automaton, words })
+    }
+
+    /// The words of a dictionary file: one per line, UTF-8; blank lines and lines starting
+    /// with `#` are skipped.
+    pub fn words_of_file(text: &str) -> Vec<String> {
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_owned)
+            .collect()
     }
 
     /// Whether the dictionary has no words.

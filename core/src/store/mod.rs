@@ -8,6 +8,7 @@
 //! (`$n` placeholders, `ON CONFLICT`, `RETURNING`), and each backend has its own migrations in
 //! `sql/migrations/{sqlite,postgres}/`. The suite in `tests.rs` runs against both.
 
+mod campaigns;
 mod catalog;
 mod events;
 mod idempotency;
@@ -20,6 +21,9 @@ mod vendors;
 #[cfg(test)]
 mod tests;
 
+pub use campaigns::{
+    BadRow, Campaign, CampaignBatch, CampaignChunk, CampaignRun, CampaignState, NewCampaign,
+};
 pub use catalog::{Account, App, NewTemplate, Template, hash_key};
 pub use idempotency::Claim;
 pub use inbox::InboxEntry;

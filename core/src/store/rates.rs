@@ -46,7 +46,10 @@ impl Store {
             "UPDATE rate_limits SET next_at = {greatest}(next_at, $2) + $3 \
              WHERE account_id = $1 AND next_at <= $4 RETURNING next_at"
         );
-        for _ in 0..2 {
+        // A few rounds: a row created or moved by another worker between the UPDATE and the
+        // SELECT sends this one round again; `next_at` only grows, so it ends.
+        let mut next_us = 0;
+        for _ in 0..5 {
             let granted = sqlx::query(&sql)
                 .bind(account)
                 .bind(now_us - burst_us)
@@ -60,25 +63,22 @@ impl Store {
                     first_us: next - span,
                 });
             }
-            let next = sqlx::query("SELECT next_at FROM rate_limits WHERE account_id = $1")
-                .bind(account)
-                .fetch_optional(&self.pool)
-                .await?;
-            if let Some(row) = next {
-                return Ok(Reservation::Busy {
-                    next_us: row.get(0),
-                });
+            match self.rate_reserved_until(account).await? {
+                Some(next) if next > now_us + horizon_us => {
+                    return Ok(Reservation::Busy { next_us: next });
+                }
+                Some(next) => next_us = next,
+                None => {
+                    sqlx::query(
+                        "INSERT INTO rate_limits (account_id, next_at) VALUES ($1, 0) \
+                         ON CONFLICT (account_id) DO NOTHING",
+                    )
+                    .bind(account)
+                    .execute(&self.pool)
+                    .await?;
+                }
             }
-            sqlx::query(
-                "INSERT INTO rate_limits (account_id, next_at) VALUES ($1, 0) \
-                 ON CONFLICT (account_id) DO NOTHING",
-            )
-            .bind(account)
-            .execute(&self.pool)
-            .await?;
         }
-        Err(StoreError::Corrupt(format!(
-            "the rate limit row of account {account} vanished"
-        )))
+        Ok(Reservation::Busy { next_us })
     }
 }

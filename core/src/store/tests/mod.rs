@@ -81,8 +81,17 @@ on_both!(
     schedule_lease_release_and_cancel,
     recall_finds_sent_messages_and_marks_them_once,
     rate_reservations_tile_the_timeline,
+    campaign_upload_and_reads,
+    campaign_runs_checkpoints_and_cancel,
+    campaign_resumes_after_a_lost_lease,
+    concurrent_campaign_claims_admit_one,
 );
 
+mod campaigns;
+use campaigns::{
+    campaign_resumes_after_a_lost_lease, campaign_runs_checkpoints_and_cancel,
+    campaign_upload_and_reads, concurrent_campaign_claims_admit_one,
+};
 mod policy;
 use policy::{
     claims_pass_limits_once, concurrent_claims_respect_a_cap, policy_documents_and_lists,
