@@ -92,6 +92,12 @@ pub struct HttpConfig {
     /// When set, vendors' receipt pushes (`POST /v1/receipts/{vendor}`) must carry it as
     /// `?token=`; configure the callback URL at the vendor with it.
     pub receipt_token: Option<Secret>,
+    /// The address receivers reach herald's public pages at (`https://push.example.com`);
+    /// with `unsubscribe_secret`, messages get one-click unsubscribe links under it.
+    pub public_url: Option<String>,
+    /// Signs unsubscribe links (`/u/{token}`): with `public_url` set, templates may use
+    /// `{$unsubscribe_url}` and marketing email carries `List-Unsubscribe` (RFC 8058).
+    pub unsubscribe_secret: Option<Secret>,
 }
 
 impl Default for HttpConfig {
@@ -105,6 +111,8 @@ impl Default for HttpConfig {
             max_batch_receivers: 10_000,
             cache_ttl: Duration::from_secs(5),
             receipt_token: None,
+            public_url: None,
+            unsubscribe_secret: None,
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod producer;
 mod read;
 mod recall;
 mod send;
+mod unsubscribe;
 mod vendors;
 
 pub use campaign::run_campaigns;
@@ -135,6 +136,10 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route(
+            "/u/{token}",
+            get(unsubscribe::confirm_page).post(unsubscribe::unsubscribe),
+        )
         .route("/v1/send", post(send::send))
         .route("/v1/send/batch", post(send::send_batch))
         .route("/v1/messages/{id}", get(read::trace).delete(policy::cancel))

@@ -4,6 +4,7 @@
 
 use crate::auth::AuthApp;
 use crate::body::JsonBody;
+use crate::unsubscribe;
 use crate::{ApiError, ApiState, Detail};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -16,10 +17,11 @@ use herald_core::policy::quiet_hours::parse_timezone;
 use herald_core::store::{Claim, Template};
 use herald_core::template::{RenderError, render};
 use herald_core::wire::REQUESTS_TOPIC;
-use herald_core::{MessageId, MessageRecord};
+use herald_core::{Channel, MessageId, MessageRecord, MsgType};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 
 /// Body of `POST /v1/send`.
 #[derive(Debug, Deserialize)]
@@ -357,6 +359,13 @@ pub(crate) fn build_records(
         });
     }
     let mut records = Vec::with_capacity(total.min(max_total));
+    // Unsubscribe links, when configured: in `{$unsubscribe_url}` (unless the request gives
+    // the variable) and on marketing email as `list_unsubscribe` (the email headers).
+    let links = config.public_url.is_some() && config.unsubscribe_secret.is_some();
+    let uses_link = links
+        && herald_core::template::placeholders(&template.content).contains(unsubscribe::VARIABLE);
+    let email_marketing =
+        links && template.channel == Channel::Email && template.msg_type == MsgType::Marketing;
     for g in groups {
         if g.receivers.is_empty() {
             details.push(Detail {
@@ -383,7 +392,18 @@ pub(crate) fn build_records(
                 message: format!("biz_id is longer than {MAX_BIZ_ID} bytes"),
             });
         }
-        let content = match render(&template.content, g.variables) {
+        let per_receiver = uses_link && !g.variables.contains_key(unsubscribe::VARIABLE);
+        let with_link = |url: &str| {
+            let mut vars = g.variables.clone();
+            vars.insert(unsubscribe::VARIABLE.into(), Value::String(url.into()));
+            vars
+        };
+        let group_vars = if per_receiver {
+            Cow::Owned(with_link("https://"))
+        } else {
+            Cow::Borrowed(g.variables)
+        };
+        let content = match render(&template.content, &group_vars) {
             Ok(c) => Some(c),
             Err(RenderError::MissingVariables(names)) => {
                 for name in names {
@@ -410,6 +430,33 @@ pub(crate) fn build_records(
                     if let Some(content) = &content
                         && details.is_empty()
                     {
+                        let url = (per_receiver || email_marketing)
+                            .then(|| unsubscribe::link(config, app.id, template.channel, &receiver))
+                            .flatten();
+                        let content = match &url {
+                            Some(url) if per_receiver => {
+                                match render(&template.content, &with_link(url)) {
+                                    Ok(c) => c,
+                                    Err(e) => {
+                                        details.push(Detail {
+                                            path: format!("{}variables", g.path),
+                                            code: "content_too_large",
+                                            message: e.to_string(),
+                                        });
+                                        continue;
+                                    }
+                                }
+                            }
+                            _ => content.clone(),
+                        };
+                        let content = match (&url, content) {
+                            (Some(url), Value::Object(mut fields)) if email_marketing => {
+                                fields
+                                    .insert("list_unsubscribe".into(), Value::String(url.clone()));
+                                Value::Object(fields)
+                            }
+                            (_, content) => content,
+                        };
                         records.push(MessageRecord {
                             v: 1,
                             message_id: id_of(records.len()),
@@ -421,7 +468,7 @@ pub(crate) fn build_records(
                             msg_type: template.msg_type,
                             account_id: template.account_id,
                             receiver,
-                            content: content.clone(),
+                            content,
                             accepted_at: now,
                             send_at: timing.send_at.filter(|at| *at > now),
                             timezone: timing.timezone.clone(),

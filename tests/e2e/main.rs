@@ -16,4 +16,5 @@ mod routing;
 mod s3;
 mod sms;
 mod support;
+mod unsubscribe;
 mod wechat;

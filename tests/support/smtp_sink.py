@@ -108,6 +108,8 @@ def decode(raw):
         "from": str(msg["from"]) if msg["from"] is not None else None,
         "to": str(msg["to"]) if msg["to"] is not None else None,
         "content_type": msg.get_content_type(),
+        "list_unsubscribe": str(msg["list-unsubscribe"]) if msg["list-unsubscribe"] is not None else None,
+        "list_unsubscribe_post": str(msg["list-unsubscribe-post"]) if msg["list-unsubscribe-post"] is not None else None,
         "parts": parts,
     }
 

@@ -53,7 +53,9 @@ use super::fetch::{self, UrlPolicy};
 use super::{SendError, SendOutcome, Sender};
 use async_trait::async_trait;
 use herald_core::MessageRecord;
-use lettre::message::header::{ContentTransferEncoding, ContentType};
+use lettre::message::header::{
+    ContentTransferEncoding, ContentType, Header, HeaderName, HeaderValue,
+};
 use lettre::message::{Attachment, Body, Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::{AsyncSmtpTransport, PoolConfig};
@@ -223,6 +225,43 @@ struct EmailContent {
     html: Option<String>,
     #[serde(default)]
     text: Option<String>,
+    /// The receiver's one-click unsubscribe URL, which ingest adds to marketing email when
+    /// unsubscribe links are configured: sent as `List-Unsubscribe` with
+    /// `List-Unsubscribe-Post` (RFC 8058).
+    #[serde(default)]
+    list_unsubscribe: Option<String>,
+}
+
+/// The `List-Unsubscribe` header (RFC 2369): `<url>`.
+#[derive(Clone)]
+struct ListUnsubscribe(String);
+
+impl Header for ListUnsubscribe {
+    fn name() -> HeaderName {
+        HeaderName::new_from_ascii_str("List-Unsubscribe")
+    }
+    fn parse(s: &str) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(ListUnsubscribe(s.to_string()))
+    }
+    fn display(&self) -> HeaderValue {
+        HeaderValue::new(Self::name(), format!("<{}>", self.0))
+    }
+}
+
+/// The `List-Unsubscribe-Post: List-Unsubscribe=One-Click` header (RFC 8058).
+#[derive(Clone)]
+struct ListUnsubscribePost;
+
+impl Header for ListUnsubscribePost {
+    fn name() -> HeaderName {
+        HeaderName::new_from_ascii_str("List-Unsubscribe-Post")
+    }
+    fn parse(_: &str) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(ListUnsubscribePost)
+    }
+    fn display(&self) -> HeaderValue {
+        HeaderValue::new(Self::name(), "List-Unsubscribe=One-Click".into())
+    }
 }
 
 /// Most attachments on one email.
@@ -341,6 +380,7 @@ struct Draft {
     subject: String,
     main: MainPart,
     attachments: Vec<PlannedAttachment>,
+    list_unsubscribe: Option<String>,
 }
 
 /// Checks `record`'s content and receiver, without any network access.
@@ -398,11 +438,19 @@ fn draft(record: &MessageRecord) -> Result<Draft, SendError> {
             ));
         }
     };
+    if let Some(url) = &content.list_unsubscribe
+        && !(url.starts_with("https://") || url.starts_with("http://"))
+    {
+        return Err(bad_content(
+            "email content: `list_unsubscribe` is not an http(s) URL",
+        ));
+    }
     Ok(Draft {
         to,
         subject: content.subject,
         main,
         attachments,
+        list_unsubscribe: content.list_unsubscribe,
     })
 }
 
@@ -463,11 +511,16 @@ fn build_message(
     from: Mailbox,
     message_id: String,
 ) -> Result<Message, SendError> {
-    let builder = Message::builder()
+    let mut builder = Message::builder()
         .from(from)
         .to(Mailbox::new(None, draft.to))
         .subject(draft.subject)
         .message_id(Some(message_id));
+    if let Some(url) = draft.list_unsubscribe {
+        builder = builder
+            .header(ListUnsubscribe(url))
+            .header(ListUnsubscribePost);
+    }
     let built = if attachments.is_empty() {
         match draft.main {
             MainPart::Alternative(alternative) => builder.multipart(alternative),
@@ -1119,6 +1172,46 @@ mod tests {
             .unwrap_err();
         assert!(!err.is_retryable());
         assert_eq!(err.code(), "bad_account", "{err:?}");
+    }
+
+    #[test]
+    fn a_one_click_unsubscribe_url_becomes_the_rfc_8058_headers() {
+        let url = "https://push.example.com/u/7.email.YQ.c2ln";
+        let d = draft(&record(
+            "ann@example.com",
+            json!({"subject": "Sale", "text": "50% off", "list_unsubscribe": url}),
+        ))
+        .unwrap();
+        let from: Mailbox = "Shop <shop@example.com>".parse().unwrap();
+        let message = build_message(d, Vec::new(), from, "<m@herald>".into()).unwrap();
+        let text = String::from_utf8(message.formatted()).unwrap();
+        assert!(
+            text.contains(&format!("List-Unsubscribe: <{url}>\r\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains("List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"),
+            "{text}"
+        );
+        // Without one, no header; a URL that is not http(s) is refused.
+        let d = draft(&record(
+            "ann@example.com",
+            json!({"subject": "Hi", "text": "x"}),
+        ))
+        .unwrap();
+        let from: Mailbox = "shop@example.com".parse().unwrap();
+        let text = String::from_utf8(
+            build_message(d, Vec::new(), from, "<m@herald>".into())
+                .unwrap()
+                .formatted(),
+        )
+        .unwrap();
+        assert!(!text.contains("List-Unsubscribe"), "{text}");
+        let bad = draft(&record(
+            "ann@example.com",
+            json!({"subject": "Hi", "text": "x", "list_unsubscribe": "javascript:alert(1)"}),
+        ));
+        assert!(bad.is_err());
     }
 
     #[test]
