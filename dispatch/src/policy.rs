@@ -206,6 +206,24 @@ impl Policies {
         })
     }
 
+    /// The receiver timelines a message must take a slot on: each limit's key (a digest of app,
+    /// limit, channel and receiver), pace and burst allowance (µs).
+    pub async fn receiver_limits(
+        &self,
+        r: &MessageRecord,
+    ) -> Result<Vec<(i64, i64, i64)>, StoreError> {
+        let app = self.app(&r.app).await?;
+        Ok(app
+            .policy
+            .receiver_limits_for(r.channel, r.msg_type)
+            .map(|(i, l)| {
+                let key = digest(&[&r.app, &i.to_string(), r.channel.as_str(), &r.receiver]);
+                let (interval, burst) = l.pace();
+                (key, interval, burst)
+            })
+            .collect())
+    }
+
     /// The rate limit (per second) the app set on `account`.
     pub async fn rate_limit(&self, app: &str, account: i64) -> Result<Option<u32>, StoreError> {
         Ok(self.app(app).await?.policy.rate_limit(account))

@@ -80,6 +80,10 @@ impl Scheduler {
                 if let Err(e) = self.store.prune_limits().await {
                     tracing::warn!(error = %e, "could not prune dedup counters");
                 }
+                let now_us = chrono::Utc::now().timestamp_micros();
+                if let Err(e) = self.store.prune_receiver_rates(now_us).await {
+                    tracing::warn!(error = %e, "could not prune receiver rate limits");
+                }
             }
         }
     }

@@ -35,8 +35,8 @@ use herald_core::bus::{Bus, BusError, Delivered, Record, next_positions};
 use herald_core::config::DispatchConfig;
 use herald_core::policy::rate_limits::most_urgent;
 use herald_core::store::{
-    Account, ClaimOutcome, LedgerState, MessageClaim, ScheduleKind, ScheduledMessage, SentInbox,
-    Store, StoreError,
+    Account, ClaimOutcome, LedgerState, MessageClaim, Reservation, ScheduleKind, ScheduledMessage,
+    SentInbox, Store, StoreError,
 };
 use herald_core::telemetry::{AccountLabel, ChannelLabel, ErrorCode, Metrics};
 use herald_core::wire::{DELIVERY_TOPIC, REQUESTS_DLQ_TOPIC, REQUESTS_TOPIC};
@@ -405,6 +405,7 @@ impl Dispatcher {
                 w.plan = self.policies.accounts_for(&w.record).await?;
             }
         }
+        self.pace_receivers(&mut work).await?;
 
         self.send_all(&mut work).await;
         // The final write below must not be overtaken by a queued earlier state.
@@ -585,6 +586,45 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// Takes each message's slot on its receiver's timelines (the app's `receiver_rate_limits`).
+    /// A message whose receiver has no free slot makes no call: it waits in the schedule until
+    /// the next slot (`rate_limited`), or fails if that is past its age limit.
+    async fn pace_receivers(&self, work: &mut [Work]) -> Result<(), DispatchError> {
+        let now = chrono::Utc::now();
+        for w in work.iter_mut().filter(|w| w.to_send()) {
+            for (key, interval, burst) in self.policies.receiver_limits(&w.record).await? {
+                let reserved = self
+                    .store
+                    .reserve_receiver_slot(key, interval, now.timestamp_micros(), burst)
+                    .await?;
+                let Reservation::Busy { next_us } = reserved else {
+                    continue;
+                };
+                let until = chrono::DateTime::from_timestamp_micros(next_us).unwrap_or(now);
+                let deferred_until =
+                    Some(until).filter(|u| young_enough(&self.config, &w.record, u));
+                w.tries.push(Try {
+                    attempt: w.attempt,
+                    sending_at: now,
+                    done_at: now,
+                    latency_ms: 0,
+                    result: Err(SendError::Retryable {
+                        code: "receiver_rate_limited".into(),
+                        detail: "the receiver's rate limit has no free slot".into(),
+                        retry_after: None,
+                    }),
+                    retried: deferred_until.is_some(),
+                    deferred_until,
+                    account_id: None,
+                    no_call: Some(NoCall::RateLimited { until }),
+                    rate_waited: None,
+                });
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Sends every message that needs it, one receiver's messages in order: the k-th message of
     /// each receiver goes in round k. Within a round, messages for one account are handed to
     /// their channel's batch API together, and different accounts' groups run concurrently.
@@ -594,7 +634,7 @@ impl Dispatcher {
         // so its events order one receiver's messages as the bus did.
         let mut inbox_seen: HashMap<String, i64> = HashMap::new();
         for w in work.iter_mut() {
-            if w.to_send() && w.record.channel == Channel::Inbox {
+            if w.to_send() && w.record.channel == Channel::Inbox && w.tries.is_empty() {
                 let k = inbox_seen.entry(w.record.receiver.clone()).or_default();
                 let at = now + chrono::Duration::microseconds(*k);
                 *k += 1;
@@ -755,13 +795,7 @@ impl Dispatcher {
                         ..
                     } = items[k];
                     let attempt = first_attempt + retry;
-                    let young_enough = |until: &chrono::DateTime<chrono::Utc>| {
-                        let born = record
-                            .send_at
-                            .map_or(record.accepted_at, |s| s.max(record.accepted_at));
-                        let max_age = self.config.max_age.of(record.msg_type);
-                        (*until - born).to_std().unwrap_or_default() <= max_age
-                    };
+                    let young_enough = |until: &_| young_enough(&self.config, record, until);
                     let wanted = match &result {
                         // Held by a rate limit: to the schedule, however long.
                         _ if matches!(answer.no_call, Some(NoCall::RateLimited { .. })) => None,
@@ -1177,6 +1211,19 @@ fn state_code(state: LedgerState) -> &'static str {
         LedgerState::Cancelled => "cancelled",
         _ => "policy",
     }
+}
+
+/// Whether `record` is still within its type's age limit at `until` (counted from its
+/// acceptance, or from a later `send_at`).
+fn young_enough(
+    config: &DispatchConfig,
+    record: &MessageRecord,
+    until: &chrono::DateTime<chrono::Utc>,
+) -> bool {
+    let born = record
+        .send_at
+        .map_or(record.accepted_at, |s| s.max(record.accepted_at));
+    (*until - born).to_std().unwrap_or_default() <= config.max_age.of(record.msg_type)
 }
 
 /// The longest backoff between two tries.

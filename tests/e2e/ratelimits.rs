@@ -155,3 +155,78 @@ async fn an_auth_code_overtakes_a_marketing_blast_on_a_shared_limit() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_receiver_limit_spaces_one_receivers_messages_and_drops_none() {
+    let app = TestApp::spawn().await;
+    let inbox = app.inbox_template().await;
+    // Two per two seconds: a burst of two, then one a second.
+    let (s, p) = app
+        .call(
+            Method::PUT,
+            "/v1/policy",
+            Some(
+                json!({"receiver_rate_limits": [{"channel": "inbox", "max": 2, "period_secs": 2}]}),
+            ),
+        )
+        .await;
+    assert_eq!(s, 200, "{p}");
+    let mut ids = Vec::new();
+    for k in 0..5 {
+        let (s, a) = app
+            .post(
+                "/v1/send",
+                json!({"template_id": inbox, "receivers": ["u1"], "variables": {"name": format!("m{k}")}}),
+            )
+            .await;
+        assert_eq!(s, 202, "{a}");
+        ids.extend(message_ids(&a));
+    }
+    let (_, a) = app
+        .post(
+            "/v1/send",
+            json!({"template_id": inbox, "receivers": ["u2"], "variables": {"name": "x"}}),
+        )
+        .await;
+    let other = message_ids(&a);
+    let sent_at = |trace: &Value| {
+        let e = trace["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["state"] == "sent")
+            .unwrap();
+        chrono::DateTime::parse_from_rfc3339(e["ts"].as_str().unwrap()).unwrap()
+    };
+    let mut times = Vec::new();
+    for id in &ids {
+        let trace = app.wait_for_state(id, "sent").await;
+        times.push(sent_at(&trace));
+    }
+    let first = app.wait_for_state(&ids[0], "sent").await;
+    assert!(!states(&first).contains(&"rate_limited".to_string()));
+    let last = app.wait_for_state(&ids[4], "sent").await;
+    assert!(
+        states(&last).contains(&"rate_limited".to_string()),
+        "{last}"
+    );
+    // In order, and the fifth at least ~3 s after the first (burst of two, then 1/s).
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+    let spread = times[4] - times[0];
+    assert!(
+        spread >= chrono::Duration::milliseconds(2_900),
+        "five messages within {spread}"
+    );
+    // Another receiver is not held.
+    let t = app.wait_for_state(&other[0], "sent").await;
+    assert!(!states(&t).contains(&"rate_limited".to_string()), "{t}");
+    let (s, e) = app
+        .call(
+            Method::PUT,
+            "/v1/policy",
+            Some(json!({"receiver_rate_limits": [{"max": 0, "period_secs": 2}]})),
+        )
+        .await;
+    assert_eq!(s, 422, "{e}");
+    app.stop().await;
+}

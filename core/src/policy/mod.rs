@@ -22,7 +22,7 @@ pub mod sensitive;
 use crate::domain::{Channel, MsgType};
 use chrono_tz::Tz;
 use quiet_hours::QuietWindow;
-use rate_limits::RateLimit;
+use rate_limits::{RateLimit, ReceiverRateLimit};
 use routes::Route;
 use sensitive::Dictionary;
 use serde::{Deserialize, Serialize};
@@ -60,6 +60,9 @@ pub struct AppPolicy {
     /// The most messages a second each listed account sends, from all workers together.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rate_limits: Vec<RateLimit>,
+    /// The most messages per period each receiver gets; more wait, they are not dropped.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub receiver_rate_limits: Vec<ReceiverRateLimit>,
 }
 
 /// A daily quiet-hours window and what it does to each message type.
@@ -154,6 +157,7 @@ pub struct Policy {
     pub templates: BTreeMap<i64, TemplatePolicy>,
     pub routes: Vec<Route>,
     pub rate_limits: Vec<RateLimit>,
+    pub receiver_rate_limits: Vec<ReceiverRateLimit>,
 }
 
 impl Default for Policy {
@@ -230,6 +234,7 @@ impl AppPolicy {
         }
         routes::check(&self.routes)?;
         rate_limits::check(&self.rate_limits)?;
+        rate_limits::check_receivers(&self.receiver_rate_limits)?;
         Ok(Policy {
             timezone,
             quiet_hours,
@@ -239,6 +244,7 @@ impl AppPolicy {
             templates,
             routes: self.routes.clone(),
             rate_limits: self.rate_limits.clone(),
+            receiver_rate_limits: self.receiver_rate_limits.clone(),
         })
     }
 }
@@ -260,6 +266,21 @@ impl Policy {
             .iter()
             .find(|l| l.account_id == account)
             .map(|l| l.per_second)
+    }
+
+    /// The per-receiver limits that apply to a message of `channel` and `msg_type`, with their
+    /// index (which names the limit in its timeline's key).
+    pub fn receiver_limits_for(
+        &self,
+        channel: Channel,
+        msg_type: MsgType,
+    ) -> impl Iterator<Item = (usize, &ReceiverRateLimit)> {
+        self.receiver_rate_limits
+            .iter()
+            .enumerate()
+            .filter(move |(_, l)| {
+                l.channel.is_none_or(|c| c == channel) && l.msg_type.is_none_or(|m| m == msg_type)
+            })
     }
 
     /// The quiet-hours mode for `msg_type`, when the app has quiet hours.

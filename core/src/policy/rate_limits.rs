@@ -23,6 +23,52 @@ pub struct RateLimit {
     pub per_second: u32,
 }
 
+/// At most `max` messages per `period_secs` to one receiver (on one channel and/or of one
+/// message type, or all), from every worker together; messages over it wait (`rate_limited`)
+/// instead of being dropped. Paced evenly: one every `period_secs / max`, after a burst of
+/// `max`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiverRateLimit {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<crate::domain::Channel>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msg_type: Option<MsgType>,
+    pub max: u32,
+    pub period_secs: u64,
+}
+
+impl ReceiverRateLimit {
+    /// The pace (one message per this many µs) and the burst allowance (µs).
+    pub fn pace(&self) -> (i64, i64) {
+        let period_us = self.period_secs as i64 * 1_000_000;
+        let interval = (period_us / i64::from(self.max.max(1))).max(1);
+        (interval, period_us - interval)
+    }
+}
+
+/// Checks the per-receiver limits of a document; the error names the bad field.
+pub fn check_receivers(limits: &[ReceiverRateLimit]) -> Result<(), String> {
+    if limits.len() > 20 {
+        return Err("receiver_rate_limits: at most 20 limits".into());
+    }
+    for (i, l) in limits.iter().enumerate() {
+        if !(1..=10_000).contains(&l.max) {
+            return Err(format!(
+                "receiver_rate_limits[{i}].max: {} is not between 1 and 10000",
+                l.max
+            ));
+        }
+        if !(1..=86_400).contains(&l.period_secs) {
+            return Err(format!(
+                "receiver_rate_limits[{i}].period_secs: {} is not between 1 and 86400",
+                l.period_secs
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Checks the rate limits of a document; the error names the bad field.
 pub fn check(limits: &[RateLimit]) -> Result<(), String> {
     if limits.len() > MAX_LIMITS {
