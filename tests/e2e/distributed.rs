@@ -745,3 +745,107 @@ async fn two_dispatch_processes_hold_a_frequency_cap_in_total() {
         assert_eq!(got, (0..CAP).collect::<Vec<_>>(), "{receiver}");
     }
 }
+
+/// The `sent` count of a process's `herald_messages_total{channel="webhook"}`.
+async fn webhook_sent(role: &Role) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", role.base()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with("herald_messages_total{channel=\"webhook\",state=\"sent\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_dispatch_processes_share_an_account_rate_limit() {
+    const LIMIT: usize = 40;
+    const MESSAGES: usize = 240;
+    let (url, calls) =
+        crate::support::webhook_receiver(|_| (axum::http::StatusCode::OK, "0")).await;
+    let broker = Broker::on_disk();
+    let d = Deployment::new(&broker, "").await;
+    let key = d.create_app("e2e");
+    let ingest = d.spawn("ingest");
+    let a = d.spawn("dispatch");
+    let b = d.spawn("dispatch");
+    let http = reqwest::Client::new();
+    let (s, account) = post(
+        &http,
+        format!("{}/v1/accounts", ingest.base()),
+        &key,
+        json!({"name": "hook", "channel": "webhook", "config": {"url": url, "secret": "s"}}),
+    )
+    .await;
+    assert_eq!(s, 201, "{account}");
+    let (s, template) = post(
+        &http,
+        format!("{}/v1/templates", ingest.base()),
+        &key,
+        json!({"name": "hook", "channel": "webhook", "msg_type": "notice",
+               "account_id": account["id"], "content": {"n": "1"}}),
+    )
+    .await;
+    assert_eq!(s, 201, "{template}");
+    let resp = http
+        .put(format!("{}/v1/policy", ingest.base()))
+        .bearer_auth(&key)
+        .json(&json!({"rate_limits": [{"account_id": account["id"], "per_second": LIMIT}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let receivers: Vec<String> = (0..MESSAGES).map(|i| format!("r{i}")).collect();
+    let (s, sent) = post(
+        &http,
+        format!("{}/v1/send", ingest.base()),
+        &key,
+        json!({"template_id": template["id"], "receivers": receivers}),
+    )
+    .await;
+    assert_eq!(s, 202, "{sent}");
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while calls.lock().unwrap().len() < MESSAGES {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {MESSAGES} arrived",
+            calls.lock().unwrap().len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let calls = calls.lock().unwrap().clone();
+    let ids: HashSet<&String> = calls.iter().map(|(id, _)| id).collect();
+    assert_eq!(
+        (calls.len(), ids.len()),
+        (MESSAGES, MESSAGES),
+        "each exactly once"
+    );
+    // Both processes sent, and together they kept the limit: at most 40 in any second, plus the
+    // 250 ms burst allowance (10) and slack for timers (4).
+    let (sent_a, sent_b) = (webhook_sent(&a).await, webhook_sent(&b).await);
+    assert_eq!(sent_a + sent_b, MESSAGES as f64);
+    assert!(sent_a > 0.0 && sent_b > 0.0, "{sent_a} + {sent_b}");
+    let times: Vec<Instant> = calls.iter().map(|(_, t)| *t).collect();
+    let busiest = times
+        .iter()
+        .map(|t| {
+            times
+                .iter()
+                .filter(|u| **u >= *t && **u - *t < Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap();
+    assert!(busiest <= LIMIT + 14, "{busiest} calls within one second");
+    let span = *times.iter().max().unwrap() - *times.iter().min().unwrap();
+    assert!(
+        span >= Duration::from_millis(4_500),
+        "{MESSAGES} calls in {span:?}"
+    );
+}
