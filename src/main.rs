@@ -1,6 +1,7 @@
 //! The `herald` command: loads config, starts telemetry, and runs what the subcommand asks.
 
 mod campaign;
+mod reconcile;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -79,6 +80,8 @@ enum Command {
     },
     /// Runs the benchmark harness and prints figures beside their baselines.
     Bench(herald::bench::BenchArgs),
+    /// Imports a vendor's bill and reconciles it with the delivery events; prints the summary.
+    Reconcile(reconcile::ReconcileArgs),
     /// Scheduled campaigns: a template sent to every row of a CSV file.
     Campaign {
         #[command(subcommand)]
@@ -175,6 +178,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Bench(args) => herald::bench::run(args).await,
         Command::Campaign { command } => campaign::run(command).await,
+        Command::Reconcile(args) => reconcile::run(&config, args).await,
     }
 }
 

@@ -5,6 +5,7 @@
 mod error;
 mod index;
 mod manifest;
+pub mod reconcile;
 mod schema;
 mod sink;
 pub mod sql;

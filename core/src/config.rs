@@ -32,6 +32,7 @@ pub struct Config {
     pub producers: ProducersConfig,
     pub dispatch: DispatchConfig,
     pub analytics: AnalyticsConfig,
+    pub reconcile: ReconcileConfig,
 }
 
 impl Default for Config {
@@ -48,6 +49,7 @@ impl Default for Config {
             producers: ProducersConfig::default(),
             dispatch: DispatchConfig::default(),
             analytics: AnalyticsConfig::default(),
+            reconcile: ReconcileConfig::default(),
         }
     }
 }
@@ -280,6 +282,83 @@ impl Default for AnalyticsConfig {
         AnalyticsConfig {
             flush_rows: 20_000,
             flush_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Vendor billing reconciliation (`herald reconcile`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReconcileConfig {
+    /// The UTC offset of the vendors' bills (`+08:00` for mainland China vendors): bill times
+    /// without a zone are read in it, and report days and periods are its calendar days.
+    pub utc_offset: String,
+    /// How far apart herald's send and a bill row without a vendor message id may be in time
+    /// and still be matched by receiver.
+    #[serde(deserialize_with = "duration")]
+    pub match_window: Duration,
+    /// What herald expects to pay per billing unit; for each message the most specific rule
+    /// of its vendor applies (account, then country prefix (the longest), then message type).
+    pub prices: Vec<PriceRule>,
+    /// The header names of the `generic` bill format.
+    pub generic_columns: GenericBillColumns,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        ReconcileConfig {
+            utc_offset: "+08:00".into(),
+            match_window: Duration::from_secs(600),
+            prices: Vec::new(),
+            generic_columns: GenericBillColumns::default(),
+        }
+    }
+}
+
+/// One price: `unit_price_micros` (millionths of `currency`) per billing unit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceRule {
+    /// The vendor as on `sent` events (`tencent`, `aliyun`, ...).
+    pub vendor: String,
+    /// Only messages sent through this account.
+    pub account_id: Option<i64>,
+    /// Only receivers starting with this (`+86`, `+852`).
+    pub country_prefix: Option<String>,
+    /// Only this message type (`notice`, `marketing`, `auth_code`).
+    pub msg_type: Option<String>,
+    pub unit_price_micros: i64,
+    /// ISO 4217 code, e.g. `CNY`; one currency per vendor.
+    pub currency: String,
+}
+
+/// Header names of a generic bill CSV (one row per message and receiver).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenericBillColumns {
+    /// The vendor's message id (optional column: rows without one match by receiver and time).
+    pub message_id: String,
+    /// The receiver's phone number (required column).
+    pub receiver: String,
+    /// When the vendor sent it (required column).
+    pub time: String,
+    /// Billing units charged (required column).
+    pub units: String,
+    /// The amount charged in the vendor's currency, e.g. `0.045` (optional column).
+    pub amount: String,
+    /// The vendor's delivery status (optional column).
+    pub status: String,
+}
+
+impl Default for GenericBillColumns {
+    fn default() -> Self {
+        GenericBillColumns {
+            message_id: "message_id".into(),
+            receiver: "receiver".into(),
+            time: "time".into(),
+            units: "units".into(),
+            amount: "amount".into(),
+            status: "status".into(),
         }
     }
 }
