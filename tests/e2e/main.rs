@@ -8,6 +8,7 @@ mod channels;
 mod crash;
 mod distributed;
 mod media;
+mod monitoring;
 mod policies;
 mod ratelimits;
 mod recall;
