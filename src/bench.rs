@@ -383,6 +383,32 @@ impl Herald {
         Ok(serde_json::from_str(&text)?)
     }
 
+    /// A webhook account posting to the local vendor at `vendor` and a notice template with
+    /// `content` on it; returns both as the API answered them.
+    async fn webhook_template(
+        &self,
+        vendor: SocketAddr,
+        content: serde_json::Value,
+    ) -> anyhow::Result<(serde_json::Value, serde_json::Value)> {
+        let account = self
+            .post(
+                "/v1/accounts",
+                serde_json::json!({"name": "hook", "channel": "webhook",
+                    "config": {"url": format!("http://{vendor}/hook"), "secret": "bench-secret"}}),
+                201,
+            )
+            .await?;
+        let template = self
+            .post(
+                "/v1/templates",
+                serde_json::json!({"name": "hook", "channel": "webhook", "msg_type": "notice",
+                    "account_id": account["id"], "content": content}),
+                201,
+            )
+            .await?;
+        Ok((account, template))
+    }
+
     fn send_body(&self, receivers: usize) -> Vec<u8> {
         let receivers: Vec<String> = (0..receivers).map(|i| format!("user-{i}")).collect();
         serde_json::json!({"template_id": self.template_id, "receivers": receivers,

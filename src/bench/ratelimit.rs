@@ -53,21 +53,8 @@ async fn measure(args: &super::BenchArgs, limit: Option<u32>) -> anyhow::Result<
     for _ in 0..2 {
         herald.spawn_role("dispatch", &pairs(&env))?;
     }
-    let account = herald
-        .post(
-            "/v1/accounts",
-            json!({"name": "hook", "channel": "webhook",
-                "config": {"url": format!("http://{}/hook", vendor.addr), "secret": "bench-secret"}}),
-            201,
-        )
-        .await?;
-    let template = herald
-        .post(
-            "/v1/templates",
-            json!({"name": "hook", "channel": "webhook", "msg_type": "notice", "account_id": account["id"],
-                "content": {"title": "Hello {$name}"}}),
-            201,
-        )
+    let (account, template) = herald
+        .webhook_template(vendor.addr, json!({"title": "Hello {$name}"}))
         .await?;
     if let Some(limit) = limit {
         let client = setup_client::Client::new(herald.server.addr);

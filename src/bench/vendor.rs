@@ -98,20 +98,10 @@ pub async fn figures(args: &super::BenchArgs) -> anyhow::Result<Vec<Row>> {
     ));
 
     let herald = Herald::start("ingest,dispatch").await?;
-    let account = herald
-        .post(
-            "/v1/accounts",
-            json!({"name": "hook", "channel": "webhook",
-                "config": {"url": format!("http://{}/hook", vendor.addr), "secret": "bench-secret"}}),
-            201,
-        )
-        .await?;
-    let template = herald
-        .post(
-            "/v1/templates",
-            json!({"name": "hook", "channel": "webhook", "msg_type": "notice", "account_id": account["id"],
-                "content": {"title": "Hello {$name}", "content": "Your code is {$code}"}}),
-            201,
+    let (_, template) = herald
+        .webhook_template(
+            vendor.addr,
+            json!({"title": "Hello {$name}", "content": "Your code is {$code}"}),
         )
         .await?;
     let rate = drive(

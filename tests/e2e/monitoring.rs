@@ -22,15 +22,7 @@ async fn every_metric_the_example_alerts_use_is_exported() {
     assert!(named.len() >= 6, "{named:?}");
 
     let app = TestApp::spawn().await;
-    let text = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics_text().await;
     // Families are declared by `# TYPE <name> <kind>` even before their first sample; a
     // counter's samples end in `_total`.
     let declared: HashSet<&str> = text

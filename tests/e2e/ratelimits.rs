@@ -10,21 +10,10 @@ use std::time::{Duration, Instant};
 /// A webhook account limited to `per_second`, and a template of `msg_type` on it for each type
 /// in `types`; returns the account id and the template ids.
 async fn limited(app: &TestApp, url: &str, per_second: u32, types: &[&str]) -> (i64, Vec<i64>) {
-    let (s, a) = app
-        .post(
-            "/v1/accounts",
-            json!({"name": "hook", "channel": "webhook", "config": {"url": url, "secret": "s"}}),
-        )
-        .await;
-    assert_eq!(s, 201, "{a}");
-    let account = a["id"].as_i64().unwrap();
+    let account = app.webhook_account("hook", url).await;
     let mut templates = Vec::new();
     for t in types {
-        let (s, tpl) = app
-            .post("/v1/templates", json!({"name": t, "channel": "webhook", "msg_type": t, "account_id": account, "content": {"n": "1"}}))
-            .await;
-        assert_eq!(s, 201, "{tpl}");
-        templates.push(tpl["id"].as_i64().unwrap());
+        templates.push(app.webhook_template(account, t).await);
     }
     let (s, p) = app
         .call(
@@ -35,18 +24,6 @@ async fn limited(app: &TestApp, url: &str, per_second: u32, types: &[&str]) -> (
         .await;
     assert_eq!(s, 200, "{p}");
     (account, templates)
-}
-
-async fn send(app: &TestApp, template: i64, prefix: &str, n: usize) -> Vec<String> {
-    let receivers: Vec<String> = (0..n).map(|k| format!("{prefix}-{k}")).collect();
-    let (s, a) = app
-        .post(
-            "/v1/send",
-            json!({"template_id": template, "receivers": receivers}),
-        )
-        .await;
-    assert_eq!(s, 202, "{a}");
-    message_ids(&a)
 }
 
 /// The most calls in any window of `width` starting at a call.
@@ -77,7 +54,7 @@ async fn a_rate_limit_paces_sends_and_holds_the_rest_in_the_schedule() {
     let (url, calls) = webhook_receiver(|_| (StatusCode::OK, "0")).await;
     let app = TestApp::spawn_with(|c| c.dispatch.rate_wait = Duration::from_millis(500)).await;
     let (account, templates) = limited(&app, &url, 20, &["notice"]).await;
-    let ids = send(&app, templates[0], "r", 60).await;
+    let ids = app.send_to_numbered(templates[0], "r", 60).await;
 
     // While they wait, the app sees them: held in the schedule, and the account booked ahead.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -132,10 +109,13 @@ async fn an_auth_code_overtakes_a_marketing_blast_on_a_shared_limit() {
     let (url, calls) = webhook_receiver(|_| (StatusCode::OK, "0")).await;
     let app = TestApp::spawn_with(|c| c.dispatch.rate_wait = Duration::from_millis(500)).await;
     let (_, templates) = limited(&app, &url, 10, &["marketing", "auth_code"]).await;
-    let blast = send(&app, templates[0], "m", 40).await;
+    let blast = app.send_to_numbered(templates[0], "m", 40).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let sent_at = Instant::now();
-    let code = send(&app, templates[1], "login", 1).await.remove(0);
+    let code = app
+        .send_to_numbered(templates[1], "login", 1)
+        .await
+        .remove(0);
     app.wait_for_state(&code, "sent").await;
     let took = sent_at.elapsed();
     // The blast needs 4 s at 10/s; the code goes within a few slots.

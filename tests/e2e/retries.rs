@@ -7,20 +7,10 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// A webhook template on an account for `url`; returns the template id.
+/// A webhook template of `msg_type` on a new account for `url`; returns the template id.
 async fn webhook_template(app: &TestApp, url: &str, msg_type: &str) -> Value {
-    let (s, account) = app
-        .post(
-            "/v1/accounts",
-            json!({"name": "hook", "channel": "webhook", "config": {"url": url, "secret": "s"}}),
-        )
-        .await;
-    assert_eq!(s, 201, "{account}");
-    let (s, t) = app
-        .post("/v1/templates", json!({"name": "hook", "channel": "webhook", "msg_type": msg_type, "account_id": account["id"], "content": {"n": "1"}}))
-        .await;
-    assert_eq!(s, 201, "{t}");
-    t["id"].clone()
+    let account = app.webhook_account("hook", url).await;
+    app.webhook_template(account, msg_type).await.into()
 }
 
 fn states(trace: &Value) -> Vec<(String, u64)> {

@@ -10,18 +10,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-/// A webhook account for `url`; returns its id.
-async fn account(app: &TestApp, name: &str, url: &str) -> i64 {
-    let (s, a) = app
-        .post(
-            "/v1/accounts",
-            json!({"name": name, "channel": "webhook", "config": {"url": url, "secret": "s"}}),
-        )
-        .await;
-    assert_eq!(s, 201, "{a}");
-    a["id"].as_i64().unwrap()
-}
-
 async fn put_policy(app: &TestApp, policy: Value) {
     let (s, p) = app.call(Method::PUT, "/v1/policy", Some(policy)).await;
     assert_eq!(s, 200, "{p}");
@@ -35,15 +23,7 @@ fn route(a: i64, wa: u32, b: i64, wb: u32) -> Value {
 /// Sends one message to each of `n` fresh receivers and waits until all are sent; returns
 /// their ids.
 async fn send_wave(app: &TestApp, template: i64, wave: &str, n: usize) -> Vec<String> {
-    let receivers: Vec<String> = (0..n).map(|k| format!("{wave}-{k}")).collect();
-    let (s, a) = app
-        .post(
-            "/v1/send",
-            json!({"template_id": template, "receivers": receivers}),
-        )
-        .await;
-    assert_eq!(s, 202, "{a}");
-    let ids = message_ids(&a);
+    let ids = app.send_to_numbered(template, wave, n).await;
     for id in &ids {
         app.wait_for_state(id, "sent").await;
     }
@@ -87,13 +67,9 @@ async fn weights_split_traffic_and_a_failing_vendor_is_failed_over_broken_and_pr
         c.dispatch.breaker.probes = 2;
     })
     .await;
-    let a = account(&app, "a", &url_a).await;
-    let b = account(&app, "b", &url_b).await;
-    let (s, t) = app
-        .post("/v1/templates", json!({"name": "hook", "channel": "webhook", "msg_type": "notice", "account_id": a, "content": {"n": "1"}}))
-        .await;
-    assert_eq!(s, 201, "{t}");
-    let template = t["id"].as_i64().unwrap();
+    let a = app.webhook_account("a", &url_a).await;
+    let b = app.webhook_account("b", &url_b).await;
+    let template = app.webhook_template(a, "notice").await;
     let mut all = Vec::new();
 
     // 1. Weights 3:1 split first tries about 3:1.
@@ -216,14 +192,12 @@ async fn with_every_account_open_messages_wait_and_are_sent_when_the_vendor_reco
         c.dispatch.max_retry_wait = Duration::from_millis(300);
     })
     .await;
-    let a = account(&app, "only", &url).await;
-    let (_, t) = app
-        .post("/v1/templates", json!({"name": "hook", "channel": "webhook", "msg_type": "notice", "account_id": a, "content": {"n": "1"}}))
-        .await;
+    let a = app.webhook_account("only", &url).await;
+    let template = app.webhook_template(a, "notice").await;
     let (s, sent) = app
         .post(
             "/v1/send",
-            json!({"template_id": t["id"], "receivers": ["r1", "r2", "r3", "r4", "r5", "r6"]}),
+            json!({"template_id": template, "receivers": ["r1", "r2", "r3", "r4", "r5", "r6"]}),
         )
         .await;
     assert_eq!(s, 202, "{sent}");
@@ -261,7 +235,7 @@ async fn with_every_account_open_messages_wait_and_are_sent_when_the_vendor_reco
 async fn a_route_must_name_existing_accounts_of_its_channel() {
     let app = TestApp::spawn().await;
     let (url, _) = webhook_receiver(|_| (StatusCode::OK, "0")).await;
-    let hook = account(&app, "hook", &url).await;
+    let hook = app.webhook_account("hook", &url).await;
     for (policy, field) in [
         (
             route(hook, 1, hook + 100, 1),

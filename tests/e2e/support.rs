@@ -118,6 +118,45 @@ impl TestApp {
         t["id"].as_i64().unwrap()
     }
 
+    /// A webhook account named `name` posting to `url`; returns its id.
+    pub async fn webhook_account(&self, name: &str, url: &str) -> i64 {
+        let (s, a) = self
+            .post(
+                "/v1/accounts",
+                json!({"name": name, "channel": "webhook", "config": {"url": url, "secret": "s"}}),
+            )
+            .await;
+        assert_eq!(s, 201, "{a}");
+        a["id"].as_i64().unwrap()
+    }
+
+    /// A webhook template of `msg_type` (no variables) on `account`; returns its id.
+    pub async fn webhook_template(&self, account: i64, msg_type: &str) -> i64 {
+        let (s, t) = self
+            .post(
+                "/v1/templates",
+                json!({"name": msg_type, "channel": "webhook", "msg_type": msg_type,
+                "account_id": account, "content": {"n": "1"}}),
+            )
+            .await;
+        assert_eq!(s, 201, "{t}");
+        t["id"].as_i64().unwrap()
+    }
+
+    /// Sends `template` (no variables) to `{prefix}-0` … `{prefix}-{n-1}`; returns the message
+    /// ids.
+    pub async fn send_to_numbered(&self, template: i64, prefix: &str, n: usize) -> Vec<String> {
+        let receivers: Vec<String> = (0..n).map(|k| format!("{prefix}-{k}")).collect();
+        let (s, a) = self
+            .post(
+                "/v1/send",
+                json!({"template_id": template, "receivers": receivers}),
+            )
+            .await;
+        assert_eq!(s, 202, "{a}");
+        message_ids(&a)
+    }
+
     /// Waits until the trace of `id` reaches `state`; returns the trace.
     pub async fn wait_for_state(&self, id: &str, state: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -134,17 +173,21 @@ impl TestApp {
         }
     }
 
-    /// The counter `name` (with labels, as printed) from `/metrics`.
-    pub async fn metric(&self, name: &str) -> f64 {
-        let text = self
-            .http
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics_text(&self) -> String {
+        self.http
             .get(self.url("/metrics"))
             .send()
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// The counter `name` (with labels, as printed) from `/metrics`.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self.metrics_text().await;
         text.lines()
             .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
             .and_then(|l| l.rsplit(' ').next())

@@ -45,8 +45,18 @@ struct Slots {
 impl Store {
     /// How far `account`'s timeline is reserved (unix µs), once it was ever used.
     pub async fn rate_reserved_until(&self, account: i64) -> Result<Option<i64>, StoreError> {
-        let row = sqlx::query("SELECT next_at FROM rate_limits WHERE account_id = $1")
-            .bind(account)
+        self.reserved_until(Timeline::Account, account).await
+    }
+
+    /// How far the timeline `key` is reserved (unix µs), once it was ever used.
+    async fn reserved_until(
+        &self,
+        timeline: Timeline,
+        key: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let (table, column) = timeline.table();
+        let row = sqlx::query(&format!("SELECT next_at FROM {table} WHERE {column} = $1"))
+            .bind(key)
             .fetch_optional(&self.pool)
             .await?;
         Ok(row.map(|r| r.get(0)))
@@ -144,12 +154,7 @@ impl Store {
                     first_us: next - span,
                 });
             }
-            let reserved = sqlx::query(&format!("SELECT next_at FROM {table} WHERE {column} = $1"))
-                .bind(key)
-                .fetch_optional(&self.pool)
-                .await?
-                .map(|r| r.get::<i64, _>(0));
-            match reserved {
+            match self.reserved_until(timeline, key).await? {
                 Some(next) if next > now_us + horizon_us => {
                     return Ok(Reservation::Busy { next_us: next });
                 }
