@@ -4,7 +4,8 @@
 #   profile this project builds, shared with the benchmarks), against real peers: an SMTP server
 #   (aiosmtpd), HTTP receivers, pyarrow as an independent Parquet reader, a Kafka-protocol broker
 #   (tansu, installed and cached under ~/.cache/herald the first time: ~12 minutes), a Kafka
-#   client that is not herald (confluent-kafka), an S3 server (moto) and the machine's PostgreSQL.
+#   client that is not herald (confluent-kafka), an S3 server (moto), a schema-driven API fuzzer
+#   (schemathesis) and the machine's PostgreSQL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,9 +13,10 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/herald/target}"
 export CARGO_TERM_COLOR=never
 
-if ! python3 -c "import aiosmtpd, pyarrow, confluent_kafka, moto.server" 2>/dev/null; then
-  echo "installing the Python test peers (aiosmtpd, pyarrow, confluent-kafka, moto)"
-  python3 -m pip install --quiet --disable-pip-version-check aiosmtpd pyarrow confluent-kafka 'moto[server]'
+if ! python3 -c "import aiosmtpd, pyarrow, confluent_kafka, moto.server, schemathesis" 2>/dev/null; then
+  echo "installing the Python test peers (aiosmtpd, pyarrow, confluent-kafka, moto, schemathesis)"
+  python3 -m pip install --quiet --disable-pip-version-check aiosmtpd pyarrow confluent-kafka \
+    'moto[server]' schemathesis
 fi
 
 # PostgreSQL: the machine's server. Each test creates its own database; drop the last run's.

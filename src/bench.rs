@@ -319,6 +319,8 @@ impl Herald {
             .arg(&dir)
             .args(["serve", "--listen", &addr.to_string(), "--roles", roles])
             .env("HERALD_LOG", "warn")
+            // The bench's webhook receiver listens on 127.0.0.1.
+            .env("HERALD_DISPATCH__ALLOW_PRIVATE_URLS", "true")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .spawn()?;
@@ -358,6 +360,8 @@ impl Herald {
             .arg(&self.dir)
             .args([role, "--listen", &addr.to_string()])
             .env("HERALD_LOG", "warn")
+            // The bench's webhook receiver listens on 127.0.0.1.
+            .env("HERALD_DISPATCH__ALLOW_PRIVATE_URLS", "true")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .spawn()?;

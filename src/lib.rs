@@ -10,6 +10,7 @@ use herald_core::bus::embedded::EmbeddedBus;
 use herald_core::bus::kafka::{KafkaBus, herald_topics};
 use herald_core::bus::{Bus, Delivered};
 use herald_core::config::{BusKind, Config};
+use herald_core::secrets::SecretBox;
 use herald_core::store::Account;
 use herald_core::store::Store;
 use herald_core::telemetry::{Metrics, TopicGroup};
@@ -99,14 +100,35 @@ pub struct Application {
     metrics: Arc<Metrics>,
 }
 
+/// Opens the store with the configured secret keys: `security.secret_keys` or
+/// `security.secret_key_file`; else, for a SQLite store, `<data_dir>/secret.key` (made on first
+/// use); else (PostgreSQL without a key) secrets are kept in clear, with a warning.
+pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
+    let store = Store::open(&config.store_url())
+        .await
+        .context("cannot open the store")?;
+    let default_file = (store.backend() == herald_core::store::Backend::Sqlite)
+        .then(|| config.data_dir.join("secret.key"));
+    match SecretBox::from_config(&config.security, default_file.as_deref())
+        .context("cannot load the secret keys")?
+    {
+        Some(secrets) => Ok(store.with_secrets(Arc::new(secrets))),
+        None => {
+            tracing::warn!(
+                "no secret key configured (security.secret_keys): account secrets and vendor \
+                 tokens are stored in clear"
+            );
+            Ok(store)
+        }
+    }
+}
+
 impl Application {
     /// Opens the store and the bus and binds the HTTP listener (`http.listen`; port 0 picks a free one).
     pub async fn build(config: Config, roles: Roles) -> anyhow::Result<Application> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
-        let store = Store::open(&config.store_url())
-            .await
-            .context("cannot open the store")?;
+        let store = open_store(&config).await?;
         let bus = open_bus(&config).await?;
         let listener = TcpListener::bind(&config.http.listen)
             .await
@@ -342,7 +364,7 @@ struct ChannelServices(Arc<Senders>);
 #[async_trait::async_trait]
 impl Channels for ChannelServices {
     fn check_account(&self, channel: Channel, config: &serde_json::Value) -> Result<(), String> {
-        channels::check_account(channel, config)
+        self.0.check_account(channel, config)
     }
 
     fn check_content(&self, channel: Channel, content: &serde_json::Value) -> Result<(), String> {

@@ -68,6 +68,11 @@ enum Command {
         #[command(subcommand)]
         command: AppsCommand,
     },
+    /// Manages the keys that seal account secrets and vendor tokens in the store.
+    Secrets {
+        #[command(subcommand)]
+        command: SecretsCommand,
+    },
     /// Runs read-only SQL over the warehouse and prints the result.
     Sql {
         /// The query, e.g. "SELECT state, count(*) FROM delivery_events GROUP BY state".
@@ -93,6 +98,19 @@ enum Command {
 enum AppsCommand {
     /// Creates an app and prints its API key (shown once; only its hash is stored).
     Create { name: String },
+}
+
+#[derive(Subcommand)]
+enum SecretsCommand {
+    /// Prints a new random key entry (`id:base64`) for `security.secret_keys`.
+    NewKey {
+        /// The key's id (letters, digits, `-`).
+        #[arg(default_value = "k1")]
+        id: String,
+    },
+    /// Seals every account secret and vendor token with the first configured key: those in
+    /// clear and those sealed with an older key.
+    Rotate,
 }
 
 #[derive(Subcommand)]
@@ -158,6 +176,22 @@ async fn main() -> anyhow::Result<()> {
             println!("app:     {} (id {})", app.name, app.id);
             println!("api key: {key}");
             println!("Keep the key now: herald stores only its hash and cannot show it again.");
+            Ok(())
+        }
+        Command::Secrets {
+            command: SecretsCommand::NewKey { id },
+        } => {
+            let entry = herald_core::secrets::SecretBox::generate_entry(&id);
+            herald_core::secrets::SecretBox::parse(&entry)?;
+            println!("{entry}");
+            Ok(())
+        }
+        Command::Secrets {
+            command: SecretsCommand::Rotate,
+        } => {
+            let store = herald::open_store(&config).await?;
+            let resealed = store.reseal_secrets().await?;
+            println!("sealed {resealed} stored secrets with the first configured key");
             Ok(())
         }
         Command::Sql {

@@ -33,6 +33,7 @@ pub struct Config {
     pub dispatch: DispatchConfig,
     pub analytics: AnalyticsConfig,
     pub reconcile: ReconcileConfig,
+    pub security: SecurityConfig,
 }
 
 impl Default for Config {
@@ -50,7 +51,31 @@ impl Default for Config {
             dispatch: DispatchConfig::default(),
             analytics: AnalyticsConfig::default(),
             reconcile: ReconcileConfig::default(),
+            security: SecurityConfig::default(),
         }
+    }
+}
+
+/// Encryption of account secrets and vendor tokens in the store (see `herald_core::secrets`).
+/// With neither key setting, the embedded deployment (a SQLite store) makes and uses
+/// `<data_dir>/secret.key`; a PostgreSQL store then keeps secrets in clear, with a warning.
+#[derive(Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// The key ring, `id:base64-of-32-bytes` entries separated by commas; the first seals, all
+    /// open (`HERALD_SECURITY__SECRET_KEYS`). Make one with `herald secrets new-key`.
+    pub secret_keys: Option<String>,
+    /// A file holding the key ring, one entry per line.
+    pub secret_key_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for SecurityConfig {
+    /// Never shows the keys.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecurityConfig")
+            .field("secret_keys", &self.secret_keys.as_ref().map(|_| "***"))
+            .field("secret_key_file", &self.secret_key_file)
+            .finish()
     }
 }
 
@@ -86,6 +111,10 @@ pub struct HttpConfig {
     pub max_receivers: usize,
     /// Most messages in one `/v1/send/batch` request (`too_many_messages`).
     pub max_batch_messages: usize,
+    /// Largest `variables` of one message, as JSON bytes (`variables_too_large`).
+    pub max_variables_bytes: usize,
+    /// Largest template `content`, as JSON bytes (`template_too_large`).
+    pub max_template_bytes: usize,
     /// Most receivers in a whole batch request (`too_many_receivers`).
     pub max_batch_receivers: usize,
     /// How long API keys and templates are cached before the store is asked again.
@@ -110,6 +139,8 @@ impl Default for HttpConfig {
             max_campaign_bytes: 1024 * 1024 * 1024,
             max_receivers: 1000,
             max_batch_messages: 1000,
+            max_variables_bytes: 64 * 1024,
+            max_template_bytes: 64 * 1024,
             max_batch_receivers: 10_000,
             cache_ttl: Duration::from_secs(5),
             receipt_token: None,
@@ -141,9 +172,9 @@ pub struct DispatchConfig {
     pub receipt_poll_interval: Duration,
     /// Largest email attachment fetched, in bytes.
     pub attachment_max_bytes: usize,
-    /// Whether URLs herald fetches on a user's behalf (email attachments) may resolve to
-    /// private, loopback or link-local addresses. Off by default: such URLs reach into herald's
-    /// own network.
+    /// Whether URLs herald calls or fetches on a user's behalf — webhook and vendor endpoints
+    /// (an account's `url` or `base_url`) and email attachments — may reach private, loopback
+    /// or link-local addresses. Off by default: such URLs reach into herald's own network.
     pub allow_private_urls: bool,
     /// How long an app's policy document is used before it is read again: the longest a
     /// policy change takes to apply.

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub failovers: Family<ChannelLabel, Counter>,
     /// Messages a rate limit held (in the worker or in the schedule), by account.
     pub rate_limited: Family<AccountLabel, Counter>,
+    /// Changes made whose audit entry could not be recorded.
+    pub audit_failures: Counter,
 }
 
 /// Label of a vendor account.
@@ -102,12 +104,18 @@ impl Metrics {
             breaker_state: Family::default(),
             failovers: Family::default(),
             rate_limited: Family::default(),
+            audit_failures: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
             "dead_lettered",
             "Request records moved to herald.requests.dlq, by reason code",
             m.dead_lettered.clone(),
+        );
+        registry.register(
+            "audit_failures",
+            "Changes made whose audit entry could not be recorded",
+            m.audit_failures.clone(),
         );
         registry.register(
             "requests_accepted",

@@ -1,10 +1,16 @@
-//! API-key authentication, with short-lived caches of keys and templates so the hot send path
-//! does not ask the store on every request.
+//! API-key authentication and scopes, with short-lived caches of keys and templates so the hot
+//! send path does not ask the store on every request.
+//!
+//! Each route needs one scope ([`required_scope`]); a key holding `admin` may do everything. A
+//! key that expired stops working at its expiry, cached or not; a revoked key stops at once in
+//! the process that revoked it and within `http.cache_ttl` in every other ingest process.
 
 use crate::{ApiError, ApiState};
 use axum::extract::FromRequestParts;
+use axum::extract::MatchedPath;
+use axum::http::Method;
 use axum::http::request::Parts;
-use herald_core::store::{App, StoreError, Template, hash_key};
+use herald_core::store::{ApiKey, App, Scope, StoreError, Template, hash_key};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -22,7 +28,7 @@ type Timed<K, V> = RwLock<HashMap<K, (V, Instant)>>;
 /// effect within it.
 pub struct Caches {
     ttl: Duration,
-    keys: Timed<String, Option<App>>,
+    keys: Timed<String, Option<(App, ApiKey)>>,
     templates: Timed<(i64, i64), Option<Arc<CachedTemplate>>>,
 }
 
@@ -49,6 +55,11 @@ impl Caches {
             guard.clear();
         }
         guard.insert(k, (v, Instant::now()));
+    }
+
+    /// Forgets every cached key, after a key was revoked or shortened through this process.
+    pub fn forget_keys(&self) {
+        self.keys.write().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// Forgets a template, after it was changed through this process.
@@ -85,23 +96,69 @@ impl ApiState {
 }
 
 impl ApiState {
-    /// The app owning the live API key `key`, from the cache or the store.
-    pub async fn app_for_key(&self, key: &str) -> Result<Option<App>, StoreError> {
+    /// The app and the stored key behind an unrevoked API key `key`, from the cache or the store
+    /// (expiry is the caller's to check).
+    pub async fn key_for(&self, key: &str) -> Result<Option<(App, ApiKey)>, StoreError> {
         let hash = hash_key(key);
         let caches = &self.inner.caches;
-        if let Some(app) = caches.fresh(&caches.keys, &hash) {
-            return Ok(app);
+        if let Some(found) = caches.fresh(&caches.keys, &hash) {
+            return Ok(found);
         }
-        let app = self.inner.store.app_by_key_hash(&hash).await?;
-        Caches::put(&caches.keys, hash, app.clone());
-        Ok(app)
+        let found = self.inner.store.key_by_hash(&hash).await?;
+        Caches::put(&caches.keys, hash, found.clone());
+        Ok(found)
     }
 }
 
-/// The app a request is authenticated as (`Authorization: Bearer <key>`).
-pub struct AuthApp(pub App);
+/// The scope a route needs, by its path pattern and method. Routes not named here need `admin`.
+pub fn required_scope(method: &Method, route: &str) -> Scope {
+    let reading = method == Method::GET;
+    match route {
+        "/v1/send" | "/v1/send/batch" => Scope::Send,
+        "/v1/messages/{id}/recall" | "/v1/templates/{id}/recall" | "/v1/messages/redrive" => {
+            Scope::Send
+        }
+        "/v1/messages/{id}" | "/v1/campaigns" | "/v1/campaigns/{id}" => {
+            if reading {
+                Scope::Read
+            } else {
+                Scope::Send
+            }
+        }
+        "/v1/inbox/{receiver}"
+        | "/v1/inbox/{receiver}/read"
+        | "/v1/receivers/{receiver}/messages"
+        | "/v1/templates/{id}/stats"
+        | "/v1/apps/{app}/stats" => Scope::Read,
+        "/v1/templates" | "/v1/templates/{id}" => {
+            if reading {
+                Scope::Read
+            } else {
+                Scope::Templates
+            }
+        }
+        "/v1/accounts/{id}/media" => Scope::Templates,
+        "/v1/accounts" | "/v1/accounts/{id}" if reading => Scope::Templates,
+        "/v1/policy" | "/v1/lists/{list}/{channel}" if reading => Scope::Read,
+        _ => Scope::Admin,
+    }
+}
 
-impl FromRequestParts<ApiState> for AuthApp {
+/// The authenticated caller: its app and the key it used (`Authorization: Bearer <key>`),
+/// checked to be live and to hold the route's scope.
+pub struct Caller {
+    pub app: App,
+    pub key: ApiKey,
+}
+
+impl Caller {
+    /// The audit log's name for the caller.
+    pub fn actor(&self) -> &str {
+        &self.key.key_id
+    }
+}
+
+impl FromRequestParts<ApiState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(
@@ -116,10 +173,35 @@ impl FromRequestParts<ApiState> for AuthApp {
             .map(str::trim)
             .filter(|k| !k.is_empty())
             .ok_or(ApiError::Unauthorized)?;
-        state
-            .app_for_key(key)
-            .await?
-            .map(AuthApp)
-            .ok_or(ApiError::Unauthorized)
+        let (app, key) = state.key_for(key).await?.ok_or(ApiError::Unauthorized)?;
+        if !key.live_at(chrono::Utc::now().timestamp_millis()) {
+            return Err(ApiError::KeyExpired);
+        }
+        let route = parts
+            .extensions
+            .get::<MatchedPath>()
+            .map(|p| p.as_str())
+            .unwrap_or_default();
+        let needed = required_scope(&parts.method, route);
+        if !key.scopes.allows(needed) {
+            return Err(ApiError::MissingScope(needed.as_str()));
+        }
+        Ok(Caller { app, key })
+    }
+}
+
+/// The app a request is authenticated as: a [`Caller`] when only the app matters.
+pub struct AuthApp(pub App);
+
+impl FromRequestParts<ApiState> for AuthApp {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &ApiState,
+    ) -> Result<Self, Self::Rejection> {
+        Caller::from_request_parts(parts, state)
+            .await
+            .map(|c| AuthApp(c.app))
     }
 }

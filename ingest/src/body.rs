@@ -45,9 +45,55 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
         let value = serde_json::from_slice(&raw).map_err(|e| ApiError::Invalid {
             status: StatusCode::BAD_REQUEST,
             code: "bad_json",
-            message: format!("the body is not valid for this endpoint: {e}"),
+            message: format!(
+                "the body is not valid for this endpoint: {}",
+                without_quoted_values(&e.to_string())
+            ),
             details: vec![],
         })?;
         Ok(JsonBody { value, raw })
+    }
+}
+
+/// A serde error message with every double-quoted value replaced by `"…"`: serde quotes the
+/// offending input ("invalid type: string \"…\""), which may be a secret. Field names are quoted
+/// with backticks and stay.
+fn without_quoted_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut parts = message.split('"');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    let mut inside = true;
+    for part in parts {
+        if inside {
+            out.push_str("\"…\"");
+        } else {
+            out.push_str(part);
+        }
+        inside = !inside;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_quoted_values;
+
+    #[test]
+    fn quoted_values_are_never_echoed() {
+        let e = serde_json::from_str::<std::collections::BTreeMap<String, i64>>(
+            r#"{"secret": "hunter2"}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("hunter2"), "serde quotes the value: {e}");
+        let shown = without_quoted_values(&e);
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.starts_with("invalid type: string \"…\""), "{shown}");
+        assert_eq!(
+            without_quoted_values("unknown field `x`, expected `y`"),
+            "unknown field `x`, expected `y`"
+        );
     }
 }

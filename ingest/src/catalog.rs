@@ -1,6 +1,6 @@
 //! Channel accounts and templates: `/v1/accounts` and `/v1/templates`.
 
-use crate::auth::AuthApp;
+use crate::auth::{AuthApp, Caller};
 use crate::body::JsonBody;
 use crate::{ApiError, ApiState, Detail};
 use axum::Json;
@@ -80,9 +80,10 @@ fn name_ok(path: &str, name: &str, details: &mut Vec<Detail>) {
 
 pub async fn create_account(
     State(state): State<ApiState>,
-    AuthApp(app): AuthApp,
+    caller: Caller,
     body: JsonBody<AccountBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let app = &caller.app;
     let b = body.value;
     let mut details = Vec::new();
     name_ok("name", &b.name, &mut details);
@@ -100,6 +101,21 @@ pub async fn create_account(
                 .store
                 .create_account(app.id, &b.name, c, &b.config)
                 .await?;
+            // The config's field names only: its values may be secrets.
+            let fields: Vec<&String> = b
+                .config
+                .as_object()
+                .map(|o| o.keys().collect())
+                .unwrap_or_default();
+            let detail = serde_json::json!({"name": a.name, "channel": c, "fields": fields});
+            state
+                .audit(
+                    &caller,
+                    "account.create",
+                    &format!("account:{}", a.id),
+                    detail,
+                )
+                .await;
             return Ok((StatusCode::CREATED, Json(public_account(a))));
         }
     }
@@ -148,6 +164,15 @@ async fn check_template(
             })
         })
         .ok();
+    let max = state.inner.config.max_template_bytes;
+    let size = b.content.to_string().len();
+    if size > max {
+        details.push(Detail {
+            path: "content".into(),
+            code: "template_too_large",
+            message: format!("the content is {size} bytes of JSON, more than the {max} allowed"),
+        });
+    }
     if let Some(c) = channel {
         if let Err(message) = state.inner.channels.check_content(c, &b.content) {
             details.push(Detail {
@@ -198,22 +223,34 @@ async fn check_template(
 
 pub async fn create_template(
     State(state): State<ApiState>,
-    AuthApp(app): AuthApp,
+    caller: Caller,
     body: JsonBody<TemplateBody>,
 ) -> Result<(StatusCode, Json<Template>), ApiError> {
-    let t = check_template(&state, app.id, body.value).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(state.inner.store.create_template(app.id, &t).await?),
-    ))
+    let t = check_template(&state, caller.app.id, body.value).await?;
+    let created = state.inner.store.create_template(caller.app.id, &t).await?;
+    state
+        .audit(
+            &caller,
+            "template.create",
+            &format!("template:{}", created.id),
+            template_detail(&created),
+        )
+        .await;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+/// What the audit log keeps of a template change.
+fn template_detail(t: &Template) -> Value {
+    serde_json::json!({"name": t.name, "channel": t.channel, "msg_type": t.msg_type, "version": t.version})
 }
 
 pub async fn update_template(
     State(state): State<ApiState>,
-    AuthApp(app): AuthApp,
+    caller: Caller,
     Path(id): Path<i64>,
     body: JsonBody<TemplateBody>,
 ) -> Result<Json<Template>, ApiError> {
+    let app = &caller.app;
     let t = check_template(&state, app.id, body.value).await?;
     let updated = state
         .inner
@@ -222,14 +259,23 @@ pub async fn update_template(
         .await
         .map_err(not_found("no such template"))?;
     state.inner.caches.forget_template(app.id, id);
+    state
+        .audit(
+            &caller,
+            "template.update",
+            &format!("template:{id}"),
+            template_detail(&updated),
+        )
+        .await;
     Ok(Json(updated))
 }
 
 pub async fn delete_template(
     State(state): State<ApiState>,
-    AuthApp(app): AuthApp,
+    caller: Caller,
     Path(id): Path<i64>,
 ) -> Result<StatusCode, ApiError> {
+    let app = &caller.app;
     state
         .inner
         .store
@@ -237,6 +283,14 @@ pub async fn delete_template(
         .await
         .map_err(not_found("no such template"))?;
     state.inner.caches.forget_template(app.id, id);
+    state
+        .audit(
+            &caller,
+            "template.delete",
+            &format!("template:{id}"),
+            serde_json::json!({}),
+        )
+        .await;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -26,6 +26,10 @@ pub enum ApiError {
         details: Vec<Detail>,
     },
     Unauthorized,
+    /// The key worked once and has expired.
+    KeyExpired,
+    /// The key lacks the scope the route needs (named).
+    MissingScope(&'static str),
     NotFound(&'static str),
     Conflict {
         code: &'static str,
@@ -83,6 +87,8 @@ impl ApiError {
         match self {
             ApiError::Invalid { code, .. } | ApiError::Conflict { code, .. } => code,
             ApiError::Unauthorized => "unauthorized",
+            ApiError::KeyExpired => "key_expired",
+            ApiError::MissingScope(_) => "missing_scope",
             ApiError::NotFound(_) => "not_found",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
@@ -98,9 +104,7 @@ impl From<StoreError> for ApiError {
                 code: "conflict",
                 message: m,
             },
-            StoreError::Db(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => {
-                ApiError::Unavailable(e.to_string())
-            }
+            e if e.is_unavailable() => ApiError::Unavailable(e.to_string()),
             e => ApiError::Internal(e.to_string()),
         }
     }
@@ -125,6 +129,16 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized => (
                 StatusCode::UNAUTHORIZED,
                 "a valid API key is required: Authorization: Bearer <key>".to_string(),
+                vec![],
+            ),
+            ApiError::KeyExpired => (
+                StatusCode::UNAUTHORIZED,
+                "this API key has expired: use a current key".to_string(),
+                vec![],
+            ),
+            ApiError::MissingScope(scope) => (
+                StatusCode::FORBIDDEN,
+                format!("this API key lacks the `{scope}` scope this request needs"),
                 vec![],
             ),
             ApiError::NotFound(what) => (StatusCode::NOT_FOUND, what.to_string(), vec![]),

@@ -1,13 +1,14 @@
 //! herald-ingest: the HTTP API. Authenticates apps, validates and renders send requests, and
 //! publishes one record per receiver to `herald.requests`; also serves templates, accounts,
 //! media upload, vendor receipt pushes, traces, the inbox, policies and receiver lists,
-//! `/health` and `/metrics`.
+//! API keys and the audit log, `/health` and `/metrics`.
 
 mod auth;
 mod body;
 mod campaign;
 mod catalog;
 mod error;
+mod keys;
 mod policy;
 pub mod producer;
 mod read;
@@ -179,6 +180,10 @@ pub fn router(state: ApiState) -> Router {
             "/v1/campaigns/{id}",
             get(campaign::show).delete(campaign::cancel),
         )
+        .route("/v1/keys", post(keys::create).get(keys::list))
+        .route("/v1/keys/{key_id}", axum::routing::delete(keys::revoke))
+        .route("/v1/keys/{key_id}/rotate", post(keys::rotate))
+        .route("/v1/audit", get(keys::audit_log))
         .route("/v1/inbox/{receiver}", get(read::inbox))
         .route("/v1/inbox/{receiver}/read", post(read::mark_read))
         .layer(DefaultBodyLimit::max(limit))

@@ -4,7 +4,7 @@
 //! (`POST /v1/messages/redrive`). Dispatch reads policies through a short cache, so a
 //! change applies within seconds, without a restart.
 
-use crate::auth::AuthApp;
+use crate::auth::{AuthApp, Caller};
 use crate::body::JsonBody;
 use crate::{ApiError, ApiState, Detail};
 use axum::Json;
@@ -32,9 +32,10 @@ pub async fn get_policy(
 /// `PUT /v1/policy`: replaces the app's policy document after checking all of it.
 pub async fn put_policy(
     State(state): State<ApiState>,
-    AuthApp(app): AuthApp,
+    caller: Caller,
     body: JsonBody<AppPolicy>,
 ) -> Result<Json<Value>, ApiError> {
+    let app = &caller.app;
     let policy = body.value;
     policy
         .compile()
@@ -75,6 +76,9 @@ pub async fn put_policy(
         }
     }
     let version = state.inner.store.put_app_policy(app.id, &policy).await?;
+    state
+        .audit(&caller, "policy.put", "policy", json!({"version": version}))
+        .await;
     Ok(Json(json!({"version": version, "policy": policy})))
 }
 
@@ -157,7 +161,7 @@ pub async fn get_list(
 /// `POST /v1/lists/{list}/{channel}`: adds receivers.
 pub async fn add_to_list(
     State(state): State<ApiState>,
-    AuthApp(app): AuthApp,
+    caller: Caller,
     Path((list, channel)): Path<(String, String)>,
     body: JsonBody<ListChange>,
 ) -> Result<Json<Value>, ApiError> {
@@ -166,15 +170,19 @@ pub async fn add_to_list(
     let added = state
         .inner
         .store
-        .add_to_list(app.id, channel, list, &receivers)
+        .add_to_list(caller.app.id, channel, list, &receivers)
         .await?;
+    // Counts only: receivers are personal data.
+    let detail = json!({"receivers": receivers.len(), "added": added});
+    let target = format!("list:{}/{channel}", list.as_str());
+    state.audit(&caller, "list.add", &target, detail).await;
     Ok(Json(json!({"added": added})))
 }
 
 /// `DELETE /v1/lists/{list}/{channel}`: removes receivers.
 pub async fn remove_from_list(
     State(state): State<ApiState>,
-    AuthApp(app): AuthApp,
+    caller: Caller,
     Path((list, channel)): Path<(String, String)>,
     body: JsonBody<ListChange>,
 ) -> Result<Json<Value>, ApiError> {
@@ -183,8 +191,11 @@ pub async fn remove_from_list(
     let removed = state
         .inner
         .store
-        .remove_from_list(app.id, channel, list, &receivers)
+        .remove_from_list(caller.app.id, channel, list, &receivers)
         .await?;
+    let detail = json!({"receivers": receivers.len(), "removed": removed});
+    let target = format!("list:{}/{channel}", list.as_str());
+    state.audit(&caller, "list.remove", &target, detail).await;
     Ok(Json(json!({"removed": removed})))
 }
 

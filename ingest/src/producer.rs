@@ -9,7 +9,7 @@ use crate::ApiError;
 use crate::ApiState;
 use crate::send::{BatchMessage, Group, Timing, build_records};
 use chrono::{DateTime, Utc};
-use herald_core::store::App;
+use herald_core::store::{App, Scope};
 use herald_core::wire::hashed_uuid;
 use herald_core::{MessageId, MessageRecord};
 use serde::Deserialize;
@@ -61,6 +61,11 @@ impl From<ApiError> for ProducerError {
                 ProducerError::Refused { code, message }
             }
             ApiError::Unauthorized => refused("unauthorized", "unknown or revoked api_key"),
+            ApiError::KeyExpired => refused("key_expired", "the api_key has expired"),
+            ApiError::MissingScope(scope) => refused(
+                "missing_scope",
+                format!("the api_key lacks the `{scope}` scope"),
+            ),
             ApiError::NotFound(what) => refused("not_found", what),
             ApiError::Unavailable(m) | ApiError::Internal(m) => ProducerError::Unavailable(m),
         }
@@ -155,8 +160,15 @@ impl ApiState {
                 "api_key is required (producers are not trusted by config)",
             ));
         };
-        match self.app_for_key(key).await.map_err(unavailable)? {
-            Some(app) if app.name == request.app => Ok(app),
+        match self.key_for(key).await.map_err(unavailable)? {
+            Some((_, key)) if !key.live_at(Utc::now().timestamp_millis()) => {
+                Err(refused("key_expired", "the api_key has expired"))
+            }
+            Some((_, key)) if !key.scopes.allows(Scope::Send) => Err(refused(
+                "missing_scope",
+                "the api_key lacks the `send` scope",
+            )),
+            Some((app, _)) if app.name == request.app => Ok(app),
             Some(_) => Err(refused(
                 "unauthorized",
                 format!("the api_key does not belong to app `{}`", request.app),

@@ -403,6 +403,18 @@ pub(crate) fn build_records(
         } else {
             Cow::Borrowed(g.variables)
         };
+        let size = serde_json::to_string(g.variables).map_or(0, |v| v.len());
+        if size > config.max_variables_bytes {
+            details.push(Detail {
+                path: format!("{}variables", g.path),
+                code: "variables_too_large",
+                message: format!(
+                    "the variables are {size} bytes of JSON, more than the {} allowed",
+                    config.max_variables_bytes
+                ),
+            });
+            continue;
+        }
         let content = match render(&template.content, &group_vars) {
             Ok(c) => Some(c),
             Err(RenderError::MissingVariables(names)) => {

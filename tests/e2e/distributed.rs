@@ -150,7 +150,8 @@ impl Deployment {
             "bus_kind = \"kafka\"\nstore_url = \"{store_url}\"\nlog = \"info\"\n\
              [kafka]\nbrokers = \"{}\"\nrequests_partitions = 6\ndelivery_partitions = 6\n\
              [kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n\
-             [analytics]\nflush_interval = \"200ms\"\n[http]\ncache_ttl = \"100ms\"\n{http}",
+             [analytics]\nflush_interval = \"200ms\"\n\
+             [dispatch]\nallow_private_urls = true\n[http]\ncache_ttl = \"100ms\"\n{http}",
             broker.address()
         )
         .unwrap();

@@ -31,6 +31,8 @@ pub fn test_config(dir: &Path) -> Config {
     c.http.cache_ttl = Duration::from_millis(100);
     c.analytics.flush_interval = Duration::from_millis(100);
     c.bus.fsync = false;
+    // Vendor stand-ins and webhook receivers listen on 127.0.0.1.
+    c.dispatch.allow_private_urls = true;
     c
 }
 

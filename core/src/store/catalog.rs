@@ -1,10 +1,9 @@
 //! Apps, API keys, channel accounts and templates.
 
+use super::keys::{NewKey, Scopes, insert_key};
 use super::{Store, StoreError, now_ms};
 use crate::domain::{Channel, MsgType};
-use rand::RngCore;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
@@ -50,18 +49,13 @@ pub struct NewTemplate {
     pub content: serde_json::Value,
 }
 
-/// The SHA-256 of an API key, as stored.
-pub fn hash_key(key: &str) -> String {
-    hex::encode(Sha256::digest(key.as_bytes()))
-}
-
 fn corrupt(e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(e.to_string())
 }
 
 impl Store {
-    /// Creates an app and its first API key; returns the key, which is not stored and cannot be
-    /// shown again.
+    /// Creates an app and its first API key (scope `admin`, no expiry); returns the key,
+    /// which is not stored and cannot be shown again.
     pub async fn create_app(&self, name: &str) -> Result<(App, String), StoreError> {
         let mut tx = self.pool.begin().await?;
         let id: i64 =
@@ -76,26 +70,18 @@ impl Store {
                     }
                     e => e.into(),
                 })?;
-        let mut raw = [0u8; 24];
-        rand::thread_rng().fill_bytes(&mut raw);
-        let key = format!("hk_{}", hex::encode(raw));
-        sqlx::query(
-            "INSERT INTO api_keys (key_hash, app_id, prefix, created_at) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(hash_key(&key))
-        .bind(id)
-        .bind(&key[..8])
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
+        let first = NewKey {
+            name: "initial".into(),
+            scopes: Scopes::ADMIN,
+            expires_at: None,
+        };
+        let (_, key) = insert_key(&mut tx, id, &first).await?;
         tx.commit().await?;
-        Ok((
-            App {
-                id,
-                name: name.to_string(),
-            },
-            key,
-        ))
+        let app = App {
+            id,
+            name: name.to_string(),
+        };
+        Ok((app, key))
     }
 
     /// The app named `name`, if any (trusted Kafka producers name their app).
@@ -104,21 +90,6 @@ impl Store {
             .bind(name)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.map(|r| App {
-            id: r.get(0),
-            name: r.get(1),
-        }))
-    }
-
-    /// The app owning a live API key, by the key's hash.
-    pub async fn app_by_key_hash(&self, key_hash: &str) -> Result<Option<App>, StoreError> {
-        let row = sqlx::query(
-            "SELECT apps.id, apps.name FROM api_keys JOIN apps ON apps.id = api_keys.app_id
-             WHERE key_hash = $1 AND revoked_at IS NULL",
-        )
-        .bind(key_hash)
-        .fetch_optional(&self.pool)
-        .await?;
         Ok(row.map(|r| App {
             id: r.get(0),
             name: r.get(1),
@@ -141,7 +112,7 @@ impl Store {
         .bind(app)
         .bind(name)
         .bind(channel.as_str())
-        .bind(config.to_string())
+        .bind(self.seal(ACCOUNT, &config.to_string()))
         .bind(now)
         .bind(now)
         .fetch_one(&self.pool)
@@ -160,7 +131,7 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?
         .ok_or(StoreError::NotFound)?;
-        account_from_row(&row)
+        self.account_from_row(&row)
     }
 
     /// Any live account by id, whichever app owns it (dispatch resolves a record's account).
@@ -173,7 +144,7 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?
         .ok_or(StoreError::NotFound)?;
-        account_from_row(&row)
+        self.account_from_row(&row)
     }
 
     /// Every live account of `app`.
@@ -185,7 +156,7 @@ impl Store {
         .bind(app)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(account_from_row).collect()
+        rows.iter().map(|r| self.account_from_row(r)).collect()
     }
 
     /// Every live account of `channel`, whichever app owns it (receipt pollers).
@@ -197,7 +168,7 @@ impl Store {
         .bind(channel.as_str())
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(account_from_row).collect()
+        rows.iter().map(|r| self.account_from_row(r)).collect()
     }
 
     /// Creates a template.
@@ -297,16 +268,61 @@ impl Store {
     }
 }
 
-fn account_from_row(r: &AnyRow) -> Result<Account, StoreError> {
-    Ok(Account {
-        id: r.get(0),
-        name: r.get(1),
-        channel: r.get::<String, _>(2).parse().map_err(corrupt)?,
-        config: serde_json::from_str(r.get::<&str, _>(3)).map_err(corrupt)?,
-        created_at: r.get(4),
-        updated_at: r.get(5),
-    })
+impl Store {
+    fn account_from_row(&self, r: &AnyRow) -> Result<Account, StoreError> {
+        let config = self.unseal(ACCOUNT, r.get::<&str, _>(3))?;
+        Ok(Account {
+            id: r.get(0),
+            name: r.get(1),
+            channel: r.get::<String, _>(2).parse().map_err(corrupt)?,
+            config: serde_json::from_str(&config).map_err(corrupt)?,
+            created_at: r.get(4),
+            updated_at: r.get(5),
+        })
+    }
+
+    /// Seals again every account config and vendor token that is in clear or sealed with an
+    /// older key; returns how many were. Run after putting a new key first in the ring.
+    pub async fn reseal_secrets(&self) -> Result<u64, StoreError> {
+        let Some(secrets) = self.secrets.clone() else {
+            return Err(StoreError::Secret(
+                crate::secrets::SecretError::NoKey.to_string(),
+            ));
+        };
+        let mut resealed = 0;
+        for (table, key, column, kind) in [
+            ("accounts", "id", "config", ACCOUNT),
+            ("vendor_tokens", "key", "token", "token"),
+        ] {
+            let rows = sqlx::query(&format!(
+                "SELECT CAST({key} AS TEXT), {column} FROM {table}"
+            ))
+            .fetch_all(&self.pool)
+            .await?;
+            for row in rows {
+                let (id, stored): (String, String) = (row.get(0), row.get(1));
+                if !secrets.needs_resealing(&stored) {
+                    continue;
+                }
+                let plain = self.unseal(kind, &stored)?;
+                // Only if unchanged since read: a concurrent write already sealed it anew.
+                let done = sqlx::query(&format!(
+                    "UPDATE {table} SET {column} = $1 WHERE CAST({key} AS TEXT) = $2 AND {column} = $3"
+                ))
+                .bind(secrets.seal(kind, &plain))
+                .bind(&id)
+                .bind(&stored)
+                .execute(&self.pool)
+                .await?;
+                resealed += done.rows_affected();
+            }
+        }
+        Ok(resealed)
+    }
 }
+
+/// The use account configs are sealed for.
+const ACCOUNT: &str = "account";
 
 fn template_from_row(r: &AnyRow) -> Result<Template, StoreError> {
     Ok(Template {

@@ -1,4 +1,4 @@
-//! The store (sqlx): apps and API keys, channel accounts, templates, idempotency keys, the send
+//! The store (sqlx): apps, API keys and the audit log, channel accounts, templates, idempotency keys, the send
 //! ledger, the per-message event index behind the trace API, the inbox, and vendor state (access
 //! tokens, vendor message ids for receipts), and the state behind pipeline policies (policy
 //! documents, receiver lists, the schedule, dedup and frequency counters).
@@ -8,11 +8,13 @@
 //! (`$n` placeholders, `ON CONFLICT`, `RETURNING`), and each backend has its own migrations in
 //! `sql/migrations/{sqlite,postgres}/`. The suite in `tests.rs` runs against both.
 
+mod audit;
 mod campaigns;
 mod catalog;
 mod events;
 mod idempotency;
 mod inbox;
+mod keys;
 mod ledger;
 mod policy;
 mod rates;
@@ -21,12 +23,14 @@ mod vendors;
 #[cfg(test)]
 mod tests;
 
+pub use audit::AuditEntry;
 pub use campaigns::{
     BadRow, Campaign, CampaignBatch, CampaignChunk, CampaignRun, CampaignState, NewCampaign,
 };
-pub use catalog::{Account, App, NewTemplate, Template, hash_key};
+pub use catalog::{Account, App, NewTemplate, Template};
 pub use idempotency::Claim;
 pub use inbox::InboxEntry;
+pub use keys::{ApiKey, NewKey, Scope, Scopes, hash_key};
 pub use ledger::{LedgerState, SentInbox};
 pub use policy::{
     ClaimOutcome, Limit, ListName, MessageClaim, Redrive, ScheduleKind, ScheduledMessage,
@@ -34,9 +38,11 @@ pub use policy::{
 pub use rates::Reservation;
 pub use vendors::PendingReceipt;
 
+use crate::secrets::{SecretBox, SecretError};
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Executor};
 use std::fmt::Write;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Errors of the store.
@@ -52,8 +58,41 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("{0}")]
+    Secret(String),
     #[error("unsupported store URL `{0}` (expected sqlite://PATH or postgres://...)")]
     UnsupportedUrl(String),
+}
+
+impl StoreError {
+    /// Whether the database is out of reach or out of room for now (so the caller should answer
+    /// `503` and be retried), not refusing this request: the pool timed out, the connection
+    /// broke, PostgreSQL is shutting down, starting, out of resources or connections (SQLSTATE
+    /// classes `08`, `53`, `57P`), SQLite is busy, locked, full or failing I/O.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Db(
+                sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::WorkerCrashed,
+            ) => true,
+            StoreError::Db(sqlx::Error::Database(d)) => {
+                let code = d.code().unwrap_or_default();
+                // SQLite's primary result codes: 5 busy, 6 locked, 10 I/O error, 13 full,
+                // 14 cannot open (extended codes keep the primary one in the low byte).
+                let sqlite = code
+                    .parse::<i64>()
+                    .is_ok_and(|c| matches!(c & 0xff, 5 | 6 | 10 | 13 | 14));
+                sqlite
+                    || code.starts_with("08")
+                    || code.starts_with("53")
+                    || code.starts_with("57P")
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Which database a store runs on.
@@ -81,6 +120,8 @@ impl Backend {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// Seals account configs and vendor tokens; without it they are written in clear.
+    secrets: Option<Arc<SecretBox>>,
 }
 
 /// Unix milliseconds now.
@@ -141,7 +182,38 @@ impl Store {
                     .await?
             }
         }
-        Ok(Store { pool, backend })
+        Ok(Store {
+            pool,
+            backend,
+            secrets: None,
+        })
+    }
+
+    /// This store, sealing account configs and vendor tokens with `secrets` from now on.
+    pub fn with_secrets(mut self, secrets: Arc<SecretBox>) -> Store {
+        self.secrets = Some(secrets);
+        self
+    }
+
+    /// Seals a secret value of use `kind` for storing (in clear without a key ring).
+    pub(crate) fn seal(&self, kind: &str, plain: &str) -> String {
+        match &self.secrets {
+            Some(s) => s.seal(kind, plain),
+            None => plain.to_string(),
+        }
+    }
+
+    /// Opens a stored secret value of use `kind`.
+    pub(crate) fn unseal(&self, kind: &str, stored: &str) -> Result<String, StoreError> {
+        match &self.secrets {
+            Some(s) => s
+                .open(kind, stored)
+                .map_err(|e| StoreError::Secret(e.to_string())),
+            None if crate::secrets::is_sealed(stored) => {
+                Err(StoreError::Secret(SecretError::NoKey.to_string()))
+            }
+            None => Ok(stored.to_string()),
+        }
     }
 
     /// Which database this store runs on.

@@ -17,6 +17,9 @@ pub struct PendingReceipt {
     pub sent_at: i64,
 }
 
+/// The use vendor tokens are sealed for.
+const TOKEN: &str = "token";
+
 impl Store {
     /// The stored token under `key` and its expiry (unix ms), if any.
     pub async fn vendor_token(&self, key: &str) -> Result<Option<(String, i64)>, StoreError> {
@@ -24,7 +27,8 @@ impl Store {
             .bind(key)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.map(|r| (r.get(0), r.get(1))))
+        row.map(|r| Ok((self.unseal(TOKEN, r.get::<&str, _>(0))?, r.get(1))))
+            .transpose()
     }
 
     /// Stores `token` under `key` until `expires_at` (unix ms).
@@ -39,7 +43,7 @@ impl Store {
              ON CONFLICT (key) DO UPDATE SET token = excluded.token, expires_at = excluded.expires_at",
         )
         .bind(key)
-        .bind(token)
+        .bind(self.seal(TOKEN, token))
         .bind(expires_at)
         .execute(&self.pool)
         .await?;
@@ -48,11 +52,21 @@ impl Store {
 
     /// Forgets the token under `key` if it is still `token` (a vendor said it expired).
     pub async fn drop_vendor_token(&self, key: &str, token: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM vendor_tokens WHERE key = $1 AND token = $2")
+        // Sealed tokens differ from their plain text (and from each other): compare opened.
+        let row = sqlx::query("SELECT token FROM vendor_tokens WHERE key = $1")
             .bind(key)
-            .bind(token)
-            .execute(&self.pool)
+            .fetch_optional(&self.pool)
             .await?;
+        let Some(stored) = row.map(|r| r.get::<String, _>(0)) else {
+            return Ok(());
+        };
+        if self.unseal(TOKEN, &stored)? == token {
+            sqlx::query("DELETE FROM vendor_tokens WHERE key = $1 AND token = $2")
+                .bind(key)
+                .bind(&stored)
+                .execute(&self.pool)
+                .await?;
+        }
         Ok(())
     }
 

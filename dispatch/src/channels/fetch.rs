@@ -318,6 +318,61 @@ impl Resolve for Pinned {
     }
 }
 
+/// The resolver of the shared vendor client when `allow_private_urls` is off: it answers a name
+/// only if every address it resolves to is public, and herald connects to exactly the addresses
+/// it answered, so a DNS answer cannot change between the check and the connection. (IP
+/// literals never reach a resolver: [`check_account_urls`] refuses private ones when an account
+/// is made.)
+#[derive(Debug, Clone, Copy)]
+pub struct PublicOnly;
+
+/// A name that resolved to an address that is not public.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}: not a public address, and `dispatch.allow_private_urls` is off")]
+pub struct NotPublic(pub String);
+
+impl Resolve for PublicOnly {
+    fn resolve(&self, name: Name) -> Resolving {
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            if let Some((addr, why)) = addrs
+                .iter()
+                .find_map(|a| non_public(a.ip()).map(|why| (a, why)))
+            {
+                let e = NotPublic(format!("{host} resolves to {}, which is {why}", addr.ip()));
+                return Err(Box::new(e) as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(addrs.into_iter()) as Addrs)
+        })
+    }
+}
+
+/// Refuses an account config whose `url` or `base_url` names a host by an IP address that is
+/// not public (names are checked by [`PublicOnly`] at every connection).
+pub fn check_account_urls(config: &serde_json::Value) -> Result<(), String> {
+    for field in ["url", "base_url"] {
+        let Some(raw) = config.get(field).and_then(|v| v.as_str()) else {
+            continue;
+        };
+        let Ok(url) = Url::parse(raw) else { continue };
+        let ip: Option<IpAddr> = match url.host() {
+            Some(Host::Ipv4(ip)) => Some(ip.into()),
+            Some(Host::Ipv6(ip)) => Some(ip.into()),
+            _ => None,
+        };
+        if let Some(why) = ip.and_then(non_public) {
+            return Err(format!(
+                "`{field}`: {} is {why}: not a public address, and \
+                 `dispatch.allow_private_urls` is off",
+                ip.map(|i| i.to_string()).unwrap_or_default()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// See [`Fetched::filename_from_url`].
 fn filename_from_url(url: &Url) -> Option<String> {
     let last = url.path_segments()?.next_back()?;

@@ -21,14 +21,28 @@ const DETAIL_BODY_BYTES: usize = 256;
 /// # Panics
 /// If the TLS backend cannot be initialised, which is a build defect, not a runtime state.
 pub fn client() -> Client {
+    builder().build().expect("the HTTP client (rustls) builds")
+}
+
+/// The client vendors are called with: [`client`], resolving names only to public addresses
+/// unless `allow_private` (see [`super::fetch::PublicOnly`]).
+pub fn vendor_client(allow_private: bool) -> Client {
+    let builder = builder();
+    let builder = if allow_private {
+        builder
+    } else {
+        builder.dns_resolver(std::sync::Arc::new(super::fetch::PublicOnly))
+    };
+    builder.build().expect("the HTTP client (rustls) builds")
+}
+
+fn builder() -> reqwest::ClientBuilder {
     Client::builder()
         .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))
         .pool_idle_timeout(Duration::from_secs(90))
         .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("the HTTP client (rustls) builds")
 }
 
 /// Maps a non-2xx status: `408`, `429` and `5xx` are retryable (honouring `Retry-After`), the
@@ -65,6 +79,17 @@ pub fn status_error(
 /// Maps a failure to get a response at all (retryable): `<prefix>_timeout`, `<prefix>_connect`
 /// or `<prefix>_network`. The detail never quotes the URL, which may hold credentials.
 pub fn request_error(prefix: &str, e: reqwest::Error) -> SendError {
+    // A host refused by the public-only resolver: permanent, it will not become public.
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        if let Some(refused) = c.downcast_ref::<super::fetch::NotPublic>() {
+            return SendError::Permanent {
+                code: "url_refused".into(),
+                detail: refused.to_string(),
+            };
+        }
+        cause = c.source();
+    }
     let suffix = if e.is_timeout() {
         "timeout"
     } else if e.is_connect() {

@@ -276,13 +276,15 @@ pub struct Senders {
     pub dingtalk: dingtalk::DingtalkSender,
     pub feishu: feishu::FeishuSender,
     pub getui: getui::GetuiSender,
+    /// Whether vendor and webhook URLs may reach private addresses.
+    allow_private_urls: bool,
 }
 
 impl Senders {
     /// Builds every channel client; vendor tokens are shared through `store`; `config` sets
     /// what URLs may be fetched on a user's behalf (email attachments).
     pub fn new(store: Store, config: &DispatchConfig) -> Self {
-        let client = http::client();
+        let client = http::vendor_client(config.allow_private_urls);
         let tokens = Arc::new(TokenCache::new(store));
         Senders {
             email: email::EmailSender::new(fetch::UrlPolicy::from_config(config)),
@@ -293,6 +295,18 @@ impl Senders {
             dingtalk: dingtalk::DingtalkSender::new(client.clone(), Arc::clone(&tokens)),
             feishu: feishu::FeishuSender::new(client.clone(), Arc::clone(&tokens)),
             getui: getui::GetuiSender::new(client, tokens),
+            allow_private_urls: config.allow_private_urls,
+        }
+    }
+
+    /// Checks an account config ([`check_account`]) and, unless `allow_private_urls`, that its
+    /// URLs name no private address.
+    pub fn check_account(&self, channel: Channel, config: &Value) -> Result<(), String> {
+        check_account(channel, config)?;
+        if self.allow_private_urls {
+            Ok(())
+        } else {
+            fetch::check_account_urls(config)
         }
     }
 

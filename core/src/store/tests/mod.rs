@@ -85,6 +85,7 @@ on_both!(
     campaign_runs_checkpoints_and_cancel,
     campaign_resumes_after_a_lost_lease,
     concurrent_campaign_claims_admit_one,
+    secrets_are_sealed_at_rest,
 );
 
 mod campaigns;
@@ -106,20 +107,184 @@ async fn apps_and_keys(store: Store) {
         store.create_app("shop").await,
         Err(StoreError::Conflict(_))
     ));
+    let (found, first) = store.key_by_hash(&hash_key(&key)).await.unwrap().unwrap();
+    assert_eq!(found, app);
+    assert_eq!(first.scopes, Scopes::ADMIN);
+    assert!(first.live_at(now_ms()));
+    assert_eq!(store.key_by_hash(&hash_key("hk_nope")).await.unwrap(), None);
+
+    // A second key with fewer rights, expiring; then revoking the first.
+    let (second, key2) = store
+        .create_key(
+            app_id,
+            &NewKey {
+                name: "sender".into(),
+                scopes: Scopes::of(&[Scope::Send, Scope::Read]),
+                expires_at: Some(now_ms() + 60_000),
+            },
+        )
+        .await
+        .unwrap();
+    assert_ne!(key2, key);
+    assert!(second.scopes.allows(Scope::Send) && !second.scopes.allows(Scope::Templates));
     assert_eq!(
-        store.app_by_key_hash(&hash_key(&key)).await.unwrap(),
-        Some(app)
+        store
+            .key_by_hash(&hash_key(&key2))
+            .await
+            .unwrap()
+            .unwrap()
+            .1,
+        second
     );
+    let listed = store.keys(app_id).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    let revoked = store.revoke_key(app_id, &first.key_id).await.unwrap();
+    assert!(revoked.revoked_at.is_some() && !revoked.live_at(now_ms()));
+    assert_eq!(store.key_by_hash(&hash_key(&key)).await.unwrap(), None);
+    // Expiry only moves earlier; a key of another app is not found.
+    let expired = store.expire_key(app_id, &second.key_id, 1).await.unwrap();
+    assert_eq!(expired.expires_at, Some(1));
+    assert!(!expired.live_at(now_ms()));
+    let later = store
+        .expire_key(app_id, &second.key_id, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(later.expires_at, Some(1));
+    let (other, _) = store.create_app("other").await.unwrap();
+    assert!(matches!(
+        store.revoke_key(other.id, &second.key_id).await,
+        Err(StoreError::NotFound)
+    ));
+
+    // The audit log: newest first, per app, paged by id.
+    for n in 0..3 {
+        store
+            .record_audit(
+                app_id,
+                &first.key_id,
+                "template.update",
+                &format!("template:{n}"),
+                &serde_json::json!({"n": n}),
+            )
+            .await
+            .unwrap();
+    }
+    store
+        .record_audit(
+            other.id,
+            "cli",
+            "key.create",
+            "key:x",
+            &serde_json::json!({}),
+        )
+        .await
+        .unwrap();
+    let log = store.audit_log(app_id, None, 2).await.unwrap();
     assert_eq!(
-        store.app_by_key_hash(&hash_key("hk_nope")).await.unwrap(),
-        None
+        log.iter().map(|e| e.target.as_str()).collect::<Vec<_>>(),
+        ["template:2", "template:1"]
     );
+    let rest = store.audit_log(app_id, Some(log[1].id), 10).await.unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].detail, serde_json::json!({"n": 0}));
     assert_eq!(
         store.app_by_name("shop").await.unwrap().map(|a| a.id),
         Some(app_id)
     );
     assert_eq!(store.app_by_name("nope").await.unwrap(), None);
     store.ping().await.unwrap();
+}
+
+async fn secrets_are_sealed_at_rest(store: Store) {
+    use crate::secrets::SecretBox;
+    let (app, _) = store.create_app("shop").await.unwrap();
+    // An account and a token written before encryption was configured stay readable.
+    let clear = store
+        .create_account(
+            app.id,
+            "old",
+            Channel::Webhook,
+            &json!({"secret": "clear-secret"}),
+        )
+        .await
+        .unwrap();
+    store.put_vendor_token("t", "clear-token", 1).await.unwrap();
+    let old_key = SecretBox::generate_entry("old");
+    let sealing = store
+        .clone()
+        .with_secrets(Arc::new(SecretBox::parse(&old_key).unwrap()));
+    assert_eq!(sealing.account(app.id, clear.id).await.unwrap(), clear);
+    let sealed = sealing
+        .create_account(
+            app.id,
+            "new",
+            Channel::Webhook,
+            &json!({"secret": "hunter2"}),
+        )
+        .await
+        .unwrap();
+    sealing.put_vendor_token("u", "tok-123", 2).await.unwrap();
+    let raw = |table: &'static str| {
+        let pool = store.pool.clone();
+        async move {
+            let column = if table == "accounts" {
+                "config"
+            } else {
+                "token"
+            };
+            sqlx::query_scalar::<_, String>(&format!("SELECT {column} FROM {table}"))
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+                .join(" ")
+        }
+    };
+    let on_disk = format!("{} {}", raw("accounts").await, raw("vendor_tokens").await);
+    assert!(
+        !on_disk.contains("hunter2") && !on_disk.contains("tok-123"),
+        "{on_disk}"
+    );
+    assert_eq!(
+        sealing.account(app.id, sealed.id).await.unwrap().config,
+        json!({"secret": "hunter2"})
+    );
+    assert_eq!(
+        sealing.vendor_token("u").await.unwrap(),
+        Some(("tok-123".to_string(), 2))
+    );
+    // Without the key, a sealed value is an error that names no secret.
+    let e = store
+        .account(app.id, sealed.id)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no secret key is configured"), "{e}");
+    // Dropping a token compares the opened value.
+    sealing.drop_vendor_token("u", "other").await.unwrap();
+    assert!(sealing.vendor_token("u").await.unwrap().is_some());
+    sealing.drop_vendor_token("u", "tok-123").await.unwrap();
+    assert_eq!(sealing.vendor_token("u").await.unwrap(), None);
+    // Rotation: a new key first; resealing moves everything (the clear rows too) to it.
+    let ring = format!("{},{old_key}", SecretBox::generate_entry("new"));
+    let rotated = store
+        .clone()
+        .with_secrets(Arc::new(SecretBox::parse(&ring).unwrap()));
+    assert_eq!(rotated.reseal_secrets().await.unwrap(), 3);
+    assert_eq!(rotated.reseal_secrets().await.unwrap(), 0);
+    let on_disk = format!("{} {}", raw("accounts").await, raw("vendor_tokens").await);
+    assert!(
+        !on_disk.contains("clear-secret") && !on_disk.contains(":old:"),
+        "{on_disk}"
+    );
+    let only_new = store.clone().with_secrets(Arc::new(
+        SecretBox::parse(ring.split(',').next().unwrap()).unwrap(),
+    ));
+    assert_eq!(only_new.account(app.id, clear.id).await.unwrap(), clear);
+    assert_eq!(only_new.account(app.id, sealed.id).await.unwrap(), sealed);
+    assert_eq!(
+        only_new.vendor_token("t").await.unwrap(),
+        Some(("clear-token".to_string(), 1))
+    );
 }
 
 async fn accounts_and_templates(store: Store) {
@@ -607,4 +772,44 @@ async fn recall_finds_sent_messages_and_marks_them_once(store: Store) {
             .len(),
         1
     );
+}
+
+/// A full SQLite database (its page limit reached, as on a full disk) and a pool that cannot
+/// connect are "unavailable" (answered `503`, retried), unlike a request the store refuses.
+#[tokio::test]
+async fn a_full_or_unreachable_store_is_unavailable() {
+    let fresh = sqlite().await;
+    let mut conn = fresh.store.pool.acquire().await.unwrap();
+    let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query(&format!("PRAGMA max_page_count = {pages}"))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let full: StoreError = sqlx::query("INSERT INTO apps (name, created_at) VALUES ($1, 0)")
+        .bind("x".repeat(64 * 1024))
+        .execute(&mut *conn)
+        .await
+        .unwrap_err()
+        .into();
+    assert!(full.is_unavailable(), "{full}");
+    let conflict: StoreError = fresh
+        .store
+        .create_app("a")
+        .await
+        .map(|_| ())
+        .and(fresh.store.create_app("a").await.map(|_| ()))
+        .unwrap_err();
+    assert!(!conflict.is_unavailable(), "{conflict}");
+    drop(conn);
+
+    let unreachable = AnyPoolOptions::new()
+        .acquire_timeout(std::time::Duration::from_millis(500))
+        .connect("postgres://postgres@127.0.0.1:1/none")
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert!(StoreError::from(unreachable).is_unavailable());
 }
