@@ -378,12 +378,15 @@ impl Aggregator {
     }
 }
 
+/// An hour of `delivery_events` (its start) and its counted event files.
+type HourFiles = (DateTime<Utc>, Vec<String>);
+
 /// The hours of `delivery_events` (their start) that end after `bound` (all without one), each
 /// with its counted event files (on time or late only for their minute), sorted.
 fn open_hours(
     wh: &Warehouse,
     bound: Option<DateTime<Utc>>,
-) -> Result<Vec<(DateTime<Utc>, Vec<String>)>, AnalyticsError> {
+) -> Result<Vec<HourFiles>, AnalyticsError> {
     let after = |start: DateTime<Utc>, width: TimeDelta| bound.is_none_or(|b| start + width > b);
     let mut out = Vec::new();
     for dt in wh.dirs(TABLE)? {
