@@ -5,7 +5,8 @@
 pub mod bench;
 
 use anyhow::Context;
-use herald_analytics::{EventIndex, Sink, SinkConfig, SinkStats, Warehouse};
+use herald_analytics::stats::{HOUR_TABLE, MINUTE_TABLE};
+use herald_analytics::{Aggregator, EventIndex, Sink, SinkConfig, SinkStats, Warehouse};
 use herald_core::bus::embedded::EmbeddedBus;
 use herald_core::bus::kafka::{KafkaBus, herald_topics};
 use herald_core::bus::{Bus, Delivered};
@@ -13,7 +14,7 @@ use herald_core::config::{BusKind, Config};
 use herald_core::secrets::SecretBox;
 use herald_core::store::Account;
 use herald_core::store::Store;
-use herald_core::telemetry::{Metrics, TopicGroup};
+use herald_core::telemetry::{Metrics, TableLabel, TopicGroup};
 use herald_core::wire::{DELIVERY_TOPIC, DeliveryEvent, REQUESTS_TOPIC};
 use herald_core::{Channel, MessageId, MessageRecord, Receipt};
 use herald_dispatch::channels::{self, Media, SendError, Senders};
@@ -159,14 +160,24 @@ impl Application {
             let location = self.config.warehouse_location();
             let warehouse = Warehouse::open(&location)
                 .with_context(|| format!("cannot open the warehouse {location}"))?;
+            let analytics = &self.config.analytics;
             let sink_config = SinkConfig {
-                max_rows: self.config.analytics.flush_rows,
-                max_age: self.config.analytics.flush_interval,
+                max_rows: analytics.flush_rows,
+                max_age: analytics.flush_interval,
+                allowed_lateness: analytics.allowed_lateness,
                 ..SinkConfig::default()
             };
             let index: Arc<dyn EventIndex> = Arc::new(StoreIndex(self.store.clone()));
-            let sink = Sink::recover(self.bus.clone(), warehouse, index, sink_config).await?;
+            let sink =
+                Sink::recover(self.bus.clone(), warehouse.clone(), index, sink_config).await?;
             sink_stats = Some(sink.stats());
+            let aggregator =
+                Aggregator::open(warehouse, sink.stats(), analytics.allowed_lateness).await?;
+            let (rx, interval) = (shutdown.clone(), analytics.stats_interval);
+            tasks.spawn(async move {
+                aggregator.run(interval, rx).await;
+                Ok(())
+            });
             let rx = shutdown.clone();
             tasks.spawn(async move { sink.run(rx).await.context("warehouse sink") });
         }
@@ -292,7 +303,7 @@ async fn watch(
         (REQUESTS_TOPIC, herald_dispatch::worker::GROUP),
         (DELIVERY_TOPIC, herald_analytics::CONSUMER_GROUP),
     ];
-    let (mut written, mut dropped) = (0, 0);
+    let (mut written, mut dropped, mut late_minute, mut late_hour) = (0, 0, 0, 0);
     loop {
         for (topic, group) in watched {
             if let Ok(lag) = bus.lag(topic, group).await {
@@ -310,6 +321,17 @@ async fn watch(
             metrics.warehouse_events.inc_by(w - written);
             metrics.warehouse_duplicates_dropped.inc_by(d - dropped);
             (written, dropped) = (w, d);
+            for (table, seen, now) in [
+                (MINUTE_TABLE, &mut late_minute, &stats.late_for_minute),
+                (HOUR_TABLE, &mut late_hour, &stats.late_for_hour),
+            ] {
+                let now = now.load(Relaxed);
+                metrics
+                    .stats_late_events
+                    .get_or_create(&TableLabel { table })
+                    .inc_by(now - *seen);
+                *seen = now;
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}

@@ -1,6 +1,8 @@
 //! herald-analytics: the delivery-log sink that streams `herald.delivery` into the Parquet
 //! warehouse exactly once ([`Sink`]), the warehouse layout ([`Warehouse`]), the
-//! `delivery_events` schema ([`schema()`]) and read-only SQL over the warehouse ([`sql`]).
+//! `delivery_events` schema ([`schema()`]), the windowed statistics computed from it
+//! ([`stats`], kept up to date by an [`Aggregator`]) and read-only SQL over the warehouse
+//! ([`sql`]).
 
 mod error;
 mod index;
@@ -9,6 +11,7 @@ pub mod reconcile;
 mod schema;
 mod sink;
 pub mod sql;
+pub mod stats;
 mod warehouse;
 
 #[cfg(test)]
@@ -18,4 +21,5 @@ pub use error::AnalyticsError;
 pub use index::{EventIndex, NoIndex};
 pub use schema::{TABLE, events_to_batch, schema};
 pub use sink::{CONSUMER_GROUP, Sink, SinkConfig, SinkStats};
+pub use stats::Aggregator;
 pub use warehouse::Warehouse;

@@ -21,6 +21,10 @@ pub(crate) struct Manifest {
     pub(crate) files: Vec<FileEntry>,
     /// Per bus partition, the next offset after everything this flush (and all before it) covers.
     pub(crate) positions: BTreeMap<u32, u64>,
+    /// The newest event time in this flush and all before it: what the stats watermark is
+    /// derived from (see [`crate::stats`]). Absent in manifests of versions without stats.
+    #[serde(default)]
+    pub(crate) max_event_ts: Option<DateTime<Utc>>,
 }
 
 /// A Parquet file of a flush: where it was staged, where it belongs, how many rows it holds.
@@ -33,13 +37,19 @@ pub(crate) struct FileEntry {
 
 impl Manifest {
     /// A manifest for flush `seq`.
-    pub(crate) fn new(seq: u64, files: Vec<FileEntry>, positions: BTreeMap<u32, u64>) -> Self {
+    pub(crate) fn new(
+        seq: u64,
+        files: Vec<FileEntry>,
+        positions: BTreeMap<u32, u64>,
+        max_event_ts: Option<DateTime<Utc>>,
+    ) -> Self {
         Manifest {
             version: VERSION,
             seq,
             created_at: Utc::now(),
             files,
             positions,
+            max_event_ts,
         }
     }
 
@@ -191,7 +201,12 @@ mod tests {
             path: format!("t/dt=x/part-{seq}.parquet"),
             rows: 3,
         };
-        Manifest::new(seq, vec![file], BTreeMap::from([(0, 10 + seq), (1, 4)]))
+        Manifest::new(
+            seq,
+            vec![file],
+            BTreeMap::from([(0, 10 + seq), (1, 4)]),
+            None,
+        )
     }
 
     fn check_newest_and_prune(wh: &Warehouse) {
@@ -230,6 +245,22 @@ mod tests {
     fn the_newest_manifest_wins_and_old_ones_are_pruned() {
         let dir = tempfile::tempdir().unwrap();
         check_newest_and_prune(&Warehouse::local(dir.path()));
+    }
+
+    #[test]
+    fn manifests_written_before_the_stats_read_without_an_event_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let wh = Warehouse::local(dir.path());
+        let old = r#"{"version": 1, "seq": 4, "created_at": "2026-11-26T07:00:00Z",
+            "files": [], "positions": {"0": 12}}"#;
+        wh.put_new(&Manifest::key(4), old.as_bytes()).unwrap();
+        let read = Manifest::newest(&wh).unwrap().unwrap();
+        assert_eq!((read.seq, read.max_event_ts), (4, None));
+
+        let mut m = manifest(5);
+        m.max_event_ts = Some(crate::testing::t0());
+        m.write(&wh).unwrap();
+        assert_eq!(Manifest::newest(&wh).unwrap().unwrap(), m);
     }
 
     #[test]

@@ -16,7 +16,8 @@
 //!    when the manifest exists;
 //! 3. renames the staged files into place (on an object store: copy, then delete) and fsyncs
 //!    their directories
-//!    ([`Manifest::complete_renames`]), then deletes all but the newest few manifests;
+//!    ([`Manifest::complete_renames`]), then deletes all but the newest few manifests, and
+//!    publishes the manifest's newest event time for the stats ([`SinkStats::event_time`]);
 //! 4. commits the manifest's positions to the bus;
 //! 5. hands the flushed events to the [`EventIndex`].
 //!
@@ -37,18 +38,30 @@
 //! Separately, dispatch re-emits events after its own crash with `redelivered` set and the
 //! same deterministic `event_id`; such an event is dropped if its id is in the buffer, in the
 //! flush being written, or already known to the index ([`EventIndex::known`]).
+//!
+//! # Late events
+//!
+//! Each flush judges its events against the stats watermark of the flushes committed before
+//! it (the newest event time in the previous manifest minus [`SinkConfig::allowed_lateness`])
+//! and names their files accordingly ([`Lateness`]): events too late for their window are
+//! written to `delivery_events` like every other, but in files that `delivery_stats_minute`
+//! or `delivery_stats_hour` leave out, and counted ([`SinkStats::late_for_minute`],
+//! [`SinkStats::late_for_hour`]). The judgement is part of the commit, so a recomputation of
+//! the stats, after a crash or not, always leaves out the same events (see [`crate::stats`]).
 
 use crate::error::AnalyticsError;
 use crate::index::EventIndex;
 use crate::manifest::{FileEntry, Manifest};
 use crate::schema::events_to_batch;
+use crate::stats::{Lateness, watermark};
 use crate::warehouse::{STAGING, Warehouse, WriterLock};
+use chrono::{DateTime, Utc};
 use herald_core::bus::{Bus, Consumer, Delivered};
 use herald_core::wire::DELIVERY_TOPIC;
 use herald_core::{DeliveryEvent, MessageId};
 use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, spawn_blocking};
@@ -72,6 +85,9 @@ pub struct SinkConfig {
     pub poll_timeout: Duration,
     /// How many of the newest manifests to keep.
     pub keep_manifests: usize,
+    /// How far behind the newest committed event time an event may be and still count in the
+    /// stats of its window (see [`crate::stats`]).
+    pub allowed_lateness: Duration,
 }
 
 impl Default for SinkConfig {
@@ -82,6 +98,7 @@ impl Default for SinkConfig {
             poll_max: 10_000,
             poll_timeout: Duration::from_millis(200),
             keep_manifests: 3,
+            allowed_lateness: Duration::from_secs(3600),
         }
     }
 }
@@ -101,6 +118,22 @@ pub struct SinkStats {
     pub last_flush_ms: AtomicU64,
     /// How long the last completed flush took, in milliseconds.
     pub last_flush_duration_ms: AtomicU64,
+    /// Events committed too late for their minute window: left out of `delivery_stats_minute`
+    /// (this includes those counted in `late_for_hour`).
+    pub late_for_minute: AtomicU64,
+    /// Events committed too late for their hour window: left out of `delivery_stats_hour`
+    /// (and of `delivery_stats_minute`).
+    pub late_for_hour: AtomicU64,
+    /// The newest event time of the flushes committed and moved into place: what the stats
+    /// aggregator's watermark follows.
+    pub event_time: Mutex<Option<DateTime<Utc>>>,
+}
+
+impl SinkStats {
+    /// The newest event time committed and in place, if any.
+    pub fn event_time(&self) -> Option<DateTime<Utc>> {
+        *self.event_time.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// A point in a flush where tests simulate a crash (see [`Faults`]).
@@ -195,6 +228,8 @@ pub struct Sink {
     inflight: Option<InFlight>,
     unfinished: Option<Committed>,
     next_seq: u64,
+    /// The newest event time committed (the newest manifest's): the stats watermark's base.
+    event_time: Option<DateTime<Utc>>,
     /// The warehouse's writer lock; a flush in flight holds it too, so that even a dropped
     /// sink's last flush ends before another sink can start.
     lock: Arc<WriterLock>,
@@ -241,6 +276,7 @@ impl Sink {
             buffer: Batch::default(),
             inflight: None,
             next_seq: newest.as_ref().map_or(1, |m| m.seq + 1),
+            event_time: newest.as_ref().and_then(|m| m.max_event_ts),
             unfinished: newest.map(|manifest| Committed {
                 manifest,
                 events: None,
@@ -400,11 +436,14 @@ impl Sink {
         merge_positions(&mut positions, &batch.positions);
         let (wh, faults, seq) = (self.warehouse.clone(), self.faults, self.next_seq);
         let lock = self.lock.clone();
+        let before = self.event_time;
+        let cutoff = before.and_then(|t| watermark(t, self.config.allowed_lateness));
         let task = spawn_blocking(move || {
             let _lock = lock;
-            let written = stage(&wh, seq, &mut events).and_then(|files| {
+            let newest = events.iter().map(|e| e.ts).max().max(before);
+            let written = stage(&wh, seq, &mut events, cutoff).and_then(|files| {
                 faults.check(Step::AfterStaging)?;
-                let manifest = Manifest::new(seq, files, positions);
+                let manifest = Manifest::new(seq, files, positions, newest);
                 manifest.write(&wh)?;
                 Ok(manifest)
             });
@@ -443,8 +482,22 @@ impl Sink {
         let files = manifest.files.len() as u64;
         self.stats.events_written.fetch_add(rows, Ordering::Relaxed);
         self.stats.files_written.fetch_add(files, Ordering::Relaxed);
+        for f in &manifest.files {
+            let late = Lateness::of_file(&f.path);
+            if matches!(late, Some(Lateness::LateMinute | Lateness::LateHour)) {
+                self.stats
+                    .late_for_minute
+                    .fetch_add(f.rows, Ordering::Relaxed);
+            }
+            if late == Some(Lateness::LateHour) {
+                self.stats
+                    .late_for_hour
+                    .fetch_add(f.rows, Ordering::Relaxed);
+            }
+        }
         self.committed = manifest.positions.clone();
         self.next_seq = manifest.seq + 1;
+        self.event_time = manifest.max_event_ts;
         let seq = manifest.seq;
         self.unfinished = Some(Committed {
             manifest,
@@ -485,6 +538,14 @@ impl Sink {
             read_back.then(|| manifest.read_events(&wh)).transpose()
         }))
         .await??;
+        if let Some(t) = committed.manifest.max_event_ts {
+            let mut published = self
+                .stats
+                .event_time
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            *published = (*published).max(Some(t));
+        }
         let events = committed
             .events
             .get_or_insert_with(|| read.unwrap_or_default());
@@ -517,22 +578,30 @@ async fn joined<T>(task: JoinHandle<T>) -> Result<T, AnalyticsError> {
     }
 }
 
-/// Writes `events` to one staged Parquet file per partition (sorting them by hour) and returns
-/// the entries for the manifest. On failure, removes what it staged.
+/// Writes `events` to one staged Parquet file per partition and [`Lateness`] against
+/// `watermark` (sorting them by both) and returns the entries for the manifest. On failure,
+/// removes what it staged.
 fn stage(
     wh: &Warehouse,
     seq: u64,
     events: &mut [DeliveryEvent],
+    watermark: Option<DateTime<Utc>>,
 ) -> Result<Vec<FileEntry>, AnalyticsError> {
-    let hour = |e: &DeliveryEvent| e.ts.timestamp().div_euclid(3600);
-    events.sort_by_key(hour);
+    let key = |e: &DeliveryEvent| {
+        (
+            e.ts.timestamp().div_euclid(3600),
+            Lateness::of(e.ts, watermark),
+        )
+    };
+    events.sort_by_key(key);
     let mut files: Vec<FileEntry> = Vec::new();
-    for (n, group) in events.chunk_by(|a, b| hour(a) == hour(b)).enumerate() {
+    for (n, group) in events.chunk_by(|a, b| key(a) == key(b)).enumerate() {
         let file = FileEntry {
             staged: format!("{STAGING}/{}.parquet", uuid::Uuid::now_v7()),
             path: format!(
-                "{}/part-{seq:020}-{n:04}.parquet",
-                Warehouse::partition_of(group[0].ts)
+                "{}/part-{seq:020}-{n:04}{}.parquet",
+                Warehouse::partition_of(group[0].ts),
+                key(&group[0]).1.suffix()
             ),
             rows: group.len() as u64,
         };

@@ -2,6 +2,7 @@
 
 use crate::error::AnalyticsError;
 use crate::schema::{TABLE, schema};
+use crate::stats::{Width, stats_schema};
 use crate::warehouse::Warehouse;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
@@ -28,7 +29,9 @@ pub async fn query(warehouse_root: &Path, sql: &str) -> Result<Vec<RecordBatch>,
 /// digits, `_`; not starting with `_`) is a table of Parquet files. `delivery_events` has the
 /// columns of [`schema()`] plus the hive partition columns `dt` and `hour` (strings, so
 /// `WHERE dt = '2026-11-26'` skips other days' files) and exists even when nothing was written
-/// yet; other tables get their schema and `key=value` partition columns from their files.
+/// yet; so do `delivery_stats_minute` (partitions `dt`, `hour`) and `delivery_stats_hour`
+/// (partition `dt`), with the columns of `sql/delivery_stats.sql` (see [`crate::stats`]);
+/// other tables get their schema and `key=value` partition columns from their files.
 /// DDL, DML (`INSERT`, `COPY`) and other statements (`SET`) are rejected.
 pub async fn query_warehouse(
     warehouse: &Warehouse,
@@ -55,24 +58,36 @@ async fn register_tables(ctx: &SessionContext, wh: &Warehouse) -> Result<(), Ana
     tables.retain(|name| is_table_name(name));
     let parquet =
         || ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
-    if !tables.iter().any(|t| t == TABLE) {
-        let mut fields = schema().fields().to_vec();
+    let mut fixed = vec![(TABLE, schema(), partition_columns())];
+    for width in [Width::Minute, Width::Hour] {
+        fixed.push((
+            width.table(),
+            stats_schema(width).await?,
+            width.partition_columns(),
+        ));
+    }
+    for (name, table_schema, partitions) in fixed {
+        if tables.iter().any(|t| t == name) {
+            let url = ListingTableUrl::parse(wh.table_url(name))?;
+            let options = parquet().with_table_partition_cols(partitions);
+            ctx.register_listing_table(name, url.as_str(), options, Some(table_schema), None)
+                .await?;
+            continue;
+        }
+        let mut fields = table_schema.fields().to_vec();
         fields.extend(
-            partition_columns()
+            partitions
                 .into_iter()
                 .map(|(n, t)| Arc::new(Field::new(n, t, false))),
         );
         let empty = MemTable::try_new(Arc::new(Schema::new(fields)), vec![vec![]])?;
-        ctx.register_table(TABLE, Arc::new(empty))?;
+        ctx.register_table(name, Arc::new(empty))?;
     }
     for name in tables {
-        let url = ListingTableUrl::parse(wh.table_url(&name))?;
-        if name == TABLE {
-            let options = parquet().with_table_partition_cols(partition_columns());
-            ctx.register_listing_table(TABLE, url.as_str(), options, Some(schema()), None)
-                .await?;
+        if ctx.table_exist(name.as_str())? {
             continue;
         }
+        let url = ListingTableUrl::parse(wh.table_url(&name))?;
         let state = ctx.state();
         let partitions = parquet().infer_partitions(&state, &url).await?;
         let options = parquet().with_table_partition_cols(

@@ -384,6 +384,36 @@ impl Warehouse {
         Ok(names)
     }
 
+    /// The names of the directories (key prefixes) directly in `dir` (none if it does not exist).
+    pub(crate) fn dirs(&self, dir: &str) -> Result<Vec<String>, AnalyticsError> {
+        let root = match &self.backend {
+            Backend::Local(root) => root,
+            Backend::Remote(r) => {
+                let path = r.object(dir)?;
+                let listed = r.block_on(dir, r.store.list_with_delimiter(Some(&path)))?;
+                return Ok(listed
+                    .common_prefixes
+                    .iter()
+                    .filter_map(|p| p.filename().map(str::to_string))
+                    .collect());
+            }
+        };
+        let path = root.join(dir);
+        let entries = match fs::read_dir(&path) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).at(&path),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.at(&path)?;
+            if entry.file_type().at(&path)?.is_dir() {
+                names.extend(entry.file_name().to_str().map(str::to_string));
+            }
+        }
+        Ok(names)
+    }
+
     /// Deletes `key` if it exists.
     pub(crate) fn delete(&self, key: &str) -> Result<(), AnalyticsError> {
         match &self.backend {
@@ -543,6 +573,9 @@ mod tests {
         assert_eq!(wh.get("b/c/y").unwrap(), b"1");
         assert_eq!(wh.list("b/c").unwrap(), vec!["y".to_string()]);
         assert!(wh.list("b").unwrap().is_empty());
+        assert_eq!(wh.dirs("b").unwrap(), vec!["c".to_string()]);
+        assert!(wh.dirs("b/c").unwrap().is_empty());
+        assert!(wh.dirs("nope").unwrap().is_empty());
         assert!(wh.list("nope").unwrap().is_empty());
         wh.delete("b/c/y").unwrap();
         wh.delete("b/c/y").unwrap();

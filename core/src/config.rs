@@ -297,7 +297,7 @@ impl Default for DispatchConfig {
     }
 }
 
-/// The warehouse sink.
+/// The warehouse sink and the delivery statistics.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AnalyticsConfig {
@@ -306,6 +306,16 @@ pub struct AnalyticsConfig {
     /// ...or when the oldest buffered event is this old.
     #[serde(deserialize_with = "duration")]
     pub flush_interval: Duration,
+    /// How far (in event time) behind the newest event written an event may arrive and still
+    /// count in `delivery_stats_minute` and `delivery_stats_hour`: a window closes when the
+    /// newest event time minus this passes its end. Later events are kept in
+    /// `delivery_events` but left out of the stats, and counted in
+    /// `herald_stats_late_events_total`.
+    #[serde(deserialize_with = "duration")]
+    pub allowed_lateness: Duration,
+    /// How often the stats of hours whose events changed are recomputed.
+    #[serde(deserialize_with = "duration")]
+    pub stats_interval: Duration,
 }
 
 impl Default for AnalyticsConfig {
@@ -313,6 +323,8 @@ impl Default for AnalyticsConfig {
         AnalyticsConfig {
             flush_rows: 20_000,
             flush_interval: Duration::from_secs(1),
+            allowed_lateness: Duration::from_secs(3600),
+            stats_interval: Duration::from_secs(10),
         }
     }
 }

@@ -57,6 +57,15 @@ pub struct Metrics {
     pub rate_limited: Family<AccountLabel, Counter>,
     /// Changes made whose audit entry could not be recorded.
     pub audit_failures: Counter,
+    /// Delivery events written too late for their window, by the stats table that leaves them
+    /// out (`delivery_stats_minute` counts those too late for the hour as well).
+    pub stats_late_events: Family<TableLabel, Counter>,
+}
+
+/// Label of a warehouse table.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabel {
+    pub table: &'static str,
 }
 
 /// Label of a vendor account.
@@ -105,6 +114,7 @@ impl Metrics {
             failovers: Family::default(),
             rate_limited: Family::default(),
             audit_failures: Counter::default(),
+            stats_late_events: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -181,6 +191,12 @@ impl Metrics {
             "rate_limited",
             "Messages a vendor account's rate limit held, in the worker or in the schedule",
             m.rate_limited.clone(),
+        );
+        registry.register(
+            "stats_late_events",
+            "Delivery events kept in delivery_events but left out of a stats table because they \
+             arrived after their window closed (analytics.allowed_lateness), by table",
+            m.stats_late_events.clone(),
         );
         Arc::new(Metrics { registry, ..m })
     }

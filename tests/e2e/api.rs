@@ -64,6 +64,26 @@ async fn inbox_walkthrough_send_trace_list_read_and_sql() {
         "state,n\naccepted,3\nreceived,3\nsending,3\nsent,3"
     );
 
+    // The analytics role keeps the windowed stats up to date (a pass every 100 ms here).
+    let stats = "SELECT state, sum(events) AS n FROM delivery_stats_minute GROUP BY state \
+                 UNION ALL SELECT 'hour ' || state, sum(events) FROM delivery_stats_hour \
+                 GROUP BY state ORDER BY 1";
+    let want = "state,n\naccepted,3\nhour accepted,3\nhour received,3\nhour sending,3\n\
+                hour sent,3\nreceived,3\nsending,3\nsent,3";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while sql_csv(&app.warehouse(), stats).await.trim() != want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stats never caught up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let metrics = app.metrics_text().await;
+    for table in ["delivery_stats_minute", "delivery_stats_hour"] {
+        let line = format!("herald_stats_late_events_total{{table=\"{table}\"}} 0");
+        assert!(metrics.contains(&line), "{line} missing: {metrics}");
+    }
+
     // A reader herald did not write (pyarrow) sees the same table and the contract's columns.
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/read_parquet.py");

@@ -21,7 +21,8 @@ pub struct TestApp {
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
-/// The config every test starts from: a temp data dir, a free port, fast warehouse flushes.
+/// The config every test starts from: a temp data dir, a free port, fast warehouse flushes
+/// and stats passes.
 pub fn test_config(dir: &Path) -> Config {
     let mut c = Config {
         data_dir: dir.to_path_buf(),
@@ -30,6 +31,7 @@ pub fn test_config(dir: &Path) -> Config {
     c.http.listen = "127.0.0.1:0".into();
     c.http.cache_ttl = Duration::from_millis(100);
     c.analytics.flush_interval = Duration::from_millis(100);
+    c.analytics.stats_interval = Duration::from_millis(100);
     c.bus.fsync = false;
     // Vendor stand-ins and webhook receivers listen on 127.0.0.1.
     c.dispatch.allow_private_urls = true;
