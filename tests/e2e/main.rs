@@ -17,5 +17,6 @@ mod routing;
 mod s3;
 mod sms;
 mod support;
+mod traces;
 mod unsubscribe;
 mod wechat;
