@@ -3,7 +3,7 @@
 --
 -- Run by `herald reconcile` (analytics/src/reconcile/report.rs) over `bills` (the period's
 -- `vendor_bills`), `sends` (step 1) and `pairs` (step 4), after it fills in the bill's UTC
--- offset in microseconds and the price expressions built from `reconcile.prices`.
+-- offset in microseconds and the price expressions built from the price table (`prices`).
 WITH
 bills_in AS (
   SELECT line, vendor_message_id, receiver, ts AS billed_at, CAST(ts AS BIGINT) AS ts_us,
@@ -17,7 +17,7 @@ joined AS (
          p.matched_by,
          s.message_id, s.vendor_message_id AS sent_vendor_message_id,
          s.receiver AS sent_receiver, s.sent_at, s.ts_us AS sent_us, s.units AS herald_units,
-         s.account_id, s.msg_type, s.outcome
+         s.account_id, s.msg_type, s.outcome, s.cost_micros AS sent_cost_micros
   FROM bills_in b
   LEFT JOIN pairs p ON p.line = b.line
   FULL OUTER JOIN sends s ON s.message_id = p.message_id
@@ -53,8 +53,11 @@ SELECT
   bill_status,
   herald_units,
   billed_units,
-  -- Herald expects to pay for what it sent and the vendor did not report failed.
-  CASE WHEN outcome IN ('sent', 'delivered') THEN herald_units * (${expected_price}) END
+  -- Herald expects to pay for what it sent and the vendor did not report failed: the cost
+  -- dispatch put on the `sent` event (the price when it was sent), else its units times the
+  -- price now.
+  CASE WHEN outcome IN ('sent', 'delivered')
+       THEN coalesce(sent_cost_micros, herald_units * (${expected_price})) END
     AS expected_micros,
   CASE WHEN bill_line IS NOT NULL THEN coalesce(amount_micros, billed_units * (${billed_price})) END
     AS billed_micros

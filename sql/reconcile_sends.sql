@@ -3,7 +3,8 @@
 --
 -- Run by `herald reconcile` (analytics/src/reconcile/report.rs) over `delivery_events` after it
 -- fills in the placeholders: the vendor, the `dt` partitions to read (the period and the three
--- days of receipts after it) and the period as Unix microseconds [start_us, end_us).
+-- days of receipts after it), the period as Unix microseconds [start_us, end_us) and the
+-- currency of the vendor's prices (the cost dispatch put on `sent` events counts only in it).
 WITH
 -- The vendor's accounts: `send_failed` events carry the account but no vendor.
 accounts AS (
@@ -13,7 +14,7 @@ accounts AS (
 ),
 events AS (
   SELECT message_id, state, ts, CAST(ts AS BIGINT) AS ts_us, receiver, vendor_message_id,
-         billing_units, account_id, msg_type
+         billing_units, account_id, msg_type, cost_micros, currency
   FROM delivery_events
   WHERE dt BETWEEN '${dt_from}' AND '${dt_to}'
     AND ((vendor = '${vendor}' AND state IN ('sent', 'delivered', 'delivery_failed'))
@@ -25,6 +26,7 @@ SELECT message_id,
        max(receiver) AS receiver,
        max(vendor_message_id) FILTER (WHERE state = 'sent') AS vendor_message_id,
        max(billing_units) FILTER (WHERE state = 'sent') AS units,
+       max(cost_micros) FILTER (WHERE state = 'sent' AND currency = '${currency}') AS cost_micros,
        max(account_id) AS account_id,
        max(msg_type) AS msg_type,
        CASE

@@ -190,6 +190,7 @@ impl Application {
                 self.metrics.clone(),
                 self.config.dispatch.clone(),
             )
+            .with_prices(self.config.prices.clone())
             .with_requests(Arc::new(ProducerRequests {
                 api: self.api_state(&senders),
                 trusted: self.config.producers.trusted,

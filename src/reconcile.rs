@@ -43,6 +43,7 @@ pub async fn run(config: &Config, args: ReconcileArgs) -> anyhow::Result<()> {
     let report = reconcile(
         &warehouse,
         &config.reconcile,
+        &config.prices,
         &args.vendor,
         &args.bill,
         format,

@@ -16,9 +16,10 @@
 //!    `reconcile.match_window`, when each is the other's nearest.
 //! 3. **Report** (`sql/reconcile_rows.sql`, `reconcile_daily.sql`): each pair or leftover falls
 //!    in exactly one category ([`CATEGORIES`]), counted per day of the bill's time zone with
-//!    the billing units and the money: herald's expected cost (billing units × the
-//!    `reconcile.prices` rule that fits, for messages sent and not reported failed) beside the
-//!    billed amount (the bill's amount column, else its units × the same price). Written to
+//!    the billing units and the money: herald's expected cost (for messages sent and not
+//!    reported failed: the cost on the `sent` event, which dispatch priced when it sent, else
+//!    billing units × the rule of the price table, `[[prices]]`, that fits now) beside the
+//!    billed amount (the bill's amount column, else its units × the table's price). Written to
 //!    `reconciliation/vendor=V/period=P/{daily.parquet,daily.csv,summary.md}` and, one row per
 //!    bill row or message, `reconciliation_rows/vendor=V/period=P/rows.parquet`.
 //!

@@ -4,6 +4,7 @@
 
 use crate::bus::embedded::EmbeddedBusConfig;
 use crate::bus::kafka::KafkaConfig;
+use crate::prices::PriceTable;
 use serde::{Deserialize, Deserializer, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -34,6 +35,11 @@ pub struct Config {
     pub analytics: AnalyticsConfig,
     pub reconcile: ReconcileConfig,
     pub security: SecurityConfig,
+    /// What herald expects to pay vendors (`[[prices]]`, see [`crate::prices`]): dispatch puts
+    /// each `sent` event's cost on it and `herald reconcile` prices bills with it. Its old
+    /// place, `[[reconcile.prices]]`, is still read (as if written here); setting both is an
+    /// error.
+    pub prices: PriceTable,
 }
 
 impl Default for Config {
@@ -52,6 +58,7 @@ impl Default for Config {
             analytics: AnalyticsConfig::default(),
             reconcile: ReconcileConfig::default(),
             security: SecurityConfig::default(),
+            prices: PriceTable::default(),
         }
     }
 }
@@ -340,9 +347,6 @@ pub struct ReconcileConfig {
     /// and still be matched by receiver.
     #[serde(deserialize_with = "duration")]
     pub match_window: Duration,
-    /// What herald expects to pay per billing unit; for each message the most specific rule
-    /// of its vendor applies (account, then country prefix (the longest), then message type).
-    pub prices: Vec<PriceRule>,
     /// The header names of the `generic` bill format.
     pub generic_columns: GenericBillColumns,
 }
@@ -352,27 +356,9 @@ impl Default for ReconcileConfig {
         ReconcileConfig {
             utc_offset: "+08:00".into(),
             match_window: Duration::from_secs(600),
-            prices: Vec::new(),
             generic_columns: GenericBillColumns::default(),
         }
     }
-}
-
-/// One price: `unit_price_micros` (millionths of `currency`) per billing unit.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PriceRule {
-    /// The vendor as on `sent` events (`tencent`, `aliyun`, ...).
-    pub vendor: String,
-    /// Only messages sent through this account.
-    pub account_id: Option<i64>,
-    /// Only receivers starting with this (`+86`, `+852`).
-    pub country_prefix: Option<String>,
-    /// Only this message type (`notice`, `marketing`, `auth_code`).
-    pub msg_type: Option<String>,
-    pub unit_price_micros: i64,
-    /// ISO 4217 code, e.g. `CNY`; one currency per vendor.
-    pub currency: String,
 }
 
 /// Header names of a generic bill CSV (one row per message and receiver).
@@ -449,6 +435,7 @@ impl Config {
             set_path(&mut merged, &path, scalar(&value))
                 .map_err(|e| ConfigError::Invalid(format!("{key}: {e}")))?;
         }
+        move_old_prices(&mut merged)?;
         Config::deserialize(toml::Value::Table(merged))
             .map_err(|e| ConfigError::Invalid(e.to_string()))
     }
@@ -471,6 +458,25 @@ impl Config {
     pub fn bus_dir(&self) -> PathBuf {
         self.data_dir.join("bus")
     }
+}
+
+/// Reads `[[reconcile.prices]]`, where the price table was before dispatch used it too, as the
+/// top-level `[[prices]]`.
+fn move_old_prices(merged: &mut toml::Table) -> Result<(), ConfigError> {
+    let old = match merged.get_mut("reconcile") {
+        Some(toml::Value::Table(reconcile)) => reconcile.remove("prices"),
+        _ => None,
+    };
+    if let Some(old) = old {
+        if merged.contains_key("prices") {
+            return Err(ConfigError::Invalid(
+                "both `prices` and `reconcile.prices` are set; keep one price table, `[[prices]]`"
+                    .into(),
+            ));
+        }
+        merged.insert("prices".into(), old);
+    }
+    Ok(())
 }
 
 /// An environment value as TOML: integers, floats and booleans keep their type; the rest are strings.
@@ -594,6 +600,36 @@ mod tests {
         assert_eq!(c.store_url(), "sqlite:///srv/h/herald.db");
         assert_eq!(c.bus_kind, BusKind::Kafka);
         assert!(!c.producers.trusted);
+    }
+
+    #[test]
+    fn prices_are_read_at_the_top_or_in_their_old_place_but_not_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("herald.toml");
+        let rule = "vendor = \"tencent\"\nunit_price_micros = 45000\ncurrency = \"CNY\"\n";
+        let load = |text: String| {
+            std::fs::write(&file, text).unwrap();
+            Config::load(Some(&file), Vec::<(String, String)>::new())
+        };
+        for text in [
+            format!("[[prices]]\n{rule}"),
+            format!("[reconcile]\nutc_offset = \"+08:00\"\n[[reconcile.prices]]\n{rule}"),
+        ] {
+            let c = load(text).unwrap();
+            let rule = c
+                .prices
+                .rule("tencent", None, "+8613800000000", crate::MsgType::Notice)
+                .unwrap();
+            assert_eq!(rule.unit_price_micros, 45_000);
+        }
+        let both = load(format!("[[prices]]\n{rule}[[reconcile.prices]]\n{rule}"));
+        assert!(
+            both.unwrap_err()
+                .to_string()
+                .contains("keep one price table")
+        );
+        let bad = load(format!("[[prices]]\n{rule}country_prefix = \"86\"\n"));
+        assert!(bad.unwrap_err().to_string().contains("country_prefix"));
     }
 
     #[test]

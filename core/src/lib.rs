@@ -5,6 +5,7 @@ pub mod bus;
 pub mod config;
 pub mod domain;
 pub mod policy;
+pub mod prices;
 pub mod secrets;
 pub mod store;
 pub mod telemetry;

@@ -34,6 +34,7 @@ use futures::stream::{self, StreamExt};
 use herald_core::bus::{Bus, BusError, Delivered, Record, next_positions};
 use herald_core::config::DispatchConfig;
 use herald_core::policy::rate_limits::most_urgent;
+use herald_core::prices::PriceTable;
 use herald_core::store::{
     Account, ClaimOutcome, LedgerState, MessageClaim, Reservation, ScheduleKind, ScheduledMessage,
     SentInbox, Store, StoreError,
@@ -99,6 +100,8 @@ pub struct Dispatcher {
     policies: Policies,
     breakers: Breakers,
     rates: RateLimiter,
+    /// Prices `sent` events (`cost_micros`, `currency`).
+    prices: PriceTable,
 }
 
 /// One message of a batch and what became of it.
@@ -280,7 +283,14 @@ impl Dispatcher {
             accounts: Mutex::default(),
             outcomes: OutcomeWriter::start(store_for_outcomes),
             requests: None,
+            prices: PriceTable::default(),
         }
+    }
+
+    /// Puts each `sent` event's cost on it from `prices` (without, costs stay null).
+    pub fn with_prices(mut self, prices: PriceTable) -> Self {
+        self.prices = prices;
+        self
     }
 
     /// Accepts records that Kafka producers write to `herald.requests`, checked by `expander`.
@@ -1181,6 +1191,7 @@ impl Dispatcher {
                     };
                     e.latency_ms = Some(t.latency_ms);
                     e.account_id = t.account_id.or(e.account_id);
+                    self.prices.put_cost(&mut e);
                     out.push(e);
                 }
             }

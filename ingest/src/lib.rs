@@ -1,7 +1,7 @@
 //! herald-ingest: the HTTP API. Authenticates apps, validates and renders send requests, and
 //! publishes one record per receiver to `herald.requests`; also serves templates, accounts,
-//! media upload, vendor receipt pushes, traces, the inbox, policies and receiver lists,
-//! API keys and the audit log, `/health` and `/metrics`.
+//! media upload, vendor receipt pushes, traces (per message, per receiver, per template), the
+//! inbox, policies and receiver lists, API keys and the audit log, `/health` and `/metrics`.
 
 mod auth;
 mod body;
@@ -14,6 +14,7 @@ pub mod producer;
 mod read;
 mod recall;
 mod send;
+mod traces;
 mod unsubscribe;
 mod vendors;
 
@@ -175,6 +176,11 @@ pub fn router(state: ApiState) -> Router {
                 .delete(catalog::delete_template),
         )
         .route("/v1/templates/{id}/recall", post(recall::recall_template))
+        .route("/v1/templates/{id}/stats", get(traces::template_stats))
+        .route(
+            "/v1/receivers/{receiver}/messages",
+            get(traces::receiver_messages),
+        )
         .route("/v1/campaigns", post(campaign::create).get(campaign::list))
         .route(
             "/v1/campaigns/{id}",

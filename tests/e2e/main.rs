@@ -19,5 +19,6 @@ mod s3;
 mod security;
 mod sms;
 mod support;
+mod traces;
 mod unsubscribe;
 mod wechat;

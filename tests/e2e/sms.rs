@@ -1,10 +1,12 @@
 //! SMS end to end through a Tencent Cloud stand-in that verifies TC3-HMAC-SHA256 signatures with
 //! its own code (written from Tencent's signature v3 documentation, not herald's): a batch with
-//! one failing number, billing units on `sent`, and a pushed receipt becoming `delivered`.
+//! one failing number, billing units on `sent`, and a pushed receipt becoming `delivered`; the
+//! price table's cost on `sent` events, in the warehouse.
 
-use crate::support::{TestApp, message_ids};
+use crate::support::{TestApp, message_ids, sql_csv};
 use axum::body::Bytes;
 use axum::http::HeaderMap;
+use herald_core::prices::{PriceRule, PriceTable};
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -299,5 +301,81 @@ async fn pulled_receipts_become_delivery_events() {
             .await,
         1.0
     );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn sms_sent_events_carry_their_cost_into_the_warehouse() {
+    let (url, _, _) = tencent().await;
+    let app = TestApp::spawn_with(|c| {
+        let rule = |prefix: Option<&str>, micros| PriceRule {
+            vendor: "tencent".into(),
+            account_id: None,
+            country_prefix: prefix.map(str::to_string),
+            msg_type: None,
+            unit_price_micros: micros,
+            currency: "CNY".into(),
+        };
+        // Mainland numbers at 0.045 a unit, Hong Kong at 0.3; nothing else is priced.
+        c.prices =
+            PriceTable::new(vec![rule(Some("+86"), 45_000), rule(Some("+852"), 300_000)]).unwrap();
+    })
+    .await;
+    let (_, account) = app
+        .post(
+            "/v1/accounts",
+            json!({"name": "tencent", "channel": "sms", "config": {
+            "vendor": "tencent", "secret_id": SECRET_ID, "secret_key": SECRET_KEY,
+            "sdk_app_id": "1400006666", "sign_name": "Herald", "base_url": url}}),
+        )
+        .await;
+    let (s, t) = app
+        .post("/v1/templates", json!({"name": "notice", "channel": "sms", "msg_type": "notice", "account_id": account["id"],
+            "content": {"text": "{$body}", "tencent": {"template_id": "1", "params": ["{$body}"]}}}))
+        .await;
+    assert_eq!(s, 201, "{t}");
+    // 【Herald】 and 80 Chinese characters: 88 UCS-2 units, two parts of 67.
+    let long = "您".repeat(80);
+    let (s, a) = app
+        .post("/v1/send", json!({"template_id": t["id"],
+            "receivers": ["+8613800000001", "+85291234567", "+14155550123"], "variables": {"body": long}}))
+        .await;
+    assert_eq!(s, 202, "{a}");
+    let ids = message_ids(&a);
+    for id in &ids {
+        app.wait_for_state(id, "sent").await;
+    }
+    let trace = app.wait_for_state(&ids[0], "sent").await;
+    let sent = trace["events"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (
+            &sent["billing_units"],
+            &sent["cost_micros"],
+            &sent["currency"]
+        ),
+        (&json!(2), &json!(90_000), &json!("CNY")),
+        "{sent}"
+    );
+    // The trace answers once the warehouse has the events.
+    let csv = sql_csv(
+        &app.warehouse(),
+        "SELECT receiver, billing_units, cost_micros, currency FROM delivery_events \
+         WHERE state = 'sent' ORDER BY receiver",
+    )
+    .await;
+    assert_eq!(
+        csv,
+        "receiver,billing_units,cost_micros,currency\n\
+         +14155550123,2,,\n\
+         +85291234567,2,600000,CNY\n\
+         +8613800000001,2,90000,CNY\n"
+    );
+    // Only `sent` events carry a cost.
+    let csv = sql_csv(
+        &app.warehouse(),
+        "SELECT count(*) AS n FROM delivery_events WHERE cost_micros IS NOT NULL AND state <> 'sent'",
+    )
+    .await;
+    assert_eq!(csv, "n\n0\n");
     app.stop().await;
 }

@@ -17,8 +17,8 @@ use datafusion::datasource::listing::ListingOptions;
 use datafusion::execution::context::SessionContext;
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::prelude::ParquetReadOptions;
-use herald_core::MsgType;
-use herald_core::config::{PriceRule, ReconcileConfig};
+use herald_core::config::ReconcileConfig;
+use herald_core::prices::{PriceRule, PriceTable};
 use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
@@ -73,6 +73,7 @@ pub struct Reconciliation {
 pub async fn reconcile(
     wh: &Warehouse,
     config: &ReconcileConfig,
+    prices: &PriceTable,
     vendor: &str,
     bill: &Path,
     format: BillFormat,
@@ -80,7 +81,6 @@ pub async fn reconcile(
 ) -> Result<Reconciliation, ReconcileError> {
     check_vendor(vendor)?;
     let offset = parse_offset(&config.utc_offset)?;
-    Prices::of(&config.prices, vendor)?;
     let (bill, generic, v) = (
         bill.to_path_buf(),
         config.generic_columns.clone(),
@@ -90,7 +90,7 @@ pub async fn reconcile(
         import_bill(wh, &bill, format, &generic, &v, period, offset)
     })
     .await?;
-    run_report(wh, config, vendor, period).await
+    run_report(wh, config, prices, vendor, period).await
 }
 
 /// Reconciles the imported `vendor_bills` of `vendor` and `period` with `delivery_events` and
@@ -99,12 +99,13 @@ pub async fn reconcile(
 pub async fn run_report(
     wh: &Warehouse,
     config: &ReconcileConfig,
+    prices: &PriceTable,
     vendor: &str,
     period: Period,
 ) -> Result<Reconciliation, ReconcileError> {
     check_vendor(vendor)?;
     let offset = parse_offset(&config.utc_offset)?;
-    let prices = Prices::of(&config.prices, vendor)?;
+    let prices = Prices::of(prices, vendor);
     let window_us = i64::try_from(config.match_window.as_micros()).unwrap_or(i64::MAX);
     let (start, end) = (period.start(offset), period.end(offset));
     let day = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d").to_string();
@@ -119,6 +120,8 @@ pub async fn run_report(
             "offset_us",
             (i64::from(offset.local_minus_utc()) * 1_000_000).to_string(),
         ),
+        // Checked to be three capital letters; a vendor without prices has no priced events.
+        ("currency", prices.currency().unwrap_or("").to_string()),
         (
             "expected_price",
             prices.case_sql("sent_receiver", "account_id", "msg_type"),
@@ -288,54 +291,18 @@ fn fill(sql: &str, params: &[(&str, String)]) -> String {
     out
 }
 
-/// One vendor's price rules, most specific first.
+/// One vendor's price rules, most specific first (the order of [`PriceTable::rule`]).
 struct Prices<'a> {
     rules: Vec<&'a PriceRule>,
 }
 
 impl<'a> Prices<'a> {
-    /// The rules of `vendor`, checked: one currency, known message types, prefixes `+digits`.
-    fn of(all: &'a [PriceRule], vendor: &str) -> Result<Prices<'a>, ReconcileError> {
-        let bad = |message: String| ReconcileError::Invalid {
-            code: "bad_price",
-            message,
-        };
-        let mut rules: Vec<&PriceRule> = all.iter().filter(|r| r.vendor == vendor).collect();
-        for r in &rules {
-            if let Some(t) = &r.msg_type {
-                t.parse::<MsgType>().map_err(|_| {
-                    bad(format!(
-                        "reconcile.prices: msg_type `{t}` is not notice, marketing or auth_code"
-                    ))
-                })?;
-            }
-            if let Some(p) = &r.country_prefix {
-                let digits = p.strip_prefix('+').unwrap_or("");
-                if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-                    return Err(bad(format!(
-                        "reconcile.prices: country_prefix `{p}` is not `+` and digits"
-                    )));
-                }
-            }
-            if r.currency != rules[0].currency {
-                return Err(ReconcileError::Invalid {
-                    code: "mixed_currency",
-                    message: format!(
-                        "reconcile.prices: {vendor} has prices in {} and {}; one currency per vendor",
-                        rules[0].currency, r.currency
-                    ),
-                });
-            }
+    /// The rules of `vendor` (the table was checked when the config was read: one currency per
+    /// vendor, prefixes `+digits`, currencies three capital letters).
+    fn of(table: &'a PriceTable, vendor: &'a str) -> Prices<'a> {
+        Prices {
+            rules: table.of_vendor(vendor).collect(),
         }
-        // Stable: among equally specific rules the first in the config wins.
-        rules.sort_by_key(|r| {
-            std::cmp::Reverse((
-                r.account_id.is_some(),
-                r.country_prefix.as_ref().map_or(0, String::len),
-                r.msg_type.is_some(),
-            ))
-        });
-        Ok(Prices { rules })
     }
 
     fn currency(&self) -> Option<&str> {
@@ -355,12 +322,11 @@ impl<'a> Prices<'a> {
                 conds.push(format!("{account} = {a}"));
             }
             if let Some(p) = &r.country_prefix {
-                // Checked to be `+digits` in `of`.
+                // Checked to be `+digits` by `PriceTable::new`.
                 conds.push(format!("starts_with({receiver}, '{p}')"));
             }
-            if let Some(t) = &r.msg_type {
-                // Checked to be a message type name in `of`.
-                conds.push(format!("{msg_type} = '{t}'"));
+            if let Some(t) = r.msg_type {
+                conds.push(format!("{msg_type} = '{}'", t.as_str()));
             }
             let cond = if conds.is_empty() {
                 "true".to_string()
@@ -547,7 +513,7 @@ mod tests {
     use crate::testing::{TestWarehouse, blocking as on_blocking_thread};
     use chrono::{TimeZone, Utc};
     use herald_core::wire::event_id;
-    use herald_core::{Channel, DeliveryEvent, MessageId, State};
+    use herald_core::{Channel, DeliveryEvent, MessageId, MsgType, State};
 
     /// A tencent `sent` event of one unit at 2026-11-03T02:00Z (10:00 at UTC+08:00).
     fn sent(n: u128, receiver: &str, id: &str) -> DeliveryEvent {
@@ -602,21 +568,20 @@ mod tests {
              +8613800000003,2026-11-03 10:00:01,1,s-3\n",
         )
         .unwrap();
-        let config = ReconcileConfig {
-            prices: vec![PriceRule {
-                vendor: "tencent".into(),
-                account_id: None,
-                country_prefix: None,
-                msg_type: None,
-                unit_price_micros: 40_000,
-                currency: "CNY".into(),
-            }],
-            ..ReconcileConfig::default()
-        };
+        let prices = PriceTable::new(vec![PriceRule {
+            vendor: "tencent".into(),
+            account_id: None,
+            country_prefix: None,
+            msg_type: None,
+            unit_price_micros: 40_000,
+            currency: "CNY".into(),
+        }])
+        .unwrap();
         let period: Period = "2026-11".parse().unwrap();
         let report = reconcile(
             &wh.wh,
-            &config,
+            &ReconcileConfig::default(),
+            &prices,
             "tencent",
             &bill,
             BillFormat::Tencent,
@@ -650,60 +615,40 @@ mod tests {
         assert_eq!(String::from_utf8(md).unwrap(), report.summary);
     }
 
-    fn rule(account: Option<i64>, prefix: Option<&str>, msg_type: Option<&str>) -> PriceRule {
+    fn rule(account: Option<i64>, prefix: Option<&str>, msg_type: Option<MsgType>) -> PriceRule {
         PriceRule {
             vendor: "tencent".into(),
             account_id: account,
             country_prefix: prefix.map(str::to_string),
-            msg_type: msg_type.map(str::to_string),
+            msg_type,
             unit_price_micros: 1,
             currency: "CNY".into(),
         }
     }
 
     #[test]
-    fn the_most_specific_price_comes_first() {
-        let rules = vec![
+    fn the_sql_tries_prices_in_the_tables_order() {
+        let table = PriceTable::new(vec![
             rule(None, None, None),
-            rule(None, Some("+86"), Some("marketing")),
+            rule(None, Some("+86"), Some(MsgType::Marketing)),
             rule(None, Some("+852"), None),
             rule(Some(7), None, None),
             PriceRule {
                 vendor: "aliyun".into(),
                 ..rule(Some(8), None, None)
             },
-        ];
-        let sql = Prices::of(&rules, "tencent")
-            .unwrap()
-            .case_sql("r", "a", "t");
+        ])
+        .unwrap();
+        let sql = Prices::of(&table, "tencent").case_sql("r", "a", "t");
         assert_eq!(
             sql,
             "CASE WHEN a = 7 THEN 1 WHEN starts_with(r, '+852') THEN 1 \
              WHEN starts_with(r, '+86') AND t = 'marketing' THEN 1 WHEN true THEN 1 END"
         );
         assert_eq!(
-            Prices::of(&rules, "yunpian")
-                .unwrap()
-                .case_sql("r", "a", "t"),
+            Prices::of(&table, "yunpian").case_sql("r", "a", "t"),
             "CAST(NULL AS BIGINT)"
         );
-    }
-
-    #[test]
-    fn bad_prices_are_refused() {
-        let code = |rules: Vec<PriceRule>| {
-            Prices::of(&rules, "tencent")
-                .err()
-                .map(|e| e.code())
-                .unwrap_or("ok")
-        };
-        assert_eq!(code(vec![rule(None, Some("86'"), None)]), "bad_price");
-        assert_eq!(code(vec![rule(None, None, Some("promo"))]), "bad_price");
-        let usd = PriceRule {
-            currency: "USD".into(),
-            ..rule(None, None, None)
-        };
-        assert_eq!(code(vec![rule(None, None, None), usd]), "mixed_currency");
     }
 
     #[test]

@@ -1,11 +1,51 @@
-//! The per-message index of delivery events behind `GET /v1/messages/{id}`. The analytics sink
-//! writes it after each warehouse commit, so it never holds an event the warehouse lacks.
+//! The per-message index of delivery events behind `GET /v1/messages/{id}`, and each message's
+//! current state behind the tracing endpoints (`message_states`, read in `traces`). The analytics
+//! sink writes both after each warehouse commit, so they never hold an event the warehouse lacks.
 
 use super::{Store, StoreError, value_rows};
 use crate::domain::MessageId;
 use crate::wire::{DeliveryEvent, State};
 use sqlx::Row;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
+
+/// A state's place in the pipeline order ([`State::ALL`]), which breaks ties between events of
+/// one time and attempt.
+fn pipeline_rank(state: State) -> i64 {
+    State::ALL
+        .iter()
+        .position(|s| *s == state)
+        .map_or(i64::MAX, |i| i as i64)
+}
+
+/// Where an event sorts in its message's trace: time, attempt, pipeline order.
+fn trace_order(e: &DeliveryEvent) -> (i64, u32, i64) {
+    (e.ts.timestamp_micros(), e.attempt, pipeline_rank(e.state))
+}
+
+/// The statement that writes `rows` messages' rows of `message_states`: a message gets the new
+/// state when its event is later in the trace than the state's event, and its acceptance time
+/// is its earliest event's.
+fn upsert_states_sql(rows: usize) -> String {
+    let newer = "(excluded.state_at, excluded.state_attempt, excluded.state_rank) > \
+         (message_states.state_at, message_states.state_attempt, message_states.state_rank)";
+    let pick = |column: &str| {
+        format!(
+            "{column} = CASE WHEN {newer} THEN excluded.{column} ELSE message_states.{column} END"
+        )
+    };
+    format!(
+        "INSERT INTO message_states (message_id, app, receiver, template_id, channel, biz_id, \
+         accepted_at, state, state_at, state_attempt, state_rank) VALUES {} \
+         ON CONFLICT (message_id) DO UPDATE SET \
+         accepted_at = CASE WHEN excluded.accepted_at < message_states.accepted_at \
+         THEN excluded.accepted_at ELSE message_states.accepted_at END, {}, {}, {}, {}",
+        value_rows(rows, 11),
+        pick("state"),
+        pick("state_at"),
+        pick("state_attempt"),
+        pick("state_rank"),
+    )
+}
 
 impl Store {
     /// Adds events to the index; events already there are left as they are.
@@ -28,6 +68,38 @@ impl Store {
                     .bind(e.ts.timestamp_micros())
                     .bind(e.state.as_str())
                     .bind(serde_json::to_string(e).unwrap_or_default());
+            }
+            q.execute(&mut *tx).await?;
+        }
+        // One row per message (a statement may not update a row twice): its earliest and its
+        // latest event of the batch; by message id, so concurrent writers lock in one order.
+        let mut messages: BTreeMap<MessageId, (i64, &DeliveryEvent)> = BTreeMap::new();
+        for e in events {
+            let ts = e.ts.timestamp_micros();
+            let entry = messages.entry(e.message_id).or_insert((ts, e));
+            entry.0 = entry.0.min(ts);
+            if trace_order(e) > trace_order(entry.1) {
+                entry.1 = e;
+            }
+        }
+        let messages: Vec<_> = messages.into_iter().collect();
+        for chunk in messages.chunks(self.rows_per_statement(11)) {
+            let sql = upsert_states_sql(chunk.len());
+            let mut q = sqlx::query(&sql);
+            for (id, (accepted_at, e)) in chunk {
+                let (state_at, attempt, rank) = trace_order(e);
+                q = q
+                    .bind(id.to_string())
+                    .bind(&e.app)
+                    .bind(&e.receiver)
+                    .bind(e.template_id)
+                    .bind(e.channel.as_str())
+                    .bind(e.biz_id.as_deref())
+                    .bind(*accepted_at)
+                    .bind(e.state.as_str())
+                    .bind(state_at)
+                    .bind(i64::from(attempt))
+                    .bind(rank);
             }
             q.execute(&mut *tx).await?;
         }
@@ -78,13 +150,7 @@ impl Store {
             .collect::<Result<_, _>>()?;
         // Events of one batch can share a timestamp; the attempt, then pipeline order, breaks
         // the tie.
-        let rank = |s: State| {
-            State::ALL
-                .iter()
-                .position(|x| *x == s)
-                .unwrap_or(usize::MAX)
-        };
-        events.sort_by_key(|e| (e.ts, e.attempt, rank(e.state)));
+        events.sort_by_key(trace_order);
         Ok(events.into_iter().filter(|e| e.app == app).collect())
     }
 }

@@ -1,7 +1,8 @@
-//! The store (sqlx): apps, API keys and the audit log, channel accounts, templates, idempotency keys, the send
-//! ledger, the per-message event index behind the trace API, the inbox, and vendor state (access
-//! tokens, vendor message ids for receipts), and the state behind pipeline policies (policy
-//! documents, receiver lists, the schedule, dedup and frequency counters).
+//! The store (sqlx): apps, API keys and the audit log, channel accounts, templates, idempotency
+//! keys, the send ledger, the per-message event index behind the trace API (with each message's
+//! current state behind the tracing endpoints), the inbox, and vendor state (access tokens,
+//! vendor message ids for receipts), and the state behind pipeline policies (policy documents,
+//! receiver lists, the schedule, dedup and frequency counters).
 //!
 //! One implementation serves SQLite (the embedded deployment) and PostgreSQL (the distributed
 //! one) through sqlx's `Any` driver: every statement is written once in the SQL both accept
@@ -18,6 +19,7 @@ mod keys;
 mod ledger;
 mod policy;
 mod rates;
+mod traces;
 mod vendors;
 
 #[cfg(test)]
@@ -36,6 +38,7 @@ pub use policy::{
     ClaimOutcome, Limit, ListName, MessageClaim, Redrive, ScheduleKind, ScheduledMessage,
 };
 pub use rates::Reservation;
+pub use traces::{MessageSummary, TemplateStates};
 pub use vendors::PendingReceipt;
 
 use crate::secrets::{SecretBox, SecretError};

@@ -86,6 +86,7 @@ on_both!(
     campaign_resumes_after_a_lost_lease,
     concurrent_campaign_claims_admit_one,
     secrets_are_sealed_at_rest,
+    message_states_for_tracing,
 );
 
 mod campaigns;
@@ -93,6 +94,8 @@ use campaigns::{
     campaign_resumes_after_a_lost_lease, campaign_runs_checkpoints_and_cancel,
     campaign_upload_and_reads, concurrent_campaign_claims_admit_one,
 };
+mod traces;
+use traces::message_states_for_tracing;
 mod policy;
 use policy::{
     claims_pass_limits_once, concurrent_claims_respect_a_cap, policy_documents_and_lists,
