@@ -76,6 +76,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(unknown) = only.iter().find(|f| !FIGURES.split(',').any(|k| k == **f)) {
         bail!("--only: unknown figure `{unknown}` (expected some of {FIGURES})");
     }
+    if only.contains(&"aggregate") || only.contains(&"reconcile") {
+        warehouse::require_duckdb()?; // before anything runs, not minutes into the run
+    }
     let load_at_start = warehouse::load_average();
     let mut rows = Vec::new();
     // The bare handler is the baseline of the HTTP acceptance figures only.

@@ -8,7 +8,9 @@
 //! it, as the baseline of the matching. Both reports' totals must agree.
 
 use super::Row;
-use super::warehouse::{Scratch, duckdb, duckdb_view, require_duckdb, spread, write_hours};
+use super::warehouse::{
+    Scratch, cpu_seconds, duckdb, duckdb_view, require_duckdb, spread, write_hours,
+};
 use anyhow::{Context, bail};
 use chrono::{DateTime, Days, FixedOffset, Utc};
 use herald_analytics::Warehouse;
@@ -54,7 +56,7 @@ pub async fn figures(args: &super::BenchArgs) -> anyhow::Result<Vec<Row>> {
     let (wh, file) = (Warehouse::local(&root), bill.clone());
     tokio::task::spawn_blocking(move || {
         write_hours(&wh, n, HOURS, |i| send(i, at(i)))?;
-        write_bill(&file, n, |i| at(i))
+        write_bill(&file, n, at)
     })
     .await??;
     println!(
@@ -74,7 +76,7 @@ pub async fn figures(args: &super::BenchArgs) -> anyhow::Result<Vec<Row>> {
         ..ReconcileConfig::default()
     };
     let wh = Warehouse::local(&root);
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), cpu_seconds());
     let (w, generic) = (wh.clone(), config.generic_columns.clone());
     tokio::task::spawn_blocking(move || {
         import_bill(
@@ -88,10 +90,10 @@ pub async fn figures(args: &super::BenchArgs) -> anyhow::Result<Vec<Row>> {
         )
     })
     .await??;
-    let import = started.elapsed().as_secs_f64();
-    let started = Instant::now();
+    let (import, import_cpu) = (started.elapsed().as_secs_f64(), cpu_seconds() - cpu);
+    let (started, cpu) = (Instant::now(), cpu_seconds());
     let report = run_report(&wh, &config, VENDOR, period).await?;
-    let matching = started.elapsed().as_secs_f64();
+    let (matching, matching_cpu) = (started.elapsed().as_secs_f64(), cpu_seconds() - cpu);
     let herald = herald_analytics::sql::format(
         std::slice::from_ref(&report.daily),
         herald_analytics::sql::OutputFormat::Csv,
@@ -132,7 +134,8 @@ pub async fn figures(args: &super::BenchArgs) -> anyhow::Result<Vec<Row>> {
         Row::new(
             format!(
                 "DuckDB: {n} sends grouped and joined with the imported bill, daily categories \
-                 (baseline)"
+                 (baseline; CPU {:.1} s)",
+                duck.cpu
             ),
             duck.best,
             "s",
@@ -141,8 +144,8 @@ pub async fn figures(args: &super::BenchArgs) -> anyhow::Result<Vec<Row>> {
         ),
         Row::new(
             format!(
-                "herald reconcile, match and report ({matched} matched; ratio: DuckDB's time / \
-                 herald's)"
+                "herald reconcile, match and report ({matched} matched; CPU {matching_cpu:.1} s; \
+                 ratio: DuckDB's time / herald's)"
             ),
             matching,
             "s",
@@ -150,7 +153,7 @@ pub async fn figures(args: &super::BenchArgs) -> anyhow::Result<Vec<Row>> {
             None,
         ),
         Row::new(
-            format!("herald reconcile, importing the {n}-line CSV bill"),
+            format!("herald reconcile, importing the {n}-line CSV bill (CPU {import_cpu:.1} s)"),
             import,
             "s",
             0.0,
