@@ -9,11 +9,11 @@ bills_in AS (
 -- herald saw fail): same receiver, within the window; a pair is kept when each is the other's
 -- nearest.
 bills_left AS (
-  SELECT * FROM bills_in WHERE line NOT IN (SELECT line FROM by_id)
+  SELECT * FROM bills_in b WHERE NOT EXISTS (SELECT 1 FROM by_id i WHERE i.line = b.line)
 ),
 sends_left AS (
-  SELECT message_id, receiver, vendor_message_id, ts_us FROM sends
-  WHERE message_id NOT IN (SELECT message_id FROM by_id)
+  SELECT message_id, receiver, vendor_message_id, ts_us FROM sends s
+  WHERE NOT EXISTS (SELECT 1 FROM by_id i WHERE i.message_id = s.message_id)
 ),
 candidates AS (
   SELECT b.line, s.message_id, abs(b.ts_us - s.ts_us) AS gap

@@ -38,7 +38,9 @@ categorised AS (
   FROM joined
 )
 SELECT
-  to_char(to_timestamp_micros(coalesce(sent_us, billed_us) + ${offset_us}), '%Y-%m-%d') AS day,
+  -- A date cast to text is YYYY-MM-DD, and much cheaper than to_char.
+  CAST(CAST(to_timestamp_micros(coalesce(sent_us, billed_us) + ${offset_us}) AS DATE) AS VARCHAR)
+    AS day,
   category,
   matched_by,
   message_id,

@@ -37,12 +37,21 @@ pub struct BenchArgs {
     /// which the figure measures first).
     #[arg(long, default_value_t = 500)]
     pub rate_limit: u32,
+    /// Delivery events published to the embedded bus and drained by the warehouse sink.
+    #[arg(long, default_value_t = 2_000_000)]
+    pub sink_events: usize,
+    /// Delivery events on disk for the hourly aggregate (herald's SQL beside DuckDB's).
+    #[arg(long, default_value_t = 10_000_000)]
+    pub aggregate_events: usize,
+    /// Sends in the month of the reconciliation figure, and lines of its bill.
+    #[arg(long, default_value_t = 10_000_000)]
+    pub reconcile_sends: usize,
+    /// Runs of the aggregate query in each engine; the fastest counts.
+    #[arg(long, default_value_t = 3)]
+    pub query_runs: usize,
     /// Only run these figures (comma-separated: accept, batch, e2e, policies, vendor, kafka,
-    /// ratelimit).
-    #[arg(
-        long,
-        default_value = "accept,batch,e2e,policies,vendor,kafka,ratelimit"
-    )]
+    /// ratelimit, sink, aggregate, reconcile).
+    #[arg(long, default_value = FIGURES)]
     pub only: String,
     /// Internal: serve the bare baseline handler on this address and nothing else.
     #[arg(long, hide = true)]
@@ -51,6 +60,9 @@ pub struct BenchArgs {
     #[arg(long, hide = true)]
     pub vendor_server: Option<String>,
 }
+
+/// Every figure `--only` can name, in the order they run.
+const FIGURES: &str = "accept,batch,e2e,policies,vendor,kafka,ratelimit,sink,aggregate,reconcile";
 
 /// Runs the harness.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -61,8 +73,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         return vendor::serve(addr).await;
     }
     let only: Vec<&str> = args.only.split(',').map(str::trim).collect();
+    if let Some(unknown) = only.iter().find(|f| !FIGURES.split(',').any(|k| k == **f)) {
+        bail!("--only: unknown figure `{unknown}` (expected some of {FIGURES})");
+    }
+    if only.contains(&"aggregate") || only.contains(&"reconcile") {
+        warehouse::require_duckdb()?; // before anything runs, not minutes into the run
+    }
+    let load_at_start = warehouse::load_average();
     let mut rows = Vec::new();
-    let baseline = {
+    // The bare handler is the baseline of the HTTP acceptance figures only.
+    let http = ["accept", "batch", "e2e"].iter().any(|f| only.contains(f));
+    let baseline = if http {
         let server = Server::baseline()?;
         let r = load(
             server.addr,
@@ -74,15 +95,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         )
         .await?;
         drop(server);
-        r
+        rows.push(Row::new(
+            "bare axum handler answering 202 (baseline)",
+            r.rps,
+            "req/s",
+            1.0,
+            Some(r.p99_ms),
+        ));
+        r.rps
+    } else {
+        0.0
     };
-    rows.push(Row::new(
-        "bare axum handler answering 202 (baseline)",
-        baseline.rps,
-        "req/s",
-        1.0,
-        Some(baseline.p99_ms),
-    ));
 
     if only.contains(&"accept") {
         for (label, roles) in [
@@ -104,7 +127,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 label,
                 r.rps,
                 "req/s",
-                r.rps / baseline.rps,
+                r.rps / baseline,
                 Some(r.p99_ms),
             ));
         }
@@ -128,14 +151,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             "POST /v1/send/batch, 1,000 receivers (receivers/s)",
             rate,
             "receivers/s",
-            rate / baseline.rps,
+            rate / baseline,
             Some(r.p99_ms),
         ));
     }
     if only.contains(&"e2e") {
         let herald = Herald::start("all").await?;
         let (rate, peak_rss_mb) = herald.end_to_end(args.e2e_messages).await?;
-        let base = batch_rate.unwrap_or(baseline.rps);
+        let base = batch_rate.unwrap_or(baseline);
         rows.push(Row::new(
             "end to end to the inbox, into Parquet (messages/s)",
             rate,
@@ -163,12 +186,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if only.contains(&"ratelimit") {
         rows.extend(ratelimit::figures(&args).await?);
     }
+    if only.contains(&"sink") {
+        rows.extend(sink::figures(&args).await?);
+    }
+    if only.contains(&"aggregate") {
+        rows.extend(aggregate::figures(&args).await?);
+    }
+    if only.contains(&"reconcile") {
+        rows.extend(reconcile::figures(&args).await?);
+    }
     println!("\n| figure | value | unit | ratio to baseline | p99 ms |\n|---|---:|---|---:|---:|");
     for r in rows {
         println!(
-            "| {} | {:.0} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} |",
             r.label,
-            r.value,
+            if r.value < 100.0 {
+                format!("{:.2}", r.value)
+            } else {
+                format!("{:.0}", r.value)
+            },
             r.unit,
             if r.ratio > 0.0 {
                 format!("{:.2}", r.ratio)
@@ -182,6 +218,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     println!(
         "\nbaseline for the e2e ratio: the batch accept rate in this run (or the bare handler's req/s)"
+    );
+    println!(
+        "load average (1 min): {load_at_start} at the start, {} at the end",
+        warehouse::load_average()
     );
     Ok(())
 }
@@ -615,9 +655,13 @@ async fn load(
     })
 }
 
+mod aggregate;
 mod kafka;
 mod ratelimit;
+mod reconcile;
+mod sink;
 mod vendor;
+mod warehouse;
 
 /// A minimal HTTP/1.1 client for the harness's few setup calls.
 mod setup_client {

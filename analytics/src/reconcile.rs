@@ -23,8 +23,9 @@
 //!    `reconciliation/vendor=V/period=P/{daily.parquet,daily.csv,summary.md}` and, one row per
 //!    bill row or message, `reconciliation_rows/vendor=V/period=P/rows.parquet`.
 //!
-//! Each step's result is written to a staged Parquet file that the next steps read, so that
-//! nothing is computed twice; the staged files are deleted at the end.
+//! Each step's result is kept in memory for the steps after it, so that nothing is computed
+//! twice; the categorised rows are written to a staged Parquet file, read back for the daily
+//! figures, and moved into place with the other outputs at the end.
 
 mod bills;
 mod report;

@@ -236,12 +236,9 @@ impl Warehouse {
         format!("{TABLE}/{}", ts.format("dt=%Y-%m-%d/hour=%H"))
     }
 
-    /// Writes `batch` as a zstd-compressed Parquet file with statistics, durably.
-    pub(crate) fn write_parquet(
-        &self,
-        key: &str,
-        batch: &RecordBatch,
-    ) -> Result<(), AnalyticsError> {
+    /// Writes `batch` as a zstd-compressed Parquet file with statistics, durably (the settings
+    /// of every file the sink writes). Blocking (module docs).
+    pub fn write_parquet(&self, key: &str, batch: &RecordBatch) -> Result<(), AnalyticsError> {
         match &self.backend {
             Backend::Local(root) => {
                 let path = root.join(key);

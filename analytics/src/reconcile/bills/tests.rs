@@ -248,6 +248,25 @@ fn values_are_normalised() {
     );
     assert_eq!(t("1793671200000").unwrap(), "2026-11-03T02:00:00+00:00");
     assert_eq!(t("2026-11-03 10:00"), None);
+    // The fast path and chrono's parser agree.
+    for raw in [
+        "2026-11-03 10:00:00",
+        "2026/11/03 23:59:59",
+        "2026-11-03T00:00:01",
+        "2026-02-30 10:00:00",
+        "2026-11-03 24:00:00",
+        "2026-11-0a 10:00:00",
+        "2026/11-03 10:00:00",
+    ] {
+        let slow = [
+            "%Y-%m-%d %H:%M:%S",
+            "%Y/%m/%d %H:%M:%S",
+            "%Y-%m-%dT%H:%M:%S",
+        ]
+        .iter()
+        .find_map(|f| NaiveDateTime::parse_from_str(raw, f).ok());
+        assert_eq!(plain_local(raw), slow, "{raw}");
+    }
     assert_eq!(status("DELIVRD", BillFormat::Tencent), "success");
     assert_eq!(status("3", BillFormat::Tencent), "unknown");
     assert_eq!(status("2", BillFormat::Aliyun), "failed");
