@@ -15,7 +15,8 @@ use anyhow::{Context, bail};
 use chrono::{DateTime, Days, FixedOffset, Utc};
 use herald_analytics::Warehouse;
 use herald_analytics::reconcile::{BillFormat, Period, VENDOR_BILLS, import_bill, run_report};
-use herald_core::config::{PriceRule, ReconcileConfig};
+use herald_core::config::ReconcileConfig;
+use herald_core::prices::{PriceRule, PriceTable};
 use herald_core::wire::event_id;
 use herald_core::{Channel, DeliveryEvent, MessageId, MsgType, State};
 use std::io::Write;
@@ -64,17 +65,15 @@ pub async fn figures(args: &super::BenchArgs) -> anyhow::Result<Vec<Row>> {
         started.elapsed()
     );
 
-    let config = ReconcileConfig {
-        prices: vec![PriceRule {
-            vendor: VENDOR.into(),
-            account_id: None,
-            country_prefix: None,
-            msg_type: None,
-            unit_price_micros: 45_000,
-            currency: "CNY".into(),
-        }],
-        ..ReconcileConfig::default()
-    };
+    let config = ReconcileConfig::default();
+    let prices = PriceTable::new(vec![PriceRule {
+        vendor: VENDOR.into(),
+        account_id: None,
+        country_prefix: None,
+        msg_type: None,
+        unit_price_micros: 45_000,
+        currency: "CNY".into(),
+    }])?;
     let wh = Warehouse::local(&root);
     let (started, cpu) = (Instant::now(), cpu_seconds());
     let (w, generic) = (wh.clone(), config.generic_columns.clone());
@@ -92,7 +91,7 @@ pub async fn figures(args: &super::BenchArgs) -> anyhow::Result<Vec<Row>> {
     .await??;
     let (import, import_cpu) = (started.elapsed().as_secs_f64(), cpu_seconds() - cpu);
     let (started, cpu) = (Instant::now(), cpu_seconds());
-    let report = run_report(&wh, &config, VENDOR, period).await?;
+    let report = run_report(&wh, &config, &prices, VENDOR, period).await?;
     let (matching, matching_cpu) = (started.elapsed().as_secs_f64(), cpu_seconds() - cpu);
     let herald = herald_analytics::sql::format(
         std::slice::from_ref(&report.daily),
