@@ -23,7 +23,7 @@ events AS (
     AND vendor = '${vendor}' AND state IN ('sent', 'delivered', 'delivery_failed')
   UNION ALL
   SELECT message_id, state, ts, CAST(ts AS BIGINT) AS ts_us, receiver, vendor_message_id,
-         billing_units, account_id, msg_type
+         billing_units, account_id, msg_type, cost_micros, currency
   FROM delivery_events
   WHERE dt BETWEEN '${dt_from}' AND '${dt_to}'
     AND state = 'send_failed' AND account_id IN (SELECT account_id FROM accounts)
