@@ -353,43 +353,27 @@ impl Warehouse {
 
     /// The names of the files directly in `dir` (none if it does not exist).
     pub(crate) fn list(&self, dir: &str) -> Result<Vec<String>, AnalyticsError> {
-        let root = match &self.backend {
-            Backend::Local(root) => root,
-            Backend::Remote(r) => {
-                let path = r.object(dir)?;
-                let listed = r.block_on(dir, r.store.list_with_delimiter(Some(&path)))?;
-                return Ok(listed
-                    .objects
-                    .iter()
-                    .filter_map(|o| o.location.filename().map(str::to_string))
-                    .collect());
-            }
-        };
-        let path = root.join(dir);
-        let entries = match fs::read_dir(&path) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e).at(&path),
-        };
-        let mut names = Vec::new();
-        for entry in entries {
-            let entry = entry.at(&path)?;
-            if entry.file_type().at(&path)?.is_file() {
-                names.extend(entry.file_name().to_str().map(str::to_string));
-            }
-        }
-        Ok(names)
+        self.entries(dir, false)
     }
 
     /// The names of the directories (key prefixes) directly in `dir` (none if it does not exist).
     pub(crate) fn dirs(&self, dir: &str) -> Result<Vec<String>, AnalyticsError> {
+        self.entries(dir, true)
+    }
+
+    /// The names of the files, or of the directories, directly in `dir`.
+    fn entries(&self, dir: &str, dirs: bool) -> Result<Vec<String>, AnalyticsError> {
         let root = match &self.backend {
             Backend::Local(root) => root,
             Backend::Remote(r) => {
                 let path = r.object(dir)?;
                 let listed = r.block_on(dir, r.store.list_with_delimiter(Some(&path)))?;
-                return Ok(listed
-                    .common_prefixes
+                let names = if dirs {
+                    listed.common_prefixes
+                } else {
+                    listed.objects.into_iter().map(|o| o.location).collect()
+                };
+                return Ok(names
                     .iter()
                     .filter_map(|p| p.filename().map(str::to_string))
                     .collect());
@@ -404,7 +388,8 @@ impl Warehouse {
         let mut names = Vec::new();
         for entry in entries {
             let entry = entry.at(&path)?;
-            if entry.file_type().at(&path)?.is_dir() {
+            let kind = entry.file_type().at(&path)?;
+            if if dirs { kind.is_dir() } else { kind.is_file() } {
                 names.extend(entry.file_name().to_str().map(str::to_string));
             }
         }

@@ -144,6 +144,17 @@ pub fn required_scope(method: &Method, route: &str) -> Scope {
     }
 }
 
+/// Checks that `key` is live now and holds `needed`.
+pub fn check_key(key: &ApiKey, needed: Scope) -> Result<(), ApiError> {
+    if !key.live_at(chrono::Utc::now().timestamp_millis()) {
+        return Err(ApiError::KeyExpired);
+    }
+    if !key.scopes.allows(needed) {
+        return Err(ApiError::MissingScope(needed.as_str()));
+    }
+    Ok(())
+}
+
 /// The authenticated caller: its app and the key it used (`Authorization: Bearer <key>`),
 /// checked to be live and to hold the route's scope.
 pub struct Caller {
@@ -174,18 +185,12 @@ impl FromRequestParts<ApiState> for Caller {
             .filter(|k| !k.is_empty())
             .ok_or(ApiError::Unauthorized)?;
         let (app, key) = state.key_for(key).await?.ok_or(ApiError::Unauthorized)?;
-        if !key.live_at(chrono::Utc::now().timestamp_millis()) {
-            return Err(ApiError::KeyExpired);
-        }
         let route = parts
             .extensions
             .get::<MatchedPath>()
             .map(|p| p.as_str())
             .unwrap_or_default();
-        let needed = required_scope(&parts.method, route);
-        if !key.scopes.allows(needed) {
-            return Err(ApiError::MissingScope(needed.as_str()));
-        }
+        check_key(&key, required_scope(&parts.method, route))?;
         Ok(Caller { app, key })
     }
 }

@@ -7,6 +7,7 @@
 
 use crate::ApiError;
 use crate::ApiState;
+use crate::auth::check_key;
 use crate::send::{BatchMessage, Group, Timing, build_records};
 use chrono::{DateTime, Utc};
 use herald_core::store::{App, Scope};
@@ -160,21 +161,17 @@ impl ApiState {
                 "api_key is required (producers are not trusted by config)",
             ));
         };
-        match self.key_for(key).await.map_err(unavailable)? {
-            Some((_, key)) if !key.live_at(Utc::now().timestamp_millis()) => {
-                Err(refused("key_expired", "the api_key has expired"))
-            }
-            Some((_, key)) if !key.scopes.allows(Scope::Send) => Err(refused(
-                "missing_scope",
-                "the api_key lacks the `send` scope",
-            )),
-            Some((app, _)) if app.name == request.app => Ok(app),
-            Some(_) => Err(refused(
+        let Some((app, key)) = self.key_for(key).await.map_err(unavailable)? else {
+            return Err(refused("unauthorized", "unknown or revoked api_key"));
+        };
+        check_key(&key, Scope::Send)?;
+        if app.name != request.app {
+            return Err(refused(
                 "unauthorized",
                 format!("the api_key does not belong to app `{}`", request.app),
-            )),
-            None => Err(refused("unauthorized", "unknown or revoked api_key")),
+            ));
         }
+        Ok(app)
     }
 }
 
