@@ -5,6 +5,7 @@
 pub mod bench;
 
 use anyhow::Context;
+use herald_analytics::privacy::ReceiverPrivacy;
 use herald_analytics::stats::{HOUR_TABLE, MINUTE_TABLE};
 use herald_analytics::{Aggregator, EventIndex, Sink, SinkConfig, SinkStats, Warehouse};
 use herald_core::bus::embedded::EmbeddedBus;
@@ -22,7 +23,9 @@ use herald_dispatch::{
     Dispatcher, ExpandError, ReceiptPoller, Refusal, RequestExpander, Scheduler,
 };
 use herald_ingest::producer::{ProducerError, Source};
-use herald_ingest::{ApiState, Channels, MediaUpload, VendorFailure};
+use herald_ingest::{
+    ApiState, Channels, MediaUpload, SqlFailure, SqlFormat, SqlQuery, VendorFailure, WarehouseSql,
+};
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -124,6 +127,16 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
     }
 }
 
+/// Opens the warehouse at `location` (else the configured one), with receivers written as
+/// `analytics.receivers` says.
+pub fn open_warehouse(config: &Config, location: Option<String>) -> anyhow::Result<Warehouse> {
+    let location = location.unwrap_or_else(|| config.warehouse_location());
+    let receivers = ReceiverPrivacy::from_config(&config.analytics).map_err(anyhow::Error::msg)?;
+    Ok(Warehouse::open(&location)
+        .with_context(|| format!("cannot open the warehouse {location}"))?
+        .with_receivers(receivers))
+}
+
 impl Application {
     /// Opens the store and the bus and binds the HTTP listener (`http.listen`; port 0 picks a free one).
     pub async fn build(config: Config, roles: Roles) -> anyhow::Result<Application> {
@@ -157,9 +170,7 @@ impl Application {
         let mut tasks = tokio::task::JoinSet::new();
         let mut sink_stats = None;
         if self.roles.analytics {
-            let location = self.config.warehouse_location();
-            let warehouse = Warehouse::open(&location)
-                .with_context(|| format!("cannot open the warehouse {location}"))?;
+            let warehouse = open_warehouse(&self.config, None)?;
             let analytics = &self.config.analytics;
             let sink_config = SinkConfig {
                 max_rows: analytics.flush_rows,
@@ -192,7 +203,7 @@ impl Application {
             )
             .with_prices(self.config.prices.clone())
             .with_requests(Arc::new(ProducerRequests {
-                api: self.api_state(&senders),
+                api: self.api_state(&senders)?,
                 trusted: self.config.producers.trusted,
             }));
             let rx = shutdown.clone();
@@ -223,7 +234,7 @@ impl Application {
         if self.roles.ingest {
             // Scheduled campaigns run in every ingest process, one campaign at a time each.
             let campaigns =
-                herald_ingest::run_campaigns(self.api_state(&senders), shutdown.clone());
+                herald_ingest::run_campaigns(self.api_state(&senders)?, shutdown.clone());
             tasks.spawn(async move {
                 campaigns.await;
                 Ok(())
@@ -237,7 +248,7 @@ impl Application {
         ));
         {
             // Every process answers /health and /metrics; only ingest serves the API.
-            let state = self.api_state(&senders);
+            let state = self.api_state(&senders)?;
             let app = if self.roles.ingest {
                 herald_ingest::router(state)
             } else {
@@ -280,15 +291,66 @@ pub async fn open_bus(config: &Config) -> anyhow::Result<Arc<dyn Bus>> {
 }
 
 impl Application {
-    /// The API's state over this application's store, bus and channels.
-    fn api_state(&self, senders: &Arc<Senders>) -> ApiState {
-        ApiState::new(
+    /// The API's state over this application's store, bus, channels and warehouse.
+    fn api_state(&self, senders: &Arc<Senders>) -> anyhow::Result<ApiState> {
+        let warehouse = open_warehouse(&self.config, None)?;
+        Ok(ApiState::new(
             self.store.clone(),
             self.bus.clone(),
             self.metrics.clone(),
             self.config.http.clone(),
             Arc::new(ChannelServices(Arc::clone(senders))),
-        )
+            Arc::new(WarehouseQueries {
+                warehouse,
+                running: tokio::sync::Semaphore::new(SQL_AT_ONCE),
+            }),
+        ))
+    }
+}
+
+/// Most `POST /v1/sql` statements one process runs at once; more wait their turn (within
+/// `http.sql_timeout`), so queries cannot take every core from the send path.
+const SQL_AT_ONCE: usize = 1;
+
+/// The warehouse as `POST /v1/sql` reads it.
+struct WarehouseQueries {
+    warehouse: Warehouse,
+    running: tokio::sync::Semaphore,
+}
+
+#[async_trait::async_trait]
+impl WarehouseSql for WarehouseQueries {
+    async fn query(&self, query: SqlQuery<'_>) -> Result<Vec<u8>, SqlFailure> {
+        use herald_analytics::sql::{OutputFormat, Rows, encode, query_limited};
+        let _turn = self
+            .running
+            .acquire()
+            .await
+            .map_err(|e| SqlFailure::Unavailable(e.to_string()))?;
+        let rows = match query.app {
+            Some(app) => Rows::App(app.to_string()),
+            None => Rows::All,
+        };
+        let format = match query.format {
+            SqlFormat::Json => OutputFormat::Json,
+            SqlFormat::Csv => OutputFormat::Csv,
+            SqlFormat::Table => OutputFormat::Table,
+            SqlFormat::Parquet => OutputFormat::Parquet,
+        };
+        let failure = |e: herald_analytics::AnalyticsError| match e {
+            herald_analytics::AnalyticsError::NotReadOnly(_) => {
+                SqlFailure::NotReadOnly(e.to_string())
+            }
+            herald_analytics::AnalyticsError::TooManyRows(_) => {
+                SqlFailure::TooManyRows(e.to_string())
+            }
+            e if e.is_query_fault() => SqlFailure::Invalid(e.to_string()),
+            e => SqlFailure::Unavailable(e.to_string()),
+        };
+        let batches = query_limited(&self.warehouse, query.sql, &rows, query.max_rows)
+            .await
+            .map_err(failure)?;
+        encode(&batches, format).map_err(failure)
     }
 }
 

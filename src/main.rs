@@ -76,7 +76,11 @@ enum Command {
     /// Runs read-only SQL over the warehouse and prints the result.
     Sql {
         /// The query, e.g. "SELECT state, count(*) FROM delivery_events GROUP BY state".
-        query: String,
+        #[arg(required_unless_present = "file")]
+        query: Option<String>,
+        /// Read the query from a file instead (the reports under `sql/reports/`).
+        #[arg(long, conflicts_with = "query")]
+        file: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
         /// Warehouse directory or `s3://bucket/prefix` (overrides the configured one).
@@ -131,6 +135,8 @@ enum Format {
     Table,
     Csv,
     Json,
+    /// A Parquet file on standard output (redirect it: `> result.parquet`).
+    Parquet,
 }
 
 #[tokio::main]
@@ -196,9 +202,16 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Sql {
             query,
+            file,
             format,
             warehouse,
         } => {
+            let query = match (query, file) {
+                (Some(query), _) => query,
+                (None, Some(file)) => std::fs::read_to_string(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))?,
+                (None, None) => anyhow::bail!("give a query or --file"),
+            };
             let location = warehouse.unwrap_or_else(|| config.warehouse_location());
             let warehouse = herald_analytics::Warehouse::open(&location)?;
             let batches = herald_analytics::sql::query_warehouse(&warehouse, &query).await?;
@@ -206,8 +219,10 @@ async fn main() -> anyhow::Result<()> {
                 Format::Table => herald_analytics::sql::OutputFormat::Table,
                 Format::Csv => herald_analytics::sql::OutputFormat::Csv,
                 Format::Json => herald_analytics::sql::OutputFormat::Json,
+                Format::Parquet => herald_analytics::sql::OutputFormat::Parquet,
             };
-            print!("{}", herald_analytics::sql::format(&batches, format)?);
+            let bytes = herald_analytics::sql::encode(&batches, format)?;
+            std::io::Write::write_all(&mut std::io::stdout().lock(), &bytes)?;
             Ok(())
         }
         Command::Bench(args) => herald::bench::run(args).await,

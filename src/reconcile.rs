@@ -3,7 +3,6 @@
 //! work is `herald_analytics::reconcile`).
 
 use anyhow::Context;
-use herald_analytics::Warehouse;
 use herald_analytics::reconcile::{BillFormat, Period, reconcile};
 use herald_core::config::Config;
 use std::path::PathBuf;
@@ -36,10 +35,7 @@ pub async fn run(config: &Config, args: ReconcileArgs) -> anyhow::Result<()> {
         Some(f) => f.parse()?,
         None => BillFormat::for_vendor(&args.vendor),
     };
-    let location = args
-        .warehouse
-        .unwrap_or_else(|| config.warehouse_location());
-    let warehouse = Warehouse::open(&location)?;
+    let warehouse = herald::open_warehouse(config, args.warehouse)?;
     let report = reconcile(
         &warehouse,
         &config.reconcile,

@@ -33,6 +33,10 @@ pub enum AnalyticsError {
     Manifest { location: String, reason: String },
     #[error("warehouse data: {0}")]
     Corrupt(String),
+    #[error("the result has more than {0} rows: narrow the query or add LIMIT")]
+    TooManyRows(usize),
+    #[error("only statements that read are allowed ({0})")]
+    NotReadOnly(String),
     #[error("background task failed: {0}")]
     Task(#[source] tokio::task::JoinError),
 }
@@ -55,6 +59,26 @@ impl AnalyticsError {
                     | object_store::Error::InvalidPath { .. }
                     | object_store::Error::UnknownConfigurationKey { .. }
             ),
+            _ => false,
+        }
+    }
+}
+
+impl AnalyticsError {
+    /// Whether a query failed through its own fault — its syntax, an unknown table or column, a
+    /// type error, a statement that writes, too large a result — rather than the warehouse's
+    /// (I/O, an unreadable file), so its message is for the query's author.
+    pub fn is_query_fault(&self) -> bool {
+        use datafusion::arrow::error::ArrowError as A;
+        use datafusion::error::DataFusionError as E;
+        match self {
+            AnalyticsError::NotReadOnly(_) | AnalyticsError::TooManyRows(_) => true,
+            AnalyticsError::DataFusion(e) => match e.find_root() {
+                E::SQL(..) | E::Plan(_) | E::SchemaError(..) | E::NotImplemented(_) => true,
+                E::Execution(_) => true,
+                E::ArrowError(a, _) => !matches!(**a, A::IoError(..) | A::ExternalError(_)),
+                _ => false,
+            },
             _ => false,
         }
     }

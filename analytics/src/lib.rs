@@ -7,6 +7,7 @@
 mod error;
 mod index;
 mod manifest;
+pub mod privacy;
 pub mod reconcile;
 mod schema;
 mod sink;

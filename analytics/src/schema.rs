@@ -2,6 +2,7 @@
 //! [`DeliveryEvent`]s and record batches.
 
 use crate::error::AnalyticsError;
+use crate::privacy::ReceiverPrivacy;
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, Int64Array, Int64Builder, RecordBatch, StringArray, StringBuilder,
     TimestampMicrosecondArray, TimestampMicrosecondBuilder,
@@ -59,6 +60,11 @@ pub fn schema() -> SchemaRef {
 
 /// Converts events to one record batch of [`schema()`]. `redelivered` is not stored.
 pub fn events_to_batch(events: &[DeliveryEvent]) -> RecordBatch {
+    events_to_batch_with(events, &ReceiverPrivacy::Clear)
+}
+
+/// [`events_to_batch`] with each receiver written as `receivers` says.
+pub fn events_to_batch_with(events: &[DeliveryEvent], receivers: &ReceiverPrivacy) -> RecordBatch {
     let n = events.len();
     let strings = |bytes_each: usize| StringBuilder::with_capacity(n, n * bytes_each);
     let mut event_id = strings(36);
@@ -93,7 +99,7 @@ pub fn events_to_batch(events: &[DeliveryEvent]) -> RecordBatch {
         template_id.append_value(e.template_id);
         channel.append_value(e.channel.as_str());
         msg_type.append_value(e.msg_type.as_str());
-        receiver.append_value(&e.receiver);
+        receiver.append_value(receivers.apply(&e.receiver));
         state.append_value(e.state.as_str());
         vendor.append_option(e.vendor.as_deref());
         account_id.append_option(e.account_id);

@@ -52,7 +52,7 @@
 use crate::error::AnalyticsError;
 use crate::index::EventIndex;
 use crate::manifest::{FileEntry, Manifest};
-use crate::schema::events_to_batch;
+use crate::schema::events_to_batch_with;
 use crate::stats::{Lateness, watermark};
 use crate::warehouse::{STAGING, Warehouse, WriterLock};
 use chrono::{DateTime, Utc};
@@ -605,7 +605,8 @@ fn stage(
             ),
             rows: group.len() as u64,
         };
-        let written = wh.write_parquet(&file.staged, &events_to_batch(group));
+        let batch = events_to_batch_with(group, wh.receivers());
+        let written = wh.write_parquet(&file.staged, &batch);
         files.push(file);
         if let Err(e) = written {
             for f in &files {

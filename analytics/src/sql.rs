@@ -5,14 +5,20 @@ use crate::schema::{TABLE, schema};
 use crate::stats::{Width, stats_schema};
 use crate::warehouse::Warehouse;
 use datafusion::arrow::array::RecordBatch;
-use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::util::pretty::pretty_format_batches;
 use datafusion::arrow::{csv, json};
+use datafusion::catalog::view::ViewTable;
 use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTableUrl};
+use datafusion::datasource::provider_as_source;
+use datafusion::error::DataFusionError;
 use datafusion::execution::context::{SQLOptions, SessionContext};
 use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::logical_expr::{LogicalPlanBuilder, col, lit};
+use datafusion::parquet::arrow::ArrowWriter;
+use futures::StreamExt;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -23,7 +29,8 @@ pub async fn query(warehouse_root: &Path, sql: &str) -> Result<Vec<RecordBatch>,
     query_warehouse(&Warehouse::local(warehouse_root), sql).await
 }
 
-/// Runs one read-only SQL statement over `warehouse`, local or on an object store.
+/// Runs one read-only SQL statement over `warehouse`, local or on an object store, over every
+/// row of every table.
 ///
 /// Every directory directly under the root whose name is a plain identifier (lowercase letters,
 /// digits, `_`; not starting with `_`) is a table of Parquet files. `delivery_events` has the
@@ -37,20 +44,113 @@ pub async fn query_warehouse(
     warehouse: &Warehouse,
     sql: &str,
 ) -> Result<Vec<RecordBatch>, AnalyticsError> {
+    let frame = plan(warehouse, sql, &Rows::All).await?;
+    let schema = Arc::clone(frame.schema().inner());
+    Ok(with_schema(frame.collect().await?, schema))
+}
+
+/// `batches`, or one empty batch when there are none, so an empty result keeps its columns.
+fn with_schema(mut batches: Vec<RecordBatch>, schema: SchemaRef) -> Vec<RecordBatch> {
+    if batches.is_empty() {
+        batches.push(RecordBatch::new_empty(schema));
+    }
+    batches
+}
+
+/// Whose rows a query may read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rows {
+    /// Every row of every table: operators.
+    All,
+    /// Only the rows whose `app` column is this app's name; tables without an `app` column
+    /// (vendor bills, reconciliation reports) do not exist for the query.
+    App(String),
+}
+
+/// Runs one read-only SQL statement over `warehouse` as [`query_warehouse`] does, limited to
+/// `rows`, and fails with [`AnalyticsError::TooManyRows`] as soon as the result passes
+/// `max_rows` rows (the rest is never computed).
+pub async fn query_limited(
+    warehouse: &Warehouse,
+    sql: &str,
+    rows: &Rows,
+    max_rows: usize,
+) -> Result<Vec<RecordBatch>, AnalyticsError> {
+    let mut stream = plan(warehouse, sql, rows).await?.execute_stream().await?;
+    let (mut batches, mut count) = (Vec::new(), 0);
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        count += batch.num_rows();
+        if count > max_rows {
+            return Err(AnalyticsError::TooManyRows(max_rows));
+        }
+        batches.push(batch);
+    }
+    Ok(with_schema(batches, stream.schema()))
+}
+
+/// Plans `sql` over the warehouse's tables as `rows` lets it see them.
+async fn plan(
+    warehouse: &Warehouse,
+    sql: &str,
+    rows: &Rows,
+) -> Result<datafusion::dataframe::DataFrame, AnalyticsError> {
     let ctx = SessionContext::new();
     if let Some((url, store)) = warehouse.object_store() {
         ctx.register_object_store(ObjectStoreUrl::parse(url)?.as_ref(), store);
     }
     register_tables(&ctx, warehouse).await?;
+    let ctx = match rows {
+        Rows::All => ctx,
+        Rows::App(app) => app_views(&ctx, app).await?,
+    };
     let read_only = SQLOptions::new()
         .with_allow_ddl(false)
         .with_allow_dml(false)
         .with_allow_statements(false);
-    Ok(ctx
-        .sql_with_options(sql, read_only)
-        .await?
-        .collect()
-        .await?)
+    ctx.sql_with_options(sql, read_only)
+        .await
+        .map_err(|e| match e.find_root() {
+            DataFusionError::Plan(m)
+                if ["DDL", "DML", "Statement"]
+                    .iter()
+                    .any(|kind| m.starts_with(&format!("{kind} not supported"))) =>
+            {
+                AnalyticsError::NotReadOnly(m.clone())
+            }
+            _ => e.into(),
+        })
+}
+
+/// A context holding, for each table of `all` with an `app` column, a view of the same name
+/// over `app`'s rows only. The views hold the tables themselves, not their names, so no name a
+/// query can write reaches another app's rows.
+async fn app_views(all: &SessionContext, app: &str) -> Result<SessionContext, AnalyticsError> {
+    let scoped = SessionContext::new();
+    for name in all.catalog_names() {
+        let Some(catalog) = all.catalog(&name) else {
+            continue;
+        };
+        for schema_name in catalog.schema_names() {
+            let Some(schema) = catalog.schema(&schema_name) else {
+                continue;
+            };
+            for table in schema.table_names() {
+                let Some(provider) = schema.table(&table).await? else {
+                    continue;
+                };
+                if provider.schema().field_with_name("app").is_err() {
+                    continue;
+                }
+                let plan =
+                    LogicalPlanBuilder::scan(table.as_str(), provider_as_source(provider), None)?
+                        .filter(col("app").eq(lit(app)))?
+                        .build()?;
+                scoped.register_table(table.as_str(), Arc::new(ViewTable::new(plan, None)))?;
+            }
+        }
+    }
+    Ok(scoped)
 }
 
 async fn register_tables(ctx: &SessionContext, wh: &Warehouse) -> Result<(), AnalyticsError> {
@@ -137,6 +237,8 @@ pub enum OutputFormat {
     Csv,
     /// Newline-delimited JSON: one object per row, nulls written as `null`.
     Json,
+    /// A Parquet file (binary: see [`encode`]).
+    Parquet,
 }
 
 impl FromStr for OutputFormat {
@@ -146,17 +248,29 @@ impl FromStr for OutputFormat {
             "table" => Ok(OutputFormat::Table),
             "csv" => Ok(OutputFormat::Csv),
             "json" => Ok(OutputFormat::Json),
+            "parquet" => Ok(OutputFormat::Parquet),
             _ => Err(format!(
-                "unknown output format `{s}` (expected table, csv or json)"
+                "unknown output format `{s}` (expected table, csv, json or parquet)"
             )),
         }
     }
 }
 
-/// Renders `batches` as text in `format`.
+/// Renders `batches` as text in `format`; Parquet is not text (use [`encode`]).
 pub fn format(batches: &[RecordBatch], format: OutputFormat) -> Result<String, AnalyticsError> {
-    let bytes = match format {
-        OutputFormat::Table => return Ok(format!("{}\n", pretty_format_batches(batches)?)),
+    if format == OutputFormat::Parquet {
+        return Err(AnalyticsError::Corrupt(
+            "Parquet output is binary, not text".into(),
+        ));
+    }
+    // Every text writer emits UTF-8 only.
+    String::from_utf8(encode(batches, format)?).map_err(|e| AnalyticsError::Corrupt(e.to_string()))
+}
+
+/// Encodes `batches` in `format`.
+pub fn encode(batches: &[RecordBatch], format: OutputFormat) -> Result<Vec<u8>, AnalyticsError> {
+    Ok(match format {
+        OutputFormat::Table => format!("{}\n", pretty_format_batches(batches)?).into_bytes(),
         OutputFormat::Csv => {
             let mut w = csv::WriterBuilder::new()
                 .with_header(true)
@@ -176,9 +290,19 @@ pub fn format(batches: &[RecordBatch], format: OutputFormat) -> Result<String, A
             w.finish()?;
             w.into_inner()
         }
-    };
-    // Both writers emit UTF-8 only.
-    String::from_utf8(bytes).map_err(|e| AnalyticsError::Corrupt(e.to_string()))
+        OutputFormat::Parquet => {
+            let Some(first) = batches.first() else {
+                return Err(AnalyticsError::Corrupt(
+                    "a result without columns cannot be written as Parquet".into(),
+                ));
+            };
+            let mut w = ArrowWriter::try_new(Vec::new(), first.schema(), None)?;
+            for b in batches {
+                w.write(b)?;
+            }
+            w.into_inner()?
+        }
+    })
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@
 //! thread (`spawn_blocking`, as the sink does), never in async code.
 
 use crate::error::{AnalyticsError, IoContext};
+use crate::privacy::ReceiverPrivacy;
 use crate::schema::{TABLE, batch_to_events};
 use chrono::{DateTime, Utc};
 use datafusion::arrow::array::RecordBatch;
@@ -60,6 +61,8 @@ const SINK_LOCK: &str = "_sink.lock";
 #[derive(Debug, Clone)]
 pub struct Warehouse {
     backend: Backend,
+    /// How receivers are written into this warehouse's tables (events and bills alike).
+    receivers: ReceiverPrivacy,
 }
 
 #[derive(Debug, Clone)]
@@ -93,7 +96,18 @@ impl Warehouse {
     pub fn local(root: impl Into<PathBuf>) -> Self {
         Warehouse {
             backend: Backend::Local(root.into()),
+            receivers: ReceiverPrivacy::Clear,
         }
+    }
+
+    /// This warehouse, with receivers written as `receivers` says from now on.
+    pub fn with_receivers(self, receivers: ReceiverPrivacy) -> Self {
+        Warehouse { receivers, ..self }
+    }
+
+    /// How receivers are written into this warehouse.
+    pub fn receivers(&self) -> &ReceiverPrivacy {
+        &self.receivers
     }
 
     /// The warehouse at `location`: `s3://bucket` or `s3://bucket/prefix`, or else a local
@@ -147,6 +161,7 @@ impl Warehouse {
                 prefix: prefix.to_string(),
                 runtime,
             }),
+            receivers: ReceiverPrivacy::Clear,
         })
     }
 

@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use datafusion::parquet::arrow::ArrowWriter;
 use herald_analytics::events_to_batch;
+use herald_analytics::privacy::ReceiverPrivacy;
 use herald_analytics::reconcile::{BillFormat, Period, reconcile};
 use herald_analytics::sql::{OutputFormat, format, query};
 use herald_analytics::{Warehouse, reconcile::Reconciliation};
@@ -276,12 +277,28 @@ fn prices() -> PriceTable {
 }
 
 async fn run(root: &Path, vendor: &str, bill: &str, format: BillFormat) -> Reconciliation {
+    run_in(
+        &Warehouse::local(root.join("wh")),
+        root,
+        vendor,
+        bill,
+        format,
+    )
+    .await
+}
+
+async fn run_in(
+    wh: &Warehouse,
+    root: &Path,
+    vendor: &str,
+    bill: &str,
+    format: BillFormat,
+) -> Reconciliation {
     let file = root.join(format!("{vendor}.csv"));
     std::fs::write(&file, bill).unwrap();
     let period: Period = "2026-11".parse().unwrap();
-    let wh = Warehouse::local(root.join("wh"));
     reconcile(
-        &wh,
+        wh,
         &ReconcileConfig::default(),
         &prices(),
         vendor,
@@ -389,6 +406,48 @@ async fn reconcile_finds_each_seeded_discrepancy_exactly_once() {
             .next()
             .is_none()
     );
+}
+
+#[tokio::test]
+async fn reconcile_matches_as_well_with_masked_or_hashed_receivers() {
+    let clear = tempfile::tempdir().unwrap();
+    write_warehouse(&clear.path().join("wh"));
+    let expected = run(clear.path(), "tencent", TENCENT_BILL, BillFormat::Tencent).await;
+    for privacy in [
+        ReceiverPrivacy::Masked,
+        ReceiverPrivacy::hashed(b"a key of sixteen+ bytes"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        // Events as the sink writes them into such a warehouse.
+        write_warehouse_with(&dir.path().join("wh"), |e| {
+            e.receiver = privacy.apply(&e.receiver).into_owned();
+        });
+        let wh = Warehouse::local(dir.path().join("wh")).with_receivers(privacy.clone());
+        let report = run_in(
+            &wh,
+            dir.path(),
+            "tencent",
+            TENCENT_BILL,
+            BillFormat::Tencent,
+        )
+        .await;
+        assert_eq!(report.daily, expected.daily, "{privacy:?}");
+        // No phone number of the bill is left in clear anywhere in the warehouse.
+        for table in ["vendor_bills", "reconciliation_rows", "delivery_events"] {
+            assert_eq!(
+                sql(
+                    dir.path(),
+                    &format!(
+                        "SELECT count(*) AS n FROM {table} WHERE receiver LIKE '%3800000%' \
+                         OR receiver LIKE '%3900000%'"
+                    ),
+                )
+                .await,
+                "n\n0\n",
+                "{privacy:?} {table}"
+            );
+        }
+    }
 }
 
 #[tokio::test]

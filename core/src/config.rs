@@ -136,6 +136,14 @@ pub struct HttpConfig {
     /// Signs unsubscribe links (`/u/{token}`): with `public_url` set, templates may use
     /// `{$unsubscribe_url}` and marketing email carries `List-Unsubscribe` (RFC 8058).
     pub unsubscribe_secret: Option<Secret>,
+    /// Apps whose `admin` keys are operators: `POST /v1/sql` shows them every app's rows and
+    /// every table. Every other key sees only its own app's rows.
+    pub operator_apps: Vec<String>,
+    /// Most rows one `POST /v1/sql` answer may hold (`sql_result_too_large` above it).
+    pub sql_max_rows: usize,
+    /// Longest a `POST /v1/sql` statement may run (`sql_timeout` after it).
+    #[serde(deserialize_with = "duration")]
+    pub sql_timeout: Duration,
 }
 
 impl Default for HttpConfig {
@@ -153,6 +161,9 @@ impl Default for HttpConfig {
             receipt_token: None,
             public_url: None,
             unsubscribe_secret: None,
+            operator_apps: Vec::new(),
+            sql_max_rows: 100_000,
+            sql_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -323,6 +334,26 @@ pub struct AnalyticsConfig {
     /// How often the stats of hours whose events changed are recomputed.
     #[serde(deserialize_with = "duration")]
     pub stats_interval: Duration,
+    /// How receivers are written to the warehouse (`delivery_events`, `vendor_bills`): in
+    /// `clear`, `masked` or `hashed` (see `herald_analytics::privacy`). The store keeps them in
+    /// clear for the tracing endpoints either way.
+    pub receivers: ReceiverMode,
+    /// The HMAC key of `receivers = "hashed"` (required then): keep it stable, or old and new
+    /// rows stop matching; keep it secret, or phone numbers can be found by trying them all.
+    pub receiver_hash_key: Option<Secret>,
+}
+
+/// How receivers are written to the warehouse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReceiverMode {
+    /// As sent.
+    #[default]
+    Clear,
+    /// The middle hidden: `+86138****5678`, `a***@example.com`.
+    Masked,
+    /// A keyed hash (HMAC-SHA256), a phone number's country code kept for pricing.
+    Hashed,
 }
 
 impl Default for AnalyticsConfig {
@@ -332,6 +363,8 @@ impl Default for AnalyticsConfig {
             flush_interval: Duration::from_secs(1),
             allowed_lateness: Duration::from_secs(3600),
             stats_interval: Duration::from_secs(10),
+            receivers: ReceiverMode::Clear,
+            receiver_hash_key: None,
         }
     }
 }

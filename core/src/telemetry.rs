@@ -7,6 +7,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 
@@ -60,6 +61,30 @@ pub struct Metrics {
     /// Delivery events written too late for their window, by the stats table that leaves them
     /// out (`delivery_stats_minute` counts those too late for the hour as well).
     pub stats_late_events: Family<TableLabel, Counter>,
+    /// Vendor calls, by channel, vendor account and outcome (`sent`, `retryable`, `permanent`).
+    pub vendor_calls: Family<VendorCall, Counter>,
+    /// How long vendor calls took, by channel and vendor account.
+    pub vendor_latency: Family<VendorAccount, Histogram, fn() -> Histogram>,
+}
+
+/// Labels of a vendor call.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VendorCall {
+    pub channel: &'static str,
+    pub account_id: i64,
+    pub outcome: &'static str,
+}
+
+/// Labels of a vendor account's latency.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VendorAccount {
+    pub channel: &'static str,
+    pub account_id: i64,
+}
+
+/// Buckets of vendor-call latency, in seconds: 10 ms to 30 s (a vendor's slowest answers).
+fn latency_histogram() -> Histogram {
+    Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
 }
 
 /// Label of a warehouse table.
@@ -115,6 +140,8 @@ impl Metrics {
             rate_limited: Family::default(),
             audit_failures: Counter::default(),
             stats_late_events: Family::default(),
+            vendor_calls: Family::default(),
+            vendor_latency: Family::new_with_constructor(latency_histogram),
             registry: Registry::default(),
         };
         registry.register(
@@ -198,6 +225,16 @@ impl Metrics {
              arrived after their window closed (analytics.allowed_lateness), by table",
             m.stats_late_events.clone(),
         );
+        registry.register(
+            "vendor_calls",
+            "Vendor calls by channel, vendor account and outcome (sent, retryable, permanent)",
+            m.vendor_calls.clone(),
+        );
+        registry.register(
+            "vendor_latency_seconds",
+            "Time vendor calls took, by channel and vendor account",
+            m.vendor_latency.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -209,6 +246,30 @@ impl Metrics {
                 state: state.as_str(),
             })
             .inc();
+    }
+
+    /// Counts one vendor call of `account_id` on `channel` that took `latency`, by `outcome`.
+    pub fn vendor_call(
+        &self,
+        channel: Channel,
+        account_id: i64,
+        outcome: &'static str,
+        latency: std::time::Duration,
+    ) {
+        let channel = channel.as_str();
+        self.vendor_calls
+            .get_or_create(&VendorCall {
+                channel,
+                account_id,
+                outcome,
+            })
+            .inc();
+        self.vendor_latency
+            .get_or_create(&VendorAccount {
+                channel,
+                account_id,
+            })
+            .observe(latency.as_secs_f64());
     }
 
     /// Counts receipts of `vendor`: `matched` ones joined to a sent message, `unmatched` ones not.

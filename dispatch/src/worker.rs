@@ -1163,6 +1163,16 @@ impl Dispatcher {
                         let mut e = ev(State::Sending, t.attempt, t.sending_at);
                         e.account_id = t.account_id.or(e.account_id);
                         out.push(e);
+                        if let Some(account) = t.account_id {
+                            let outcome = match &t.result {
+                                Ok(_) => "sent",
+                                Err(err) if err.is_retryable() => "retryable",
+                                Err(_) => "permanent",
+                            };
+                            let latency = Duration::from_millis(t.latency_ms);
+                            self.metrics
+                                .vendor_call(r.channel, account, outcome, latency);
+                        }
                     }
                     let mut e = match &t.result {
                         Ok(o) => {

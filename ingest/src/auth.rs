@@ -129,7 +129,8 @@ pub fn required_scope(method: &Method, route: &str) -> Scope {
         | "/v1/inbox/{receiver}/read"
         | "/v1/receivers/{receiver}/messages"
         | "/v1/templates/{id}/stats"
-        | "/v1/apps/{app}/stats" => Scope::Read,
+        | "/v1/apps/{app}/stats"
+        | "/v1/sql" => Scope::Read,
         "/v1/templates" | "/v1/templates/{id}" => {
             if reading {
                 Scope::Read

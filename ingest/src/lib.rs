@@ -1,7 +1,8 @@
 //! herald-ingest: the HTTP API. Authenticates apps, validates and renders send requests, and
 //! publishes one record per receiver to `herald.requests`; also serves templates, accounts,
 //! media upload, vendor receipt pushes, traces (per message, per receiver, per template), the
-//! inbox, policies and receiver lists, API keys and the audit log, `/health` and `/metrics`.
+//! inbox, policies and receiver lists, API keys and the audit log, read-only SQL over the
+//! warehouse, `/health` and `/metrics`.
 
 mod auth;
 mod body;
@@ -14,12 +15,14 @@ pub mod producer;
 mod read;
 mod recall;
 mod send;
+mod sql;
 mod traces;
 mod unsubscribe;
 mod vendors;
 
 pub use campaign::run_campaigns;
 pub use error::{ApiError, Detail};
+pub use sql::{SqlFailure, SqlFormat, SqlQuery, WarehouseSql};
 
 use auth::Caches;
 use axum::Router;
@@ -98,6 +101,7 @@ struct Inner {
     metrics: Arc<Metrics>,
     config: HttpConfig,
     channels: Arc<dyn Channels>,
+    sql: Arc<dyn WarehouseSql>,
     caches: Caches,
 }
 
@@ -109,6 +113,7 @@ impl ApiState {
         metrics: Arc<Metrics>,
         config: HttpConfig,
         channels: Arc<dyn Channels>,
+        sql: Arc<dyn WarehouseSql>,
     ) -> Self {
         let caches = Caches::new(config.cache_ttl);
         ApiState {
@@ -118,6 +123,7 @@ impl ApiState {
                 metrics,
                 config,
                 channels,
+                sql,
                 caches,
             }),
         }
@@ -190,6 +196,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/keys/{key_id}", axum::routing::delete(keys::revoke))
         .route("/v1/keys/{key_id}/rotate", post(keys::rotate))
         .route("/v1/audit", get(keys::audit_log))
+        .route("/v1/sql", post(sql::run))
         .route("/v1/inbox/{receiver}", get(read::inbox))
         .route("/v1/inbox/{receiver}/read", post(read::mark_read))
         .layer(DefaultBodyLimit::max(limit))

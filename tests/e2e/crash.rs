@@ -33,6 +33,8 @@ fn serve(dir: &Path) -> Serve {
         .arg(dir)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .env("HERALD_ANALYTICS__FLUSH_INTERVAL", "200ms")
+        // The SMTP sink listens on 127.0.0.1.
+        .env("HERALD_DISPATCH__ALLOW_PRIVATE_URLS", "true")
         .env("HERALD_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()

@@ -18,6 +18,7 @@ mod routing;
 mod s3;
 mod security;
 mod sms;
+mod sql;
 mod support;
 mod traces;
 mod unsubscribe;

@@ -24,14 +24,17 @@ async fn every_metric_the_example_alerts_use_is_exported() {
     let app = TestApp::spawn().await;
     let text = app.metrics_text().await;
     // Families are declared by `# TYPE <name> <kind>` even before their first sample; a
-    // counter's samples end in `_total`.
+    // counter's samples end in `_total`, a histogram's in `_bucket`, `_sum` and `_count`.
     let declared: HashSet<&str> = text
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .filter_map(|l| l.split_whitespace().next())
         .collect();
     for name in &named {
-        let family = name.strip_suffix("_total").unwrap_or(name);
+        let family = ["_total", "_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(name);
         assert!(
             declared.contains(family),
             "{name} is not exported: {declared:?}"

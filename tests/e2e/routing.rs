@@ -168,6 +168,22 @@ async fn weights_split_traffic_and_a_failing_vendor_is_failed_over_broken_and_pr
     }
     assert_eq!(ok.len(), all.len());
     assert!(all.iter().all(|id| ok.get(id) == Some(&1)));
+
+    // The per-account call metrics agree with what the two stand-ins saw.
+    let calls = |account: i64, outcome: &str| {
+        format!(
+            "herald_vendor_calls_total{{channel=\"webhook\",account_id=\"{account}\",outcome=\"{outcome}\"}}"
+        )
+    };
+    let sent_a = app.metric(&calls(a, "sent")).await;
+    let sent_b = app.metric(&calls(b, "sent")).await;
+    assert_eq!(sent_a + sent_b, all.len() as f64);
+    assert_eq!(sent_b, calls_b.lock().unwrap().len() as f64);
+    let refused_a = app.metric(&calls(a, "retryable")).await;
+    assert_eq!(refused_a, a_failed.len() as f64);
+    let timed =
+        format!("herald_vendor_latency_seconds_count{{channel=\"webhook\",account_id=\"{a}\"}}");
+    assert_eq!(app.metric(&timed).await, sent_a + refused_a);
     app.stop().await;
 }
 

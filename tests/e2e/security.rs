@@ -398,6 +398,41 @@ async fn outbound_calls_never_reach_private_addresses_unless_allowed() {
     );
     assert_eq!(failed["attempt"], 1, "refusal is permanent: {trace}");
     assert!(calls.lock().unwrap().is_empty());
+
+    // SMTP hosts too: an address when the account is made, a name when herald would connect.
+    let smtp = |host: &str| {
+        json!({"name": "m", "channel": "email", "config": {"host": host, "port": 2525,
+               "security": "plain", "from": "h@example.com"}})
+    };
+    for host in ["127.0.0.1", "10.1.2.3", "::1"] {
+        let (s, e) = app.post("/v1/accounts", smtp(host)).await;
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (422, Some("bad_account_config")),
+            "{host}: {e}"
+        );
+    }
+    let (s, a) = app.post("/v1/accounts", smtp("localhost")).await;
+    assert_eq!(s, 201, "{a}");
+    let (s, t) = app
+        .post(
+            "/v1/templates",
+            json!({"name": "m", "channel": "email", "msg_type": "notice", "account_id": a["id"],
+                   "content": {"subject": "s", "text": "t"}}),
+        )
+        .await;
+    assert_eq!(s, 201, "{t}");
+    let (s, sent) = app
+        .post(
+            "/v1/send",
+            json!({"template_id": t["id"], "receivers": ["x@example.com"]}),
+        )
+        .await;
+    assert_eq!(s, 202, "{sent}");
+    let id = message_ids(&sent).remove(0);
+    let trace = app.wait_for_state(&id, "send_failed").await;
+    let failed = trace["events"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(failed["error_code"], "url_refused", "{trace}");
     app.stop().await;
 }
 

@@ -37,6 +37,7 @@ use datafusion::arrow::array::{
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use herald_core::config::GenericBillColumns;
+use std::borrow::Cow;
 use std::fmt;
 use std::fs::File;
 use std::io::BufReader;
@@ -600,7 +601,12 @@ fn stage(
             continue;
         }
         let line = rec.position().map_or(0, |p| p.line());
-        builders.push(line, reader.row(&rec).map_err(|e| at(line, e))?);
+        let mut row = reader.row(&rec).map_err(|e| at(line, e))?;
+        // The warehouse's form of the receiver, so that the match meets events' receivers.
+        if let Cow::Owned(receiver) = wh.receivers().apply(&row.receiver) {
+            row.receiver = receiver;
+        }
+        builders.push(line, row);
         rows += 1;
         if builders.rows == ROWS_PER_FILE {
             write_staged(wh, &builders.finish(), tag, staged)?;

@@ -196,3 +196,28 @@ async fn s3_tables_are_read_from_the_object_store() {
         .unwrap_err();
     assert!(err.to_string().contains("not found"), "{err}");
 }
+
+#[tokio::test]
+async fn every_shipped_report_matches_its_golden_file() {
+    let dir = tempfile::tempdir().unwrap();
+    write_table(dir.path(), &sample_events(40, 0));
+    let reports = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sql/reports");
+    let mut names: Vec<_> = std::fs::read_dir(&reports)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 4, "{names:?}");
+    for path in names {
+        let sql = std::fs::read_to_string(&path).unwrap();
+        let rows = query(dir.path(), &sql)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let name = path.file_stem().unwrap().to_string_lossy();
+        golden(
+            &format!("reports/{name}.txt"),
+            &format(&rows, OutputFormat::Table).unwrap(),
+        );
+    }
+}

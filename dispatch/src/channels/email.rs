@@ -677,21 +677,36 @@ impl EmailSender {
         }
     }
 
-    /// The pool for this account and config, built on first use.
-    fn pooled(&self, account_id: i64, account: EmailAccount) -> Result<Arc<Pooled>, SendError> {
+    /// The pool for this account and config, built on first use; before that, unless
+    /// `dispatch.allow_private_urls`, the host must resolve to public addresses only.
+    async fn pooled(
+        &self,
+        account_id: i64,
+        account: EmailAccount,
+    ) -> Result<Arc<Pooled>, SendError> {
+        if let Some(pooled) = self.current(account_id, &account) {
+            return Ok(pooled);
+        }
+        if !self.policy.allow_private {
+            check_public_host(&account.host, account.port()).await?;
+        }
         // The map stays consistent even if a holder panicked: every change is one insert/remove.
         let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(pooled) = pools.get(&account_id)
-            && pooled.account == account
-        {
-            return Ok(Arc::clone(pooled));
-        }
         let pooled = Arc::new(Pooled {
             transport: account.transport()?,
             account,
         });
         pools.insert(account_id, Arc::clone(&pooled));
         Ok(pooled)
+    }
+
+    /// The account's pool, if it was built for this config.
+    fn current(&self, account_id: i64, account: &EmailAccount) -> Option<Arc<Pooled>> {
+        let pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
+        pools
+            .get(&account_id)
+            .filter(|pooled| pooled.account == *account)
+            .map(Arc::clone)
     }
 
     /// Forgets `pooled` if it is still the account's current pool.
@@ -721,7 +736,7 @@ impl Sender for EmailSender {
         let attachments =
             fetch_attachments(&self.policy, std::mem::take(&mut draft.attachments)).await?;
         let message = build_message(draft, attachments, from, message_id.clone())?;
-        let pooled = self.pooled(account_id, account)?;
+        let pooled = self.pooled(account_id, account).await?;
         match tokio::time::timeout(pooled.account.timeout(), pooled.transport.send(message)).await {
             Ok(Ok(_)) => Ok(SendOutcome {
                 vendor: VENDOR.into(),
@@ -781,6 +796,31 @@ fn smtp_error(e: &lettre::transport::smtp::Error) -> SendError {
     }
 }
 
+/// Refuses an SMTP `host` that is, or resolves to, an address that is not public (`url_refused`,
+/// permanent); a name that does not resolve is `smtp_connect` (retryable).
+async fn check_public_host(host: &str, port: u16) -> Result<(), SendError> {
+    let addrs = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| SendError::Retryable {
+            code: "smtp_connect".into(),
+            detail: format!("cannot resolve {host}: {e}"),
+            retry_after: None,
+        })?;
+    for addr in addrs {
+        if let Some(why) = fetch::non_public(addr.ip()) {
+            return Err(SendError::Permanent {
+                code: "url_refused".into(),
+                detail: format!(
+                    "SMTP host {host} is {}, which is {why}: not a public address, and \
+                     `dispatch.allow_private_urls` is off",
+                    addr.ip()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn bad_account(detail: impl Into<String>) -> SendError {
     SendError::Permanent {
         code: "bad_account".into(),
@@ -798,6 +838,14 @@ fn bad_content(detail: impl Into<String>) -> SendError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sender that may reach the test servers on 127.0.0.1.
+    fn local_sender() -> EmailSender {
+        EmailSender::new(UrlPolicy {
+            allow_private: true,
+            ..UrlPolicy::default()
+        })
+    }
     use herald_core::{Channel, MessageId, MsgType};
     use serde_json::{Value, json};
     use std::io::{BufRead, BufReader};
@@ -930,7 +978,7 @@ mod tests {
     #[tokio::test]
     async fn sends_text_and_html_as_alternatives_over_one_connection() {
         let sink = SmtpSink::start(&[]);
-        let sender = EmailSender::new(UrlPolicy::default());
+        let sender = local_sender();
         let text = "Hello Ann — your code is 1234.\nSee you.";
         let html = "<p>Hello <b>Ann</b> — your code is <code>1234</code>.</p>";
         let first = record(
@@ -985,7 +1033,7 @@ mod tests {
     #[tokio::test]
     async fn html_only_gets_a_derived_text_part_and_text_only_is_plain() {
         let sink = SmtpSink::start(&[]);
-        let sender = EmailSender::new(UrlPolicy::default());
+        let sender = local_sender();
         let html = "<h1>Order&nbsp;shipped</h1><p>Hi Ann,<br>your order <b>#42</b> is on its \
                     way &amp; arrives Monday.</p><style>p {color: red}</style>";
         let r = record(
@@ -1017,7 +1065,7 @@ mod tests {
     #[tokio::test]
     async fn smtp_4xx_is_retryable_and_5xx_permanent() {
         let sink = SmtpSink::start(&["--transient", "^busy@", "--permanent", "^nobody@"]);
-        let sender = EmailSender::new(UrlPolicy::default());
+        let sender = local_sender();
         let content = json!({"subject": "s", "text": "t"});
 
         let err = sender
@@ -1057,7 +1105,7 @@ mod tests {
     #[tokio::test]
     async fn tls_modes_refuse_a_plaintext_server() {
         let sink = SmtpSink::start(&[]);
-        let sender = EmailSender::new(UrlPolicy::default());
+        let sender = local_sender();
         let content = json!({"subject": "s", "text": "t"});
         let mut account = sink.account();
 
@@ -1081,8 +1129,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn refused_and_silent_servers_are_retryable() {
+    async fn private_smtp_hosts_are_refused_unless_allowed() {
         let sender = EmailSender::new(UrlPolicy::default());
+        let content = json!({"subject": "s", "text": "t"});
+        for host in ["127.0.0.1", "localhost"] {
+            let account = json!({"host": host, "port": 9, "security": "plain",
+                                 "from": "noreply@herald.test"});
+            let err = sender
+                .send(&record("ann@example.com", content.clone()), 1, &account)
+                .await
+                .unwrap_err();
+            assert!(!err.is_retryable(), "{err:?}");
+            assert_eq!(err.code(), "url_refused", "{err:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn refused_and_silent_servers_are_retryable() {
+        let sender = local_sender();
         let content = json!({"subject": "s", "text": "t"});
 
         // Nothing listens on a port just freed.
@@ -1124,7 +1188,7 @@ mod tests {
 
     #[tokio::test]
     async fn bad_content_and_receivers_are_permanent_without_connecting() {
-        let sender = EmailSender::new(UrlPolicy::default());
+        let sender = local_sender();
         // Port 9 (discard) on a loopback address nothing listens on: reaching it would fail
         // as `smtp_connect`, so the codes below show the checks ran before any connection.
         let account = json!({"host": "127.0.0.1", "port": 9, "security": "plain",

@@ -349,18 +349,23 @@ impl Resolve for PublicOnly {
     }
 }
 
-/// Refuses an account config whose `url` or `base_url` names a host by an IP address that is
-/// not public (names are checked by [`PublicOnly`] at every connection).
+/// Refuses an account config whose `url` or `base_url` (HTTP vendors, webhooks) or `host`
+/// (SMTP) names a host by an IP address that is not public (names are checked by
+/// [`PublicOnly`] at every HTTP connection, and by the email sender when it opens a pool).
 pub fn check_account_urls(config: &serde_json::Value) -> Result<(), String> {
-    for field in ["url", "base_url"] {
+    for field in ["url", "base_url", "host"] {
         let Some(raw) = config.get(field).and_then(|v| v.as_str()) else {
             continue;
         };
-        let Ok(url) = Url::parse(raw) else { continue };
-        let ip: Option<IpAddr> = match url.host() {
-            Some(Host::Ipv4(ip)) => Some(ip.into()),
-            Some(Host::Ipv6(ip)) => Some(ip.into()),
-            _ => None,
+        let ip: Option<IpAddr> = match (field, Url::parse(raw)) {
+            // An SMTP account's bare host name or address.
+            ("host", _) => raw.trim_matches(['[', ']']).parse().ok(),
+            (_, Ok(url)) => match url.host() {
+                Some(Host::Ipv4(ip)) => Some(ip.into()),
+                Some(Host::Ipv6(ip)) => Some(ip.into()),
+                _ => None,
+            },
+            (_, Err(_)) => continue,
         };
         if let Some(why) = ip.and_then(non_public) {
             return Err(format!(
