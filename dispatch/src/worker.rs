@@ -18,6 +18,10 @@
 //! 5. the batch's delivery events are published (durable);
 //! 6. only then are the bus offsets committed.
 //!
+//! A failure of the store or the bus in 4 or 5 (an outage) is retried in place until it
+//! passes, never by redelivering the batch, which would call the vendors again for messages
+//! whose outcome the ledger did not take. A failure before 3 retries the whole batch.
+//!
 //! A crash anywhere before 6 redelivers the batch. The ledger absorbs it: a message marked
 //! `sent`/`send_failed` is not sent again, its events are re-emitted flagged `redelivered` with
 //! the same deterministic ids, and the warehouse sink drops the copies it already has. A message
@@ -476,11 +480,6 @@ impl Dispatcher {
                 }
             }
         }
-        self.store
-            .record_ledger(&final_rows, &done_at, &inbox, &failed)
-            .await?;
-        self.store.defer_retries(&retries).await?;
-
         let events: Vec<DeliveryEvent> = work
             .iter()
             .flat_map(|w| self.events_of(w, received_at))
@@ -494,9 +493,28 @@ impl Dispatcher {
             })
             .cloned()
             .collect();
-        self.store.record_vendor_messages(&with_receipts).await?;
         let events: Vec<Record> = events.iter().map(DeliveryEvent::to_record).collect();
-        self.bus.publish(DELIVERY_TOPIC, events).await?;
+        // The vendors were called. From here a failure is retried step by step, not by
+        // redelivering the batch: a message whose outcome the ledger did not take (the store
+        // went down after the call) would be sent again.
+        let (rows, at, inbox, failed) = (&final_rows, &done_at, &inbox, &failed);
+        let (retries, with_receipts, events) = (&retries, &with_receipts, &events);
+        until_done("the send ledger", || async move {
+            Ok(self.store.record_ledger(rows, at, inbox, failed).await?)
+        })
+        .await;
+        until_done("the retry schedule", || async move {
+            Ok(self.store.defer_retries(retries).await?)
+        })
+        .await;
+        until_done("vendor message ids", || async move {
+            Ok(self.store.record_vendor_messages(with_receipts).await?)
+        })
+        .await;
+        until_done("delivery events", || async move {
+            Ok(self.bus.publish(DELIVERY_TOPIC, events.clone()).await?)
+        })
+        .await;
         Ok(outcome)
     }
 
@@ -1210,6 +1228,21 @@ impl Dispatcher {
             self.metrics.event(r.channel, e.state);
         }
         out
+    }
+}
+
+/// Runs `op` until it succeeds, logging each failure and backing off (100 ms, doubling, at most
+/// 5 s): for the writes that record a batch once its vendor calls are made.
+async fn until_done<F, Fut>(what: &str, mut op: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), DispatchError>>,
+{
+    let mut backoff = Duration::from_millis(100);
+    while let Err(e) = op().await {
+        tracing::error!(error = %e, "recording {what} failed; retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 

@@ -3,12 +3,9 @@
 //! warehouse holds exactly one `sent` event for each. And scheduled messages pending across a
 //! kill: each sent once, on time.
 
-use crate::support::SmtpSink;
-use serde_json::{Value, json};
+use crate::support::{SmtpSink, create_app, post, serve};
+use serde_json::json;
 use std::collections::{HashMap, HashSet};
-use std::net::TcpListener;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,69 +13,6 @@ const TOTAL: usize = 10_000;
 const PER_REQUEST: usize = 50;
 /// Every fifth request goes to email, the rest to the inbox.
 const EMAIL_EVERY: usize = 5;
-
-struct Serve {
-    child: Child,
-    base: String,
-}
-
-fn serve(dir: &Path) -> Serve {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .arg("--data-dir")
-        .arg(dir)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .env("HERALD_ANALYTICS__FLUSH_INTERVAL", "200ms")
-        // The SMTP sink listens on 127.0.0.1.
-        .env("HERALD_DISPATCH__ALLOW_PRIVATE_URLS", "true")
-        .env("HERALD_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "herald did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Serve { child, base }
-}
-
-/// Creates an app with `herald apps create` in `dir`; returns its API key.
-fn create_app(dir: &Path) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .arg("--data-dir")
-        .arg(dir)
-        .args(["apps", "create", "crash"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("api key: "))
-        .unwrap()
-        .to_string()
-}
-
-async fn post(
-    http: &reqwest::Client,
-    base: &str,
-    key: &str,
-    path: &str,
-    body: Value,
-) -> Result<(u16, Value), reqwest::Error> {
-    let resp = http
-        .post(format!("{base}{path}"))
-        .bearer_auth(key)
-        .json(&body)
-        .send()
-        .await?;
-    let status = resp.status().as_u16();
-    Ok((status, resp.json().await.unwrap_or(Value::Null)))
-}
 
 /// Sends batches from `start` until `stop_at` messages are accepted (or the server dies);
 /// records accepted ids by channel.
@@ -135,7 +69,7 @@ async fn load(
 async fn kill_9_midway_loses_nothing_and_sends_nothing_twice() {
     let dir = tempfile::tempdir().unwrap();
     let smtp = SmtpSink::start();
-    let key = create_app(dir.path());
+    let key = create_app(dir.path(), &[]);
 
     let mut first = serve(dir.path());
     let http = reqwest::Client::new();
@@ -287,7 +221,7 @@ async fn scheduled_messages_survive_a_kill_and_go_on_time() {
     const BATCHES: usize = 5;
     const PER_BATCH: usize = 100;
     let dir = tempfile::tempdir().unwrap();
-    let key = create_app(dir.path());
+    let key = create_app(dir.path(), &[]);
     let mut first = serve(dir.path());
     let http = reqwest::Client::new();
     let (_, t) = post(&http, &first.base, &key, "/v1/templates",

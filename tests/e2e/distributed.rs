@@ -31,7 +31,7 @@ fn wait_for_port(port: u16, what: &str) {
 }
 
 /// A tansu broker on its own port; killed when dropped.
-struct Broker {
+pub(crate) struct Broker {
     child: Child,
     port: u16,
     storage: String,
@@ -52,7 +52,7 @@ impl Broker {
 
     /// A broker on tansu's SQLite engine in a temporary directory. (Its memory engine loses
     /// records read from the middle of a produced batch.)
-    fn on_disk() -> Broker {
+    pub(crate) fn on_disk() -> Broker {
         let dir = tempfile::tempdir().unwrap();
         let storage = format!("sqlite://{}", dir.path().join("tansu.db").display());
         let mut broker = Broker::start(&storage);
@@ -60,12 +60,12 @@ impl Broker {
         broker
     }
 
-    fn address(&self) -> String {
+    pub(crate) fn address(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
     /// Kills the broker (SIGKILL) and starts it again on the same port and storage.
-    fn restart(&mut self, down_for: Duration) {
+    pub(crate) fn restart(&mut self, down_for: Duration) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
         std::thread::sleep(down_for);
@@ -132,15 +132,15 @@ async fn fresh_database() -> String {
 }
 
 /// Config and data directory shared by every process of one deployment.
-struct Deployment {
+pub(crate) struct Deployment {
     dir: tempfile::TempDir,
     config: PathBuf,
-    store_url: String,
+    pub(crate) store_url: String,
 }
 
 impl Deployment {
     /// `http` is extra lines for the `[http]` section.
-    async fn new(broker: &Broker, http: &str) -> Deployment {
+    pub(crate) async fn new(broker: &Broker, http: &str) -> Deployment {
         let dir = tempfile::tempdir().unwrap();
         let store_url = fresh_database().await;
         let config = dir.path().join("herald.toml");
@@ -173,7 +173,7 @@ impl Deployment {
     }
 
     /// Creates an app; returns its API key.
-    fn create_app(&self, name: &str) -> String {
+    pub(crate) fn create_app(&self, name: &str) -> String {
         let out = self
             .command()
             .args(["apps", "create", name])
@@ -194,7 +194,7 @@ impl Deployment {
     }
 
     /// Starts one role as its own process, logging to `<dir>/<role>-<port>.log`.
-    fn spawn(&self, role: &str) -> Role {
+    pub(crate) fn spawn(&self, role: &str) -> Role {
         let port = free_port();
         let log =
             std::fs::File::create(self.dir.path().join(format!("{role}-{port}.log"))).unwrap();
@@ -214,13 +214,13 @@ impl Deployment {
 }
 
 /// A running herald process; killed when dropped.
-struct Role {
+pub(crate) struct Role {
     child: Child,
     port: u16,
 }
 
 impl Role {
-    fn base(&self) -> String {
+    pub(crate) fn base(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 }

@@ -191,12 +191,7 @@ impl TestApp {
 
     /// The counter `name` (with labels, as printed) from `/metrics`.
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = self.metrics_text().await;
-        text.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
+        counter(&self.metrics_text().await, name)
     }
 
     pub async fn stop(mut self) {
@@ -205,6 +200,16 @@ impl TestApp {
             t.await.unwrap().unwrap();
         }
     }
+}
+
+/// The counter `name` (with labels, as printed) in the Prometheus text `metrics`; 0 if absent.
+pub fn counter(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// Runs SQL over a warehouse and returns the CSV text.
@@ -324,4 +329,141 @@ pub async fn webhook_receiver(
     let router = axum::Router::new().route("/hook", axum::routing::post(handler));
     tokio::spawn(async move { axum::serve(listener, router).await });
     (url, calls)
+}
+
+/// `herald serve` as an OS process on a free port, with `HERALD_LOG=warn` (its log appended to
+/// `<data dir>/herald.log`) and 200 ms warehouse flushes. Killed when dropped.
+pub struct Serve {
+    pub child: std::process::Child,
+    pub base: String,
+    port: u16,
+    dir: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+/// `herald serve` on the data directory `dir`.
+pub fn serve(dir: &Path) -> Serve {
+    Serve::start(dir, &[], &[])
+}
+
+impl Serve {
+    /// `herald serve` on `dir` with extra global `args` (e.g. `--store URL`) and `env`.
+    pub fn start(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Serve {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Self::spawn(dir, args, env, port);
+        Serve {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            port,
+            dir: dir.to_path_buf(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    fn spawn(
+        dir: &Path,
+        args: &[impl AsRef<std::ffi::OsStr>],
+        env: &[(impl AsRef<std::ffi::OsStr>, impl AsRef<std::ffi::OsStr>)],
+        port: u16,
+    ) -> std::process::Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("herald.log"))
+            .unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+            .arg("--data-dir")
+            .arg(dir)
+            .args(args)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .env("HERALD_ANALYTICS__FLUSH_INTERVAL", "200ms")
+            // Vendor stand-ins and the SMTP sink listen on 127.0.0.1.
+            .env("HERALD_DISPATCH__ALLOW_PRIVATE_URLS", "true")
+            .env("HERALD_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "herald did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; returns how long that took and its
+    /// exit status.
+    pub fn terminate(&mut self) -> (Duration, std::process::ExitStatus) {
+        let started = Instant::now();
+        let kill = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success(), "kill -TERM failed");
+        let status = self.child.wait().unwrap();
+        (started.elapsed(), status)
+    }
+
+    /// Starts the exited process again on the same port, data and settings.
+    pub fn restart(&mut self) {
+        self.child = Self::spawn(&self.dir, &self.args, &self.env, self.port);
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Creates an app with `herald apps create` on data directory `dir` (and global `args`, e.g.
+/// `--store URL`); returns its API key.
+pub fn create_app(dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .args(["apps", "create", "e2e"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("api key: "))
+        .unwrap()
+        .to_string()
+}
+
+/// POSTs `body` to `base` + `path` with `key`; returns the status and the JSON answer (`Null`
+/// when it is not JSON).
+pub async fn post(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    path: &str,
+    body: Value,
+) -> Result<(u16, Value), reqwest::Error> {
+    let resp = http
+        .post(format!("{base}{path}"))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.json().await.unwrap_or(Value::Null)))
 }

@@ -43,7 +43,7 @@ pub use vendors::PendingReceipt;
 
 use crate::secrets::{SecretBox, SecretError};
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
-use sqlx::{AnyPool, Executor};
+use sqlx::{AnyPool, Connection, Executor};
 use std::fmt::Write;
 use std::sync::Arc;
 use std::time::Duration;
@@ -160,6 +160,18 @@ impl Store {
                         Box::pin(async move {
                             conn.execute(SQLITE_PRAGMAS).await?;
                             Ok(())
+                        })
+                    })
+                    // SQLite rolls a transaction back by itself when the disk is full or I/O
+                    // fails; sqlx (0.8) then still counts it open, as the ROLLBACK it sends on
+                    // drop fails. The connection's next transactions would be savepoints in one
+                    // that never commits: writes that look committed, seen by no other
+                    // connection, lost at exit. Such a connection is closed instead of reused
+                    // (the ping first lets a queued rollback run).
+                    .after_release(|conn, _| {
+                        Box::pin(async move {
+                            conn.ping().await?;
+                            Ok(!conn.is_in_transaction())
                         })
                     })
                     .connect(&url)
