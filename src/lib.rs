@@ -6,7 +6,7 @@ pub mod bench;
 
 use anyhow::Context;
 use herald_analytics::stats::{HOUR_TABLE, MINUTE_TABLE};
-use herald_analytics::{Aggregator, EventIndex, Sink, SinkConfig, SinkStats, Warehouse};
+use herald_analytics::{Aggregator, Compactor, EventIndex, Sink, SinkConfig, SinkStats, Warehouse};
 use herald_core::bus::embedded::EmbeddedBus;
 use herald_core::bus::kafka::{KafkaBus, herald_topics};
 use herald_core::bus::{Bus, Delivered};
@@ -171,6 +171,14 @@ impl Application {
             let sink =
                 Sink::recover(self.bus.clone(), warehouse.clone(), index, sink_config).await?;
             sink_stats = Some(sink.stats());
+            if !analytics.compact_interval.is_zero() {
+                let compactor = Compactor::new(warehouse.clone(), analytics.into());
+                let (rx, interval) = (shutdown.clone(), analytics.compact_interval);
+                tasks.spawn(async move {
+                    compactor.run(interval, rx).await;
+                    Ok(())
+                });
+            }
             let aggregator =
                 Aggregator::open(warehouse, sink.stats(), analytics.allowed_lateness).await?;
             let (rx, interval) = (shutdown.clone(), analytics.stats_interval);

@@ -12,7 +12,6 @@ use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTableUrl};
 use datafusion::execution::context::{SQLOptions, SessionContext};
-use datafusion::execution::object_store::ObjectStoreUrl;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -37,10 +36,9 @@ pub async fn query_warehouse(
     warehouse: &Warehouse,
     sql: &str,
 ) -> Result<Vec<RecordBatch>, AnalyticsError> {
+    let _reading = warehouse.reading().await;
     let ctx = SessionContext::new();
-    if let Some((url, store)) = warehouse.object_store() {
-        ctx.register_object_store(ObjectStoreUrl::parse(url)?.as_ref(), store);
-    }
+    warehouse.register_store(&ctx)?;
     register_tables(&ctx, warehouse).await?;
     let read_only = SQLOptions::new()
         .with_allow_ddl(false)

@@ -323,6 +323,16 @@ pub struct AnalyticsConfig {
     /// How often the stats of hours whose events changed are recomputed.
     #[serde(deserialize_with = "duration")]
     pub stats_interval: Duration,
+    /// How often the analytics role merges small `delivery_events` files (`0s`: never).
+    #[serde(deserialize_with = "duration")]
+    pub compact_interval: Duration,
+    /// An hour's files are merged once the newest event written is this far past its end.
+    #[serde(deserialize_with = "duration")]
+    pub compact_after: Duration,
+    /// The fewest small files of one hour (and lateness) worth merging.
+    pub compact_min_files: usize,
+    /// Merged files grow to about this many bytes (of compressed input); larger files stay.
+    pub compact_target_bytes: u64,
 }
 
 impl Default for AnalyticsConfig {
@@ -332,6 +342,10 @@ impl Default for AnalyticsConfig {
             flush_interval: Duration::from_secs(1),
             allowed_lateness: Duration::from_secs(3600),
             stats_interval: Duration::from_secs(10),
+            compact_interval: Duration::from_secs(300),
+            compact_after: Duration::from_secs(3600),
+            compact_min_files: 10,
+            compact_target_bytes: 128 << 20,
         }
     }
 }

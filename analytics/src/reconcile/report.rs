@@ -15,7 +15,6 @@ use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::ListingOptions;
 use datafusion::execution::context::{SessionConfig, SessionContext};
-use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::prelude::ParquetReadOptions;
 use herald_core::config::ReconcileConfig;
 use herald_core::prices::{PriceRule, PriceTable};
@@ -103,6 +102,8 @@ pub async fn run_report(
     period: Period,
 ) -> Result<Reconciliation, ReconcileError> {
     check_vendor(vendor)?;
+    // Compaction in this process waits: no event file listed below disappears meanwhile.
+    let _reading = wh.reading().await;
     let offset = parse_offset(&config.utc_offset)?;
     let prices = Prices::of(prices, vendor);
     let window_us = i64::try_from(config.match_window.as_micros()).unwrap_or(i64::MAX);
@@ -239,9 +240,7 @@ async fn context(wh: &Warehouse, bills_dir: &str) -> Result<SessionContext, Reco
         .execution
         .skip_partial_aggregation_probe_ratio_threshold = 0.1;
     let ctx = SessionContext::new_with_config(config);
-    if let Some((url, store)) = wh.object_store() {
-        ctx.register_object_store(ObjectStoreUrl::parse(url)?.as_ref(), store);
-    }
+    wh.register_store(&ctx)?;
     let parquet =
         || ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
     let partitions = vec![
