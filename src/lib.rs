@@ -5,6 +5,7 @@
 pub mod bench;
 
 use anyhow::Context;
+use herald_analytics::reconcile::Schedules;
 use herald_analytics::stats::{HOUR_TABLE, MINUTE_TABLE};
 use herald_analytics::{Aggregator, Compactor, EventIndex, Sink, SinkConfig, SinkStats, Warehouse};
 use herald_core::bus::embedded::EmbeddedBus;
@@ -176,6 +177,19 @@ impl Application {
                 let (rx, interval) = (shutdown.clone(), analytics.compact_interval);
                 tasks.spawn(async move {
                     compactor.run(interval, rx).await;
+                    Ok(())
+                });
+            }
+            if !analytics.reconcile_schedules.is_empty() {
+                let schedules = Schedules::new(
+                    warehouse.clone(),
+                    &self.config.reconcile,
+                    &self.config.prices,
+                    &analytics.reconcile_schedules,
+                )?;
+                let rx = shutdown.clone();
+                tasks.spawn(async move {
+                    schedules.run(rx).await;
                     Ok(())
                 });
             }

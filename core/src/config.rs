@@ -333,6 +333,40 @@ pub struct AnalyticsConfig {
     pub compact_min_files: usize,
     /// Merged files grow to about this many bytes (of compressed input); larger files stay.
     pub compact_target_bytes: u64,
+    /// Reconciliations the analytics role runs on a cron schedule.
+    pub reconcile_schedules: Vec<ReconcileSchedule>,
+}
+
+/// A reconciliation run on a schedule (`[[analytics.reconcile_schedules]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileSchedule {
+    /// When to run: 5 cron fields (minute hour day month weekday) or 6 (seconds first), read
+    /// at `reconcile.utc_offset`.
+    pub cron: String,
+    /// The vendor as on delivery events.
+    pub vendor: String,
+    /// Where finance drops the vendor's exports: a file or a glob such as
+    /// `/srv/bills/tencent/*.csv`; the newest file that matches is reconciled.
+    pub bills: String,
+    /// Which month a run reconciles.
+    #[serde(default)]
+    pub period: PeriodRule,
+    /// The bill's layout (`tencent`, `aliyun`, `generic`); default: the vendor's own, else
+    /// `generic`.
+    #[serde(default)]
+    pub format: Option<String>,
+}
+
+/// Which month a scheduled reconciliation covers, in the calendar of `reconcile.utc_offset`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeriodRule {
+    /// The month before the run (a bill arrives after its month ends).
+    #[default]
+    PreviousMonth,
+    /// The month of the run (a running check against daily exports).
+    CurrentMonth,
 }
 
 impl Default for AnalyticsConfig {
@@ -346,6 +380,7 @@ impl Default for AnalyticsConfig {
             compact_after: Duration::from_secs(3600),
             compact_min_files: 10,
             compact_target_bytes: 128 << 20,
+            reconcile_schedules: Vec::new(),
         }
     }
 }
