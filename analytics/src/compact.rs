@@ -87,11 +87,11 @@ impl From<&AnalyticsConfig> for CompactConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Step {
     /// The merged file is staged, not in place.
-    AfterStaging,
+    Staged,
     /// The merged file is in place, no input deleted.
-    AfterPlacing,
+    Placed,
     /// The merged file is in place and one input deleted.
-    AfterFirstDelete,
+    FirstInputDeleted,
 }
 
 /// What one pass did.
@@ -314,7 +314,7 @@ fn merge(
     let staged = format!("{STAGING}/{}.parquet", uuid::Uuid::now_v7());
     let rows = wh.merge_parquet(&staged, &inputs)?;
     wh.sync_dir(STAGING)?;
-    faults.check(Step::AfterStaging)?;
+    faults.check(Step::Staged)?;
 
     let _swapping = wh.swapping();
     if !wh.rename(&staged, &target)? {
@@ -324,10 +324,10 @@ fn merge(
         )));
     }
     wh.sync_dir(dir)?;
-    faults.check(Step::AfterPlacing)?;
+    faults.check(Step::Placed)?;
     for (i, input) in inputs.iter().enumerate() {
         if i == 1 {
-            faults.check(Step::AfterFirstDelete)?;
+            faults.check(Step::FirstInputDeleted)?;
         }
         wh.delete(input)?;
     }

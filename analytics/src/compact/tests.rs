@@ -157,7 +157,7 @@ async fn crash_and_recover(wh: &Warehouse, step: Step) {
     assert!(err.to_string().contains("injected crash"), "{err}");
     assert_eq!(table(wh).await, events, "{step:?}");
     let staged = blocking(wh, |wh| wh.list(STAGING).unwrap().len()).await;
-    assert_eq!(staged, usize::from(step == Step::AfterStaging), "{step:?}");
+    assert_eq!(staged, usize::from(step == Step::Staged), "{step:?}");
 
     let done = Compactor::new(wh.clone(), config()).pass().await.unwrap();
     assert!(done.leftovers >= 1, "{step:?}: {done}");
@@ -176,22 +176,22 @@ async fn crash_and_recover(wh: &Warehouse, step: Step) {
 
 #[tokio::test]
 async fn a_crash_after_staging_the_merged_file_loses_and_duplicates_nothing() {
-    crash_and_recover(&TestWarehouse::local().wh, Step::AfterStaging).await;
+    crash_and_recover(&TestWarehouse::local().wh, Step::Staged).await;
 }
 
 #[tokio::test]
 async fn a_crash_after_placing_the_merged_file_loses_and_duplicates_nothing() {
-    crash_and_recover(&TestWarehouse::local().wh, Step::AfterPlacing).await;
+    crash_and_recover(&TestWarehouse::local().wh, Step::Placed).await;
 }
 
 #[tokio::test]
 async fn a_crash_while_deleting_the_inputs_loses_and_duplicates_nothing() {
-    crash_and_recover(&TestWarehouse::local().wh, Step::AfterFirstDelete).await;
+    crash_and_recover(&TestWarehouse::local().wh, Step::FirstInputDeleted).await;
 }
 
 #[tokio::test]
 async fn s3_a_crash_after_placing_the_merged_file_loses_and_duplicates_nothing() {
-    crash_and_recover(&TestWarehouse::s3().await.wh, Step::AfterPlacing).await;
+    crash_and_recover(&TestWarehouse::s3().await.wh, Step::Placed).await;
 }
 
 #[test]

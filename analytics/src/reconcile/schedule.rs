@@ -107,8 +107,8 @@ impl Schedules {
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.wait_for(|s| *s) => return,
             }
-            for i in 0..self.entries.len() {
-                let Some(at) = next[i].filter(|t| *t <= Utc::now()) else {
+            for (i, next_at) in next.iter_mut().enumerate() {
+                let Some(at) = next_at.filter(|t| *t <= Utc::now()) else {
                     continue;
                 };
                 let vendor = &self.entries[i].schedule.vendor;
@@ -117,7 +117,7 @@ impl Schedules {
                     Err(e) => tracing::warn!(%vendor, code = e.code(), error = %e,
                         "scheduled reconciliation failed; waiting for its next time"),
                 }
-                next[i] = self.entries[i].next_after(Utc::now(), self.offset);
+                *next_at = self.entries[i].next_after(Utc::now(), self.offset);
             }
         }
         let _ = shutdown.wait_for(|s| *s).await;
