@@ -6,8 +6,9 @@ pub mod bench;
 
 use anyhow::Context;
 use herald_analytics::privacy::ReceiverPrivacy;
+use herald_analytics::reconcile::Schedules;
 use herald_analytics::stats::{HOUR_TABLE, MINUTE_TABLE};
-use herald_analytics::{Aggregator, EventIndex, Sink, SinkConfig, SinkStats, Warehouse};
+use herald_analytics::{Aggregator, Compactor, EventIndex, Sink, SinkConfig, SinkStats, Warehouse};
 use herald_core::bus::embedded::EmbeddedBus;
 use herald_core::bus::kafka::{KafkaBus, herald_topics};
 use herald_core::bus::{Bus, Delivered};
@@ -169,8 +170,11 @@ impl Application {
     pub async fn run(self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let mut tasks = tokio::task::JoinSet::new();
         let mut sink_stats = None;
+        // One warehouse for the roles of this process, so that `POST /v1/sql` and compaction
+        // share its layout lock.
+        let warehouse = open_warehouse(&self.config, None)?;
         if self.roles.analytics {
-            let warehouse = open_warehouse(&self.config, None)?;
+            let warehouse = warehouse.clone();
             let analytics = &self.config.analytics;
             let sink_config = SinkConfig {
                 max_rows: analytics.flush_rows,
@@ -182,6 +186,27 @@ impl Application {
             let sink =
                 Sink::recover(self.bus.clone(), warehouse.clone(), index, sink_config).await?;
             sink_stats = Some(sink.stats());
+            if !analytics.compact_interval.is_zero() {
+                let compactor = Compactor::new(warehouse.clone(), analytics.into());
+                let (rx, interval) = (shutdown.clone(), analytics.compact_interval);
+                tasks.spawn(async move {
+                    compactor.run(interval, rx).await;
+                    Ok(())
+                });
+            }
+            if !analytics.reconcile_schedules.is_empty() {
+                let schedules = Schedules::new(
+                    warehouse.clone(),
+                    &self.config.reconcile,
+                    &self.config.prices,
+                    &analytics.reconcile_schedules,
+                )?;
+                let rx = shutdown.clone();
+                tasks.spawn(async move {
+                    schedules.run(rx).await;
+                    Ok(())
+                });
+            }
             let aggregator =
                 Aggregator::open(warehouse, sink.stats(), analytics.allowed_lateness).await?;
             let (rx, interval) = (shutdown.clone(), analytics.stats_interval);
@@ -203,7 +228,7 @@ impl Application {
             )
             .with_prices(self.config.prices.clone())
             .with_requests(Arc::new(ProducerRequests {
-                api: self.api_state(&senders)?,
+                api: self.api_state(&senders, &warehouse),
                 trusted: self.config.producers.trusted,
             }));
             let rx = shutdown.clone();
@@ -234,7 +259,7 @@ impl Application {
         if self.roles.ingest {
             // Scheduled campaigns run in every ingest process, one campaign at a time each.
             let campaigns =
-                herald_ingest::run_campaigns(self.api_state(&senders)?, shutdown.clone());
+                herald_ingest::run_campaigns(self.api_state(&senders, &warehouse), shutdown.clone());
             tasks.spawn(async move {
                 campaigns.await;
                 Ok(())
@@ -248,7 +273,7 @@ impl Application {
         ));
         {
             // Every process answers /health and /metrics; only ingest serves the API.
-            let state = self.api_state(&senders)?;
+            let state = self.api_state(&senders, &warehouse);
             let app = if self.roles.ingest {
                 herald_ingest::router(state)
             } else {
@@ -292,19 +317,18 @@ pub async fn open_bus(config: &Config) -> anyhow::Result<Arc<dyn Bus>> {
 
 impl Application {
     /// The API's state over this application's store, bus, channels and warehouse.
-    fn api_state(&self, senders: &Arc<Senders>) -> anyhow::Result<ApiState> {
-        let warehouse = open_warehouse(&self.config, None)?;
-        Ok(ApiState::new(
+    fn api_state(&self, senders: &Arc<Senders>, warehouse: &Warehouse) -> ApiState {
+        ApiState::new(
             self.store.clone(),
             self.bus.clone(),
             self.metrics.clone(),
             self.config.http.clone(),
             Arc::new(ChannelServices(Arc::clone(senders))),
             Arc::new(WarehouseQueries {
-                warehouse,
+                warehouse: warehouse.clone(),
                 running: tokio::sync::Semaphore::new(SQL_AT_ONCE),
             }),
-        ))
+        )
     }
 }
 

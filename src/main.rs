@@ -2,6 +2,7 @@
 
 mod campaign;
 mod reconcile;
+mod warehouse;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -91,6 +92,11 @@ enum Command {
     Bench(herald::bench::BenchArgs),
     /// Imports a vendor's bill and reconciles it with the delivery events; prints the summary.
     Reconcile(reconcile::ReconcileArgs),
+    /// Maintains the warehouse (compaction of small files).
+    Warehouse {
+        #[command(subcommand)]
+        command: warehouse::WarehouseCommand,
+    },
     /// Scheduled campaigns: a template sent to every row of a CSV file.
     Campaign {
         #[command(subcommand)]
@@ -228,6 +234,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(args) => herald::bench::run(args).await,
         Command::Campaign { command } => campaign::run(command).await,
         Command::Reconcile(args) => reconcile::run(&config, args).await,
+        Command::Warehouse { command } => warehouse::run(&config, command).await,
     }
 }
 

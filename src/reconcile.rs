@@ -1,6 +1,6 @@
 //! `herald reconcile --vendor V --bill FILE --period YYYY-MM`: imports a vendor's bill into the
-//! warehouse, reconciles it with herald's delivery events and prints the Markdown summary (the
-//! work is `herald_analytics::reconcile`).
+//! warehouse, reconciles it with herald's delivery events and prints the Markdown summary
+//! (`--html FILE` also writes the HTML one; the work is `herald_analytics::reconcile`).
 
 use anyhow::Context;
 use herald_analytics::reconcile::{BillFormat, Period, reconcile};
@@ -26,6 +26,9 @@ pub struct ReconcileArgs {
     /// Warehouse directory or `s3://bucket/prefix` (overrides the configured one).
     #[arg(long)]
     warehouse: Option<String>,
+    /// Also write the HTML summary to this file (the warehouse gets it beside `summary.md`).
+    #[arg(long)]
+    html: Option<PathBuf>,
 }
 
 /// Runs `herald reconcile`.
@@ -53,6 +56,10 @@ pub async fn run(config: &Config, args: ReconcileArgs) -> anyhow::Result<()> {
             args.vendor
         )
     })?;
+    if let Some(path) = &args.html {
+        std::fs::write(path, &report.html)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     print!("{}", report.summary);
     Ok(())
 }

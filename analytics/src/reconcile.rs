@@ -20,8 +20,12 @@
 //!    reported failed: the cost on the `sent` event, which dispatch priced when it sent, else
 //!    billing units × the rule of the price table, `[[prices]]`, that fits now) beside the
 //!    billed amount (the bill's amount column, else its units × the table's price). Written to
-//!    `reconciliation/vendor=V/period=P/{daily.parquet,daily.csv,summary.md}` and, one row per
+//!    `reconciliation/vendor=V/period=P/{daily.parquet,daily.csv,summary.md,summary.html}`
+//!    (`reconcile/summary.rs`; the HTML adds the first discrepancies) and, one row per
 //!    bill row or message, `reconciliation_rows/vendor=V/period=P/rows.parquet`.
+//!
+//! [`Schedules`] runs reconciliations from cron expressions (`[[analytics.reconcile_schedules]]`)
+//! in the analytics role.
 //!
 //! Each step's result is kept in memory for the steps after it, so that nothing is computed
 //! twice; the categorised rows are written to a staged Parquet file, read back for the daily
@@ -29,12 +33,15 @@
 
 mod bills;
 mod report;
+mod schedule;
+mod summary;
 
 pub use bills::{BillFormat, VENDOR_BILLS, import_bill, vendor_bills_schema};
 pub use report::{CATEGORIES, Reconciliation, reconcile, run_report};
+pub use schedule::Schedules;
 
 use crate::error::AnalyticsError;
-use chrono::{DateTime, FixedOffset, NaiveDate, TimeZone, Utc};
+use chrono::{DateTime, Datelike, FixedOffset, NaiveDate, TimeZone, Utc};
 use std::fmt;
 use std::str::FromStr;
 
@@ -53,6 +60,29 @@ impl Period {
     /// The first instant of the period in time zone `offset`.
     pub fn start(&self, offset: FixedOffset) -> DateTime<Utc> {
         month_start(self.year, self.month, offset)
+    }
+
+    /// The month of time zone `offset` that holds `t`.
+    pub fn containing(t: DateTime<Utc>, offset: FixedOffset) -> Period {
+        let local = t.with_timezone(&offset);
+        Period {
+            year: local.year(),
+            month: local.month(),
+        }
+    }
+
+    /// The month before this one.
+    pub fn previous(&self) -> Period {
+        match self.month {
+            1 => Period {
+                year: self.year - 1,
+                month: 12,
+            },
+            m => Period {
+                year: self.year,
+                month: m - 1,
+            },
+        }
     }
 
     /// The first instant after the period in time zone `offset`.
@@ -184,6 +214,14 @@ mod tests {
         let cst = parse_offset("+08:00").unwrap();
         assert_eq!(p.start(cst).to_rfc3339(), "2026-10-31T16:00:00+00:00");
         assert_eq!(p.end(cst).to_rfc3339(), "2026-11-30T16:00:00+00:00");
+        let at = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().to_utc();
+        assert_eq!(Period::containing(at("2026-10-31T16:00:00Z"), cst), p);
+        assert_eq!(
+            Period::containing(at("2026-10-31T15:59:59Z"), cst),
+            p.previous()
+        );
+        let jan: Period = "2027-01".parse().unwrap();
+        assert_eq!(jan.previous().to_string(), "2026-12");
         let dec: Period = "2026-12".parse().unwrap();
         let utc = parse_offset("-00:00").unwrap();
         assert_eq!(dec.end(utc).to_rfc3339(), "2027-01-01T00:00:00+00:00");

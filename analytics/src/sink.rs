@@ -50,6 +50,7 @@
 //! the stats, after a crash or not, always leaves out the same events (see [`crate::stats`]).
 
 use crate::error::AnalyticsError;
+use crate::faults::Faults;
 use crate::index::EventIndex;
 use crate::manifest::{FileEntry, Manifest};
 use crate::schema::events_to_batch_with;
@@ -136,34 +137,13 @@ impl SinkStats {
     }
 }
 
-/// A point in a flush where tests simulate a crash (see [`Faults`]).
+/// A point in a flush where tests simulate a crash ([`Faults`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Step {
     AfterStaging,
     AfterManifest,
     BeforeBusCommit,
     BeforeIndex,
-}
-
-/// Crash injection for tests; a no-op otherwise.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Faults {
-    #[cfg(test)]
-    pub(crate) crash_at: Option<Step>,
-}
-
-impl Faults {
-    /// Fails as if the process died at `step`, leaving the disk as it is.
-    fn check(self, step: Step) -> Result<(), AnalyticsError> {
-        #[cfg(test)]
-        if self.crash_at == Some(step) {
-            return Err(AnalyticsError::Corrupt(format!(
-                "injected crash at {step:?}"
-            )));
-        }
-        let _ = step;
-        Ok(())
-    }
 }
 
 /// A flush past its commit point whose renames, bus commit or indexing may not have happened.
@@ -233,7 +213,7 @@ pub struct Sink {
     /// The warehouse's writer lock; a flush in flight holds it too, so that even a dropped
     /// sink's last flush ends before another sink can start.
     lock: Arc<WriterLock>,
-    pub(crate) faults: Faults,
+    pub(crate) faults: Faults<Step>,
 }
 
 impl Sink {

@@ -15,7 +15,6 @@ use datafusion::datasource::listing::{ListingOptions, ListingTableUrl};
 use datafusion::datasource::provider_as_source;
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::{SQLOptions, SessionContext};
-use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::logical_expr::{LogicalPlanBuilder, col, lit};
 use datafusion::parquet::arrow::ArrowWriter;
 use futures::StreamExt;
@@ -44,6 +43,7 @@ pub async fn query_warehouse(
     warehouse: &Warehouse,
     sql: &str,
 ) -> Result<Vec<RecordBatch>, AnalyticsError> {
+    let _reading = warehouse.reading().await;
     let frame = plan(warehouse, sql, &Rows::All).await?;
     let schema = Arc::clone(frame.schema().inner());
     Ok(with_schema(frame.collect().await?, schema))
@@ -76,6 +76,7 @@ pub async fn query_limited(
     rows: &Rows,
     max_rows: usize,
 ) -> Result<Vec<RecordBatch>, AnalyticsError> {
+    let _reading = warehouse.reading().await;
     let mut stream = plan(warehouse, sql, rows).await?.execute_stream().await?;
     let (mut batches, mut count) = (Vec::new(), 0);
     while let Some(batch) = stream.next().await {
@@ -89,16 +90,15 @@ pub async fn query_limited(
     Ok(with_schema(batches, stream.schema()))
 }
 
-/// Plans `sql` over the warehouse's tables as `rows` lets it see them.
+/// Plans `sql` over the warehouse's tables as `rows` lets it see them (the caller holds
+/// [`Warehouse::reading`] until the results are read).
 async fn plan(
     warehouse: &Warehouse,
     sql: &str,
     rows: &Rows,
 ) -> Result<datafusion::dataframe::DataFrame, AnalyticsError> {
     let ctx = SessionContext::new();
-    if let Some((url, store)) = warehouse.object_store() {
-        ctx.register_object_store(ObjectStoreUrl::parse(url)?.as_ref(), store);
-    }
+    warehouse.register_store(&ctx)?;
     register_tables(&ctx, warehouse).await?;
     let ctx = match rows {
         Rows::All => ctx,

@@ -46,6 +46,7 @@
 //! exact, so the hour's latencies of one group are held in memory during a pass.
 
 use crate::error::AnalyticsError;
+use crate::parts::hidden;
 use crate::schema::{TABLE, schema};
 use crate::sink::SinkStats;
 use crate::warehouse::Warehouse;
@@ -59,7 +60,6 @@ use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
 use datafusion::execution::context::SessionContext;
-use datafusion::execution::object_store::ObjectStoreUrl;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -293,6 +293,9 @@ impl Aggregator {
     /// changed since it was last computed, then writes the checkpoint. Returns how many hours
     /// were recomputed.
     pub async fn pass(&mut self) -> Result<usize, AnalyticsError> {
+        // Compaction in this process waits: no file listed below disappears during the pass.
+        let wh = self.wh.clone();
+        let _reading = wh.reading().await;
         // Read before listing: every flush up to this event time has its files in place.
         let event_time = self.sink.event_time();
         // Hours that ended by the last completed pass's watermark got no counted file since.
@@ -412,15 +415,19 @@ fn open_hours(
             if !after(start, HOUR) {
                 continue;
             }
-            let mut files: Vec<String> = wh
-                .list(&format!("{TABLE}/{dt}/{hour}"))?
-                .into_iter()
-                .filter(|f| {
-                    matches!(
-                        Lateness::of_file(f),
-                        Some(Lateness::OnTime | Lateness::LateMinute)
-                    )
+            let listed = wh.list(&format!("{TABLE}/{dt}/{hour}"))?;
+            let names: Vec<&str> = listed.iter().map(String::as_str).collect();
+            let mut files: Vec<String> = names
+                .iter()
+                .zip(hidden(&names))
+                .filter(|(f, hide)| {
+                    !hide
+                        && matches!(
+                            Lateness::of_file(f),
+                            Some(Lateness::OnTime | Lateness::LateMinute)
+                        )
                 })
+                .map(|(f, _)| f.to_string())
                 .collect();
             files.sort();
             out.push((start, files));
@@ -437,9 +444,7 @@ async fn aggregate(
     width: Width,
 ) -> Result<RecordBatch, AnalyticsError> {
     let ctx = SessionContext::new();
-    if let Some((url, store)) = wh.object_store() {
-        ctx.register_object_store(ObjectStoreUrl::parse(url)?.as_ref(), store);
-    }
+    wh.register_store(&ctx)?;
     let urls = globs
         .iter()
         .map(|g| ListingTableUrl::parse(wh.table_url(dir))?.with_glob(g))

@@ -32,8 +32,11 @@
 use crate::error::{AnalyticsError, IoContext};
 use crate::privacy::ReceiverPrivacy;
 use crate::schema::{TABLE, batch_to_events};
+use crate::view::CompactedView;
 use chrono::{DateTime, Utc};
 use datafusion::arrow::array::RecordBatch;
+use datafusion::execution::context::SessionContext;
+use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
@@ -41,6 +44,7 @@ use datafusion::parquet::file::properties::{EnabledStatistics, WriterProperties}
 use datafusion::parquet::file::reader::ChunkReader;
 use herald_core::DeliveryEvent;
 use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode};
 use std::fmt;
@@ -63,6 +67,9 @@ pub struct Warehouse {
     backend: Backend,
     /// How receivers are written into this warehouse's tables (events and bills alike).
     receivers: ReceiverPrivacy,
+    /// Held shared by the readers of this process and exclusively by compaction while it
+    /// swaps files (see [`Warehouse::reading`]); clones share it.
+    layout: Arc<tokio::sync::RwLock<()>>,
 }
 
 #[derive(Debug, Clone)]
@@ -97,6 +104,7 @@ impl Warehouse {
         Warehouse {
             backend: Backend::Local(root.into()),
             receivers: ReceiverPrivacy::Clear,
+            layout: Arc::default(),
         }
     }
 
@@ -162,6 +170,7 @@ impl Warehouse {
                 runtime,
             }),
             receivers: ReceiverPrivacy::Clear,
+            layout: Arc::default(),
         })
     }
 
@@ -178,12 +187,31 @@ impl Warehouse {
         format!("{}/", self.locate(name))
     }
 
-    /// For an object-store warehouse, the store and the URL (`s3://bucket`) it serves.
-    pub(crate) fn object_store(&self) -> Option<(&str, Arc<dyn ObjectStore>)> {
-        match &self.backend {
-            Backend::Local(_) => None,
-            Backend::Remote(r) => Some((&r.bucket_url, r.store.clone())),
-        }
+    /// Registers the store DataFusion reads this warehouse through, with compacted-away files
+    /// left out of its listings ([`CompactedView`]): `file://` for a local warehouse, the
+    /// bucket's URL for an object store.
+    pub(crate) fn register_store(&self, ctx: &SessionContext) -> Result<(), AnalyticsError> {
+        let (url, store): (ObjectStoreUrl, Arc<dyn ObjectStore>) = match &self.backend {
+            Backend::Local(_) => (
+                ObjectStoreUrl::local_filesystem(),
+                Arc::new(LocalFileSystem::new()),
+            ),
+            Backend::Remote(r) => (ObjectStoreUrl::parse(&r.bucket_url)?, r.store.clone()),
+        };
+        ctx.register_object_store(url.as_ref(), Arc::new(CompactedView::new(store)));
+        Ok(())
+    }
+
+    /// A shared hold on the layout for a reader in this process: compaction does not swap
+    /// files while it is held, so a query never finds a file it listed deleted. Take it once
+    /// per task (a second hold waits behind a waiting compaction: a deadlock).
+    pub(crate) async fn reading(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.layout.read().await
+    }
+
+    /// The exclusive hold compaction takes while it swaps files (see [`Warehouse::reading`]).
+    pub(crate) fn swapping(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.layout.blocking_write()
     }
 
     /// The names of the directories (key prefixes) directly under the root.
@@ -267,20 +295,101 @@ impl Warehouse {
         }
     }
 
-    /// Reads the events of a `delivery_events` Parquet file.
-    pub(crate) fn read_events(&self, key: &str) -> Result<Vec<DeliveryEvent>, AnalyticsError> {
+    /// Writes the rows of the Parquet files `inputs`, in order, into one Parquet file `key`
+    /// with the settings of [`Warehouse::write_parquet`], durably; returns its row count. The
+    /// inputs are read one at a time (a local output is written as it goes; an object-store one
+    /// is put once whole). Blocking (module docs).
+    pub(crate) fn merge_parquet(
+        &self,
+        key: &str,
+        inputs: &[String],
+    ) -> Result<u64, AnalyticsError> {
         match &self.backend {
             Backend::Local(root) => {
                 let path = root.join(key);
-                decode_events(File::open(&path).at(&path)?)
+                create_parent(&path)?;
+                let (file, rows) = self.merge_into(inputs, File::create(&path).at(&path)?, key)?;
+                file.sync_all().at(&path)?;
+                Ok(rows)
             }
             Backend::Remote(r) => {
-                let path = r.object(key)?;
-                decode_events(r.block_on(key, async { r.store.get(&path).await?.bytes().await })?)
+                let (bytes, rows) = self.merge_into(inputs, Vec::new(), key)?;
+                r.put(key, bytes, PutMode::Overwrite)?;
+                Ok(rows)
             }
         }
     }
 
+    /// Encodes the rows of `inputs` into `out` (see [`Warehouse::merge_parquet`]).
+    fn merge_into<W: Write + Send>(
+        &self,
+        inputs: &[String],
+        out: W,
+        key: &str,
+    ) -> Result<(W, u64), AnalyticsError> {
+        let (mut out, mut writer, mut rows) = (Some(out), None, 0);
+        for input in inputs {
+            self.read_batches(input, &mut |batch| {
+                if let Some(out) = out.take() {
+                    let props = Some(writer_properties());
+                    writer = Some(ArrowWriter::try_new(out, batch.schema(), props)?);
+                }
+                rows += batch.num_rows() as u64;
+                match &mut writer {
+                    Some(w) => Ok(w.write(&batch)?),
+                    None => Ok(()),
+                }
+            })?;
+        }
+        match writer {
+            Some(w) => Ok((w.into_inner()?, rows)),
+            None => Err(AnalyticsError::Corrupt(format!(
+                "no rows to merge into {}",
+                self.locate(key)
+            ))),
+        }
+    }
+
+    /// Hands each record batch of the Parquet file `key` to `f` (an object-store file is
+    /// fetched whole).
+    fn read_batches(
+        &self,
+        key: &str,
+        f: &mut dyn FnMut(RecordBatch) -> Result<(), AnalyticsError>,
+    ) -> Result<(), AnalyticsError> {
+        fn each(
+            file: impl ChunkReader + 'static,
+            f: &mut dyn FnMut(RecordBatch) -> Result<(), AnalyticsError>,
+        ) -> Result<(), AnalyticsError> {
+            for batch in ParquetRecordBatchReaderBuilder::try_new(file)?.build()? {
+                f(batch?)?;
+            }
+            Ok(())
+        }
+        match &self.backend {
+            Backend::Local(root) => {
+                let path = root.join(key);
+                each(File::open(&path).at(&path)?, f)
+            }
+            Backend::Remote(r) => {
+                let path = r.object(key)?;
+                each(
+                    r.block_on(key, async { r.store.get(&path).await?.bytes().await })?,
+                    f,
+                )
+            }
+        }
+    }
+
+    /// Reads the events of a `delivery_events` Parquet file.
+    pub(crate) fn read_events(&self, key: &str) -> Result<Vec<DeliveryEvent>, AnalyticsError> {
+        let mut out = Vec::new();
+        self.read_batches(key, &mut |batch| {
+            out.extend(batch_to_events(&batch)?);
+            Ok(())
+        })?;
+        Ok(out)
+    }
     /// Writes `key` atomically and durably; meant for a key written once (a manifest). A local
     /// file is replaced if present (temporary file, fsync, rename), as the sink's file lock
     /// rules out another writer; an object store refuses to overwrite an existing object
@@ -368,29 +477,47 @@ impl Warehouse {
 
     /// The names of the files directly in `dir` (none if it does not exist).
     pub(crate) fn list(&self, dir: &str) -> Result<Vec<String>, AnalyticsError> {
+        Ok(self
+            .entries(dir, false)?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect())
+    }
+
+    /// The names and sizes in bytes of the files directly in `dir` (none if it does not exist).
+    pub(crate) fn list_sized(&self, dir: &str) -> Result<Vec<(String, u64)>, AnalyticsError> {
         self.entries(dir, false)
     }
 
     /// The names of the directories (key prefixes) directly in `dir` (none if it does not exist).
     pub(crate) fn dirs(&self, dir: &str) -> Result<Vec<String>, AnalyticsError> {
-        self.entries(dir, true)
+        Ok(self
+            .entries(dir, true)?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect())
     }
 
-    /// The names of the files, or of the directories, directly in `dir`.
-    fn entries(&self, dir: &str, dirs: bool) -> Result<Vec<String>, AnalyticsError> {
+    /// The names of the files (with their sizes), or of the directories (size 0), directly in
+    /// `dir`.
+    fn entries(&self, dir: &str, dirs: bool) -> Result<Vec<(String, u64)>, AnalyticsError> {
         let root = match &self.backend {
             Backend::Local(root) => root,
             Backend::Remote(r) => {
                 let path = r.object(dir)?;
                 let listed = r.block_on(dir, r.store.list_with_delimiter(Some(&path)))?;
-                let names = if dirs {
-                    listed.common_prefixes
+                let names: Vec<(ObjectPath, u64)> = if dirs {
+                    listed.common_prefixes.into_iter().map(|p| (p, 0)).collect()
                 } else {
-                    listed.objects.into_iter().map(|o| o.location).collect()
+                    listed
+                        .objects
+                        .into_iter()
+                        .map(|o| (o.location, o.size))
+                        .collect()
                 };
                 return Ok(names
                     .iter()
-                    .filter_map(|p| p.filename().map(str::to_string))
+                    .filter_map(|(p, size)| Some((p.filename()?.to_string(), *size)))
                     .collect());
             }
         };
@@ -405,7 +532,12 @@ impl Warehouse {
             let entry = entry.at(&path)?;
             let kind = entry.file_type().at(&path)?;
             if if dirs { kind.is_dir() } else { kind.is_file() } {
-                names.extend(entry.file_name().to_str().map(str::to_string));
+                let size = if dirs {
+                    0
+                } else {
+                    entry.metadata().at(&path)?.len()
+                };
+                names.extend(entry.file_name().to_str().map(|n| (n.to_string(), size)));
             }
         }
         Ok(names)
@@ -494,15 +626,6 @@ fn encode_parquet<W: Write + Send>(batch: &RecordBatch, out: W) -> Result<W, Ana
     let mut writer = ArrowWriter::try_new(out, batch.schema(), Some(writer_properties()))?;
     writer.write(batch)?;
     Ok(writer.into_inner()?)
-}
-
-/// Decodes the events of a `delivery_events` Parquet file.
-fn decode_events(file: impl ChunkReader + 'static) -> Result<Vec<DeliveryEvent>, AnalyticsError> {
-    let mut out = Vec::new();
-    for batch in ParquetRecordBatchReaderBuilder::try_new(file)?.build()? {
-        out.extend(batch_to_events(&batch?)?);
-    }
-    Ok(out)
 }
 
 fn writer_properties() -> WriterProperties {
@@ -646,11 +769,6 @@ mod tests {
             "s3://bucket/a/b/_manifests/1.json"
         );
         assert_eq!(wh.table_url("t"), "s3://bucket/a/b/t/");
-        assert!(
-            wh.object_store()
-                .is_some_and(|(url, _)| url == "s3://bucket")
-        );
-        assert!(Warehouse::local("x").object_store().is_none());
         for bad in [
             "s3://",
             "s3:///a",

@@ -5,10 +5,11 @@ use chrono::{DateTime, Utc};
 use datafusion::parquet::arrow::ArrowWriter;
 use herald_analytics::events_to_batch;
 use herald_analytics::privacy::ReceiverPrivacy;
+use herald_analytics::reconcile::Schedules;
 use herald_analytics::reconcile::{BillFormat, Period, reconcile};
 use herald_analytics::sql::{OutputFormat, format, query};
 use herald_analytics::{Warehouse, reconcile::Reconciliation};
-use herald_core::config::ReconcileConfig;
+use herald_core::config::{PeriodRule, ReconcileConfig, ReconcileSchedule};
 use herald_core::prices::{PriceRule, PriceTable};
 use herald_core::wire::event_id;
 use herald_core::{Channel, DeliveryEvent, MessageId, MsgType, State};
@@ -380,6 +381,9 @@ async fn reconcile_finds_each_seeded_discrepancy_exactly_once() {
     assert_eq!(md, report.summary);
     golden("tencent_summary.md", &md);
     golden("tencent_daily.csv", &csv);
+    let html = std::fs::read_to_string(report_dir.join("summary.html")).unwrap();
+    assert_eq!(html, report.html);
+    golden("tencent_summary.html", &html);
 
     // A second import of the same period replaces the first, and the report with it.
     let again = run(dir.path(), "tencent", TENCENT_BILL, BillFormat::Tencent).await;
@@ -509,6 +513,99 @@ async fn reconcile_expects_the_cost_dispatch_put_on_sent_events() {
         "receiver,category,expected_micros,billed_micros\n\
          +8613800000001,matched,40000,45000\n\
          +8613800000002,unit_mismatch,90000,135000\n"
+    );
+}
+
+#[tokio::test]
+async fn the_html_summary_escapes_what_the_bill_says() {
+    let dir = tempfile::tempdir().unwrap();
+    write_warehouse(&dir.path().join("wh"));
+    let hostile = format!(
+        "{TENCENT_BILL}+8613800000077,2026-11-05 09:00:00,1,SUCCESS,\"<script>alert('x')</script>&\"\"\"\n"
+    );
+    let report = run(dir.path(), "tencent", &hostile, BillFormat::Tencent).await;
+    assert!(!report.html.contains("<script>"), "{}", report.html);
+    assert!(
+        report
+            .html
+            .contains("<td>&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&amp;&quot;</td>"),
+        "{}",
+        report.html
+    );
+    assert!(
+        report
+            .html
+            .contains("<td>billed_not_sent</td><td>+8613800000077</td>")
+    );
+}
+
+/// The tencent bill dropped where a schedule looks for it, and the schedule.
+fn tencent_schedule(root: &Path, cron: &str, period: PeriodRule) -> ReconcileSchedule {
+    let drop = root.join("bills");
+    std::fs::create_dir_all(&drop).unwrap();
+    std::fs::write(drop.join("tencent-2026-11.csv"), TENCENT_BILL).unwrap();
+    ReconcileSchedule {
+        cron: cron.into(),
+        vendor: "tencent".into(),
+        bills: format!("{}/*.csv", drop.display()),
+        period,
+        format: None,
+    }
+}
+
+#[tokio::test]
+async fn a_scheduled_run_reconciles_the_newest_bill_for_the_previous_month() {
+    let dir = tempfile::tempdir().unwrap();
+    write_warehouse(&dir.path().join("wh"));
+    let schedule = tencent_schedule(dir.path(), "0 6 1 * *", PeriodRule::PreviousMonth);
+    let wh = Warehouse::local(dir.path().join("wh"));
+    let schedules =
+        Schedules::new(wh, &ReconcileConfig::default(), &prices(), &[schedule]).unwrap();
+    // 06:00 on 1 December at UTC+08:00: the previous month is 2026-11.
+    let report = schedules.fire(0, at("2026-12-01 06:00:00")).await.unwrap();
+    golden("tencent_summary.md", &report.summary);
+    golden("tencent_summary.html", &report.html);
+    let written = dir
+        .path()
+        .join("wh/reconciliation/vendor=tencent/period=2026-11/summary.html");
+    assert_eq!(std::fs::read_to_string(written).unwrap(), report.html);
+}
+
+#[tokio::test]
+async fn a_schedule_fires_on_its_cron_and_writes_the_report_into_the_warehouse() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut schedule = tencent_schedule(dir.path(), "* * * * * *", PeriodRule::CurrentMonth);
+    // A bill of this month (at UTC+08:00), so that the run's period holds it.
+    let now = Utc::now() + chrono::Duration::hours(8);
+    let bill = format!(
+        "手机号码,发送时间,计费条数,发送状态,SerialNo\n+8613800000001,{},1,SUCCESS,2019:1\n",
+        now.format("%Y-%m-%d %H:%M:%S")
+    );
+    schedule.bills = dir.path().join("this-month.csv").display().to_string();
+    std::fs::write(&schedule.bills, bill).unwrap();
+    let wh = Warehouse::local(dir.path().join("wh"));
+    let schedules =
+        Schedules::new(wh, &ReconcileConfig::default(), &prices(), &[schedule]).unwrap();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(schedules.run(rx));
+    let report = dir.path().join(format!(
+        "wh/reconciliation/vendor=tencent/period={}/summary.html",
+        now.format("%Y-%m")
+    ));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !report.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the schedule never ran"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    tx.send(true).unwrap();
+    task.await.unwrap();
+    let html = std::fs::read_to_string(report).unwrap();
+    assert!(
+        html.contains("<td>billed_not_sent</td><td>+8613800000001</td>"),
+        "{html}"
     );
 }
 

@@ -334,6 +334,18 @@ pub struct AnalyticsConfig {
     /// How often the stats of hours whose events changed are recomputed.
     #[serde(deserialize_with = "duration")]
     pub stats_interval: Duration,
+    /// How often the analytics role merges small `delivery_events` files (`0s`: never).
+    #[serde(deserialize_with = "duration")]
+    pub compact_interval: Duration,
+    /// An hour's files are merged once the newest event written is this far past its end.
+    #[serde(deserialize_with = "duration")]
+    pub compact_after: Duration,
+    /// The fewest small files of one hour (and lateness) worth merging.
+    pub compact_min_files: usize,
+    /// Merged files grow to about this many bytes (of compressed input); larger files stay.
+    pub compact_target_bytes: u64,
+    /// Reconciliations the analytics role runs on a cron schedule.
+    pub reconcile_schedules: Vec<ReconcileSchedule>,
     /// How receivers are written to the warehouse (`delivery_events`, `vendor_bills`): in
     /// `clear`, `masked` or `hashed` (see `herald_analytics::privacy`). The store keeps them in
     /// clear for the tracing endpoints either way.
@@ -356,6 +368,38 @@ pub enum ReceiverMode {
     Hashed,
 }
 
+/// A reconciliation run on a schedule (`[[analytics.reconcile_schedules]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileSchedule {
+    /// When to run: 5 cron fields (minute hour day month weekday) or 6 (seconds first), read
+    /// at `reconcile.utc_offset`.
+    pub cron: String,
+    /// The vendor as on delivery events.
+    pub vendor: String,
+    /// Where finance drops the vendor's exports: a file or a glob such as
+    /// `/srv/bills/tencent/*.csv`; the newest file that matches is reconciled.
+    pub bills: String,
+    /// Which month a run reconciles.
+    #[serde(default)]
+    pub period: PeriodRule,
+    /// The bill's layout (`tencent`, `aliyun`, `generic`); default: the vendor's own, else
+    /// `generic`.
+    #[serde(default)]
+    pub format: Option<String>,
+}
+
+/// Which month a scheduled reconciliation covers, in the calendar of `reconcile.utc_offset`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeriodRule {
+    /// The month before the run (a bill arrives after its month ends).
+    #[default]
+    PreviousMonth,
+    /// The month of the run (a running check against daily exports).
+    CurrentMonth,
+}
+
 impl Default for AnalyticsConfig {
     fn default() -> Self {
         AnalyticsConfig {
@@ -363,6 +407,11 @@ impl Default for AnalyticsConfig {
             flush_interval: Duration::from_secs(1),
             allowed_lateness: Duration::from_secs(3600),
             stats_interval: Duration::from_secs(10),
+            compact_interval: Duration::from_secs(300),
+            compact_after: Duration::from_secs(3600),
+            compact_min_files: 10,
+            compact_target_bytes: 128 << 20,
+            reconcile_schedules: Vec::new(),
             receivers: ReceiverMode::Clear,
             receiver_hash_key: None,
         }

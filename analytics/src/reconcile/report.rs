@@ -1,21 +1,21 @@
 //! Matching a vendor's imported bill with herald's events, and the report's files.
 
 use super::bills::{BillFormat, bills_dir, import_bill, vendor_bills_schema};
+use super::summary::{DISCREPANCIES_LISTED, Heading, Table};
 use super::{Period, ReconcileError, STAGING, check_vendor, parse_offset};
 use crate::error::AnalyticsError;
 use crate::schema::{TABLE, schema};
 use crate::warehouse::Warehouse;
-use chrono::{Days, FixedOffset};
-use datafusion::arrow::array::{AsArray, RecordBatch};
+use chrono::Days;
+use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::compute::{cast, concat_batches};
-use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::arrow::error::ArrowError;
 use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::ListingOptions;
 use datafusion::execution::context::{SessionConfig, SessionContext};
-use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::prelude::ParquetReadOptions;
 use herald_core::config::ReconcileConfig;
 use herald_core::prices::{PriceRule, PriceTable};
@@ -38,7 +38,8 @@ pub const CATEGORIES: [&str; 6] = [
     "failed_not_billed",
 ];
 
-/// The table of daily figures (`daily.parquet`, with `daily.csv` and `summary.md` beside it).
+/// The table of daily figures (`daily.parquet`, with `daily.csv`, `summary.md` and
+/// `summary.html` beside it).
 const REPORT_TABLE: &str = "reconciliation";
 /// The table of categorised rows (`rows.parquet`).
 const ROWS_TABLE: &str = "reconciliation_rows";
@@ -54,6 +55,8 @@ const STEPS: [(&str, &str); 4] = [
 /// The categorised rows, written to a staged Parquet file (`rows.parquet` once moved).
 const ROWS_SQL: &str = include_str!("../../../sql/reconcile_rows.sql");
 const DAILY_SQL: &str = include_str!("../../../sql/reconcile_daily.sql");
+/// The bill rows and messages the HTML summary lists.
+const DISCREPANCIES_SQL: &str = include_str!("../../../sql/reconcile_discrepancies.sql");
 
 /// Receipts arrive up to three days after the send (how long dispatch polls for them).
 const RECEIPT_DAYS: u64 = 3;
@@ -65,6 +68,8 @@ pub struct Reconciliation {
     pub daily: RecordBatch,
     /// The Markdown summary (`summary.md`): the daily figures and their totals.
     pub summary: String,
+    /// The HTML summary (`summary.html`): the same, and the first discrepancies.
+    pub html: String,
 }
 
 /// `herald reconcile`: imports `bill` as `vendor`'s bill for `period` ([`import_bill`]),
@@ -93,7 +98,7 @@ pub async fn reconcile(
 }
 
 /// Reconciles the imported `vendor_bills` of `vendor` and `period` with `delivery_events` and
-/// writes `reconciliation/vendor=V/period=P/{daily.parquet,daily.csv,summary.md}` and
+/// writes `reconciliation/vendor=V/period=P/{daily.parquet,daily.csv,summary.md,summary.html}` and
 /// `reconciliation_rows/vendor=V/period=P/rows.parquet`, replacing an earlier report.
 pub async fn run_report(
     wh: &Warehouse,
@@ -103,6 +108,8 @@ pub async fn run_report(
     period: Period,
 ) -> Result<Reconciliation, ReconcileError> {
     check_vendor(vendor)?;
+    // Compaction in this process waits: no event file listed below disappears meanwhile.
+    let _reading = wh.reading().await;
     let offset = parse_offset(&config.utc_offset)?;
     let prices = Prices::of(prices, vendor);
     let window_us = i64::try_from(config.match_window.as_micros()).unwrap_or(i64::MAX);
@@ -165,33 +172,45 @@ pub async fn run_report(
         )
         .await?;
         tracing::debug!(step = "rows", ms = elapsed_ms(started), "reconcile step");
-        let frame = ctx.sql(DAILY_SQL).await?;
-        let daily_schema = Arc::new(frame.schema().as_arrow().clone());
-        let daily =
-            concat_batches(&daily_schema, &frame.collect().await?).map_err(AnalyticsError::from)?;
-        Ok::<_, ReconcileError>(plain_types(&daily).map_err(AnalyticsError::from)?)
+        let daily = collect(&ctx, DAILY_SQL).await?;
+        let limit = [("limit", DISCREPANCIES_LISTED.to_string())];
+        let discrepancies = collect(&ctx, &fill(DISCREPANCIES_SQL, &limit)).await?;
+        Ok::<_, ReconcileError>((
+            plain_types(&daily).map_err(AnalyticsError::from)?,
+            discrepancies,
+        ))
     }
     .await;
-    let daily = match outcome {
-        Ok(daily) => daily,
+    let (daily, discrepancies) = match outcome {
+        Ok(outputs) => outputs,
         Err(e) => {
             // Best effort: a leftover staged file is garbage, never data.
             let _ = blocking(wh, move |wh| Ok(wh.delete(&rows_key)?)).await;
             return Err(e);
         }
     };
-    let table = Table::of(&daily)?;
-    let summary = table.markdown(vendor, period, offset, &prices, config);
-    let csv = table.csv();
     let (report_dir, rows_dir) = (
         format!("{REPORT_TABLE}/vendor={vendor}/period={period}"),
         format!("{ROWS_TABLE}/vendor={vendor}/period={period}"),
     );
-    let (batch, md) = (daily.clone(), summary.clone());
+    let heading = Heading {
+        vendor,
+        period,
+        offset,
+        currency: prices.currency(),
+        match_window_secs: config.match_window.as_secs(),
+        rows_file: format!("{rows_dir}/rows.parquet"),
+    };
+    let table = Table::of(&daily)?;
+    let summary = table.markdown(&heading);
+    let html = table.html(&heading, &discrepancies);
+    let csv = table.csv();
+    let (batch, md, page) = (daily.clone(), summary.clone(), html.clone());
     blocking(wh, move |wh| {
         wh.write_parquet(&staged("daily.parquet"), &batch)?;
         wh.put_new(&staged("daily.csv"), csv.as_bytes())?;
         wh.put_new(&staged("summary.md"), md.as_bytes())?;
+        wh.put_new(&staged("summary.html"), page.as_bytes())?;
         let moves = [
             (
                 staged("reconcile_rows.parquet"),
@@ -203,6 +222,7 @@ pub async fn run_report(
             ),
             (staged("daily.csv"), format!("{report_dir}/daily.csv")),
             (staged("summary.md"), format!("{report_dir}/summary.md")),
+            (staged("summary.html"), format!("{report_dir}/summary.html")),
         ];
         for (from, to) in &moves {
             if !wh.rename(from, to)? {
@@ -217,7 +237,11 @@ pub async fn run_report(
         Ok(wh.sync_dir(&report_dir)?)
     })
     .await?;
-    Ok(Reconciliation { daily, summary })
+    Ok(Reconciliation {
+        daily,
+        summary,
+        html,
+    })
 }
 
 /// A DataFusion context with `delivery_events` (as `herald sql` registers it) and `bills`, the
@@ -239,9 +263,7 @@ async fn context(wh: &Warehouse, bills_dir: &str) -> Result<SessionContext, Reco
         .execution
         .skip_partial_aggregation_probe_ratio_threshold = 0.1;
     let ctx = SessionContext::new_with_config(config);
-    if let Some((url, store)) = wh.object_store() {
-        ctx.register_object_store(ObjectStoreUrl::parse(url)?.as_ref(), store);
-    }
+    wh.register_store(&ctx)?;
     let parquet =
         || ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
     let partitions = vec![
@@ -355,166 +377,19 @@ impl<'a> Prices<'a> {
     }
 }
 
-/// The daily figures as text cells: the day, then integers.
-struct Table {
-    names: Vec<String>,
-    rows: Vec<(String, Vec<i64>)>,
-    totals: Vec<i64>,
+/// The result of `sql` in `ctx` as one batch.
+async fn collect(ctx: &SessionContext, sql: &str) -> Result<RecordBatch, ReconcileError> {
+    let frame = ctx.sql(sql).await?;
+    let schema = Arc::new(frame.schema().as_arrow().clone());
+    Ok(concat_batches(&schema, &frame.collect().await?).map_err(AnalyticsError::from)?)
 }
 
-/// How the Markdown summary labels the daily columns (the others are left out of it).
-const MARKDOWN_COLUMNS: [(&str, &str); 14] = [
-    ("herald_sends", "herald sends"),
-    ("bill_rows", "bill rows"),
-    ("matched", "matched"),
-    ("paired_by_receiver_time", "paired by receiver + time"),
-    ("billed_not_sent", "billed, not sent"),
-    ("sent_not_billed", "sent, not billed"),
-    ("billed_though_failed", "billed though failed"),
-    ("unit_mismatch", "unit mismatch"),
-    ("failed_not_billed", "failed, not billed"),
-    ("herald_units", "herald units"),
-    ("billed_units", "billed units"),
-    ("expected_micros", "expected"),
-    ("billed_micros", "billed"),
-    ("difference_micros", "difference"),
-];
-
-impl Table {
-    fn of(daily: &RecordBatch) -> Result<Table, ReconcileError> {
-        let bad = || AnalyticsError::Corrupt("unexpected daily report columns".into());
-        let day = daily.column(0).as_string_opt::<i32>().ok_or_else(bad)?;
-        let mut ints = Vec::new();
-        for col in &daily.columns()[1..] {
-            ints.push(col.as_primitive_opt::<Int64Type>().ok_or_else(bad)?);
-        }
-        let rows: Vec<(String, Vec<i64>)> = (0..daily.num_rows())
-            .map(|i| {
-                let values = ints.iter().map(|c| c.value(i)).collect();
-                (day.value(i).to_string(), values)
-            })
-            .collect();
-        let totals = (0..ints.len())
-            .map(|c| rows.iter().map(|(_, v)| v[c]).sum())
-            .collect();
-        let names = daily
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| f.name().clone())
-            .collect();
-        Ok(Table {
-            names,
-            rows,
-            totals,
-        })
-    }
-
-    /// `daily.csv`: the daily rows, then a `total` row.
-    fn csv(&self) -> String {
-        let mut out = self.names.join(",");
-        out.push('\n');
-        let total = ("total".to_string(), self.totals.clone());
-        for (day, values) in self.rows.iter().chain([&total]) {
-            out.push_str(day);
-            for v in values {
-                let _ = write!(out, ",{v}");
-            }
-            out.push('\n');
-        }
-        out
-    }
-
-    fn markdown(
-        &self,
-        vendor: &str,
-        period: Period,
-        offset: FixedOffset,
-        prices: &Prices,
-        config: &ReconcileConfig,
-    ) -> String {
-        let column = |name: &str| self.names[1..].iter().position(|n| n == name);
-        let shown: Vec<(usize, &str, bool)> = MARKDOWN_COLUMNS
-            .iter()
-            .filter_map(|(name, label)| {
-                column(name).map(|i| (i, *label, name.ends_with("_micros")))
-            })
-            .collect();
-        let currency = prices.currency().unwrap_or("the bill's currency");
-        let mut md = format!("# Vendor bill reconciliation: {vendor}, {period}\n\n");
-        let _ = writeln!(
-            md,
-            "Days are calendar days at UTC{offset}. Money is in {currency}: expected is herald's \
-             billing units times `reconcile.prices` for messages sent and not reported failed; \
-             billed is the bill's amount, else its units times the same prices; difference is \
-             billed minus expected. Pairs are made by vendor message id and receiver, else by \
-             receiver within {} s.\n",
-            config.match_window.as_secs()
-        );
-        md.push_str("| day |");
-        for (_, label, _) in &shown {
-            let _ = write!(md, " {label} |");
-        }
-        md.push_str("\n|---|");
-        md.push_str(&"---:|".repeat(shown.len()));
-        md.push('\n');
-        let mut line = |day: &str, values: &[i64]| {
-            let _ = write!(md, "| {day} |");
-            for (i, _, money_column) in &shown {
-                let v = values[*i];
-                let cell = if *money_column {
-                    money(v)
-                } else {
-                    v.to_string()
-                };
-                let _ = write!(md, " {cell} |");
-            }
-            md.push('\n');
-        };
-        for (day, values) in &self.rows {
-            line(day, values);
-        }
-        line("**total**", &self.totals);
-        md.push_str(
-            "\n**matched**: billed as herald expects; **billed, not sent**: a bill row herald has \
-             no message for; **sent, not billed**: sent by herald and not reported failed, but \
-             not on the bill; **billed though failed**: billed although herald saw the send or \
-             its receipt fail, or the bill says failed; **unit mismatch**: billed for other \
-             billing units than herald counted; **failed, not billed**: as expected. *Paired by \
-             receiver + time* counts the pairs made without a common vendor message id, in \
-             whatever category.\n",
-        );
-        if let Some(i) = column("unpriced").filter(|i| self.totals[*i] > 0) {
-            let _ = write!(
-                md,
-                "\n{} rows had no price in `reconcile.prices`; their money is left out.\n",
-                self.totals[i]
-            );
-        }
-        let _ = write!(
-            md,
-            "\nEvery bill row and message with its category: \
-             `{ROWS_TABLE}/vendor={vendor}/period={period}/rows.parquet`.\n"
-        );
-        md
-    }
-}
-
-/// Millionths as a decimal with at least two places: 185000 is `0.185`, -90000 `-0.09`.
-fn money(micros: i64) -> String {
-    let sign = if micros < 0 { "-" } else { "" };
-    let abs = micros.unsigned_abs();
-    let frac = format!("{:06}", abs % 1_000_000);
-    let frac = frac.trim_end_matches('0');
-    format!("{sign}{}.{frac:0<2}", abs / 1_000_000)
-}
-
-/// Runs `f` on a blocking thread, where warehouse operations belong (module docs of
-/// [`crate::warehouse`]).
 fn elapsed_ms(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Runs `f` on a blocking thread, where warehouse operations belong (module docs of
+/// [`crate::warehouse`]).
 async fn blocking<T: Send + 'static>(
     wh: &Warehouse,
     f: impl FnOnce(&Warehouse) -> Result<T, ReconcileError> + Send + 'static,
@@ -668,13 +543,5 @@ mod tests {
             Prices::of(&table, "yunpian").case_sql("r", "a", "t"),
             "CAST(NULL AS BIGINT)"
         );
-    }
-
-    #[test]
-    fn money_has_at_least_two_places() {
-        assert_eq!(money(185_000), "0.185");
-        assert_eq!(money(-90_000), "-0.09");
-        assert_eq!(money(0), "0.00");
-        assert_eq!(money(12_345_678), "12.345678");
     }
 }
