@@ -12,8 +12,8 @@ pub const MAX_RENDERED_BYTES: usize = 256 * 1024;
 pub enum RenderError {
     #[error("missing variables: {}", .0.join(", "))]
     MissingVariables(Vec<String>),
-    #[error("rendered content is larger than {MAX_RENDERED_BYTES} bytes")]
-    TooLarge,
+    #[error("rendered content is larger than {limit} bytes")]
+    TooLarge { limit: usize },
 }
 
 /// Every placeholder name used anywhere in `content`, sorted.
@@ -28,8 +28,19 @@ pub fn placeholders(content: &Value) -> BTreeSet<String> {
 }
 
 /// `content` with every `{$name}` replaced by the variable's value (strings as they are, other
-/// JSON values as their JSON text). Names absent from `vars` are all reported at once.
+/// JSON values as their JSON text). Names absent from `vars` are all reported at once; content
+/// over [`MAX_RENDERED_BYTES`] is refused.
 pub fn render(content: &Value, vars: &Map<String, Value>) -> Result<Value, RenderError> {
+    render_within(content, vars, MAX_RENDERED_BYTES)
+}
+
+/// [`render`] with another size limit (the fuzz targets use a small one, which inputs of a
+/// fuzzer's usual sizes can reach).
+pub fn render_within(
+    content: &Value,
+    vars: &Map<String, Value>,
+    limit: usize,
+) -> Result<Value, RenderError> {
     let missing: Vec<String> = placeholders(content)
         .into_iter()
         .filter(|n| !vars.contains_key(n))
@@ -37,19 +48,22 @@ pub fn render(content: &Value, vars: &Map<String, Value>) -> Result<Value, Rende
     if !missing.is_empty() {
         return Err(RenderError::MissingVariables(missing));
     }
-    let mut budget = MAX_RENDERED_BYTES;
-    render_value(content, vars, &mut budget)
+    let mut budget = limit;
+    render_value(content, vars, &mut budget).map_err(|OverBudget| RenderError::TooLarge { limit })
 }
+
+/// The rendered content would be over its size limit.
+struct OverBudget;
 
 fn render_value(
     v: &Value,
     vars: &Map<String, Value>,
     budget: &mut usize,
-) -> Result<Value, RenderError> {
+) -> Result<Value, OverBudget> {
     Ok(match v {
         Value::String(s) => {
             let out = render_str(s, vars);
-            *budget = budget.checked_sub(out.len()).ok_or(RenderError::TooLarge)?;
+            *budget = budget.checked_sub(out.len()).ok_or(OverBudget)?;
             Value::String(out)
         }
         Value::Array(items) => Value::Array(
@@ -170,7 +184,9 @@ mod tests {
         let content = json!(["{$v}", "{$v}", "{$v}"]);
         assert_eq!(
             render(&content, &vars(json!({"v": big}))),
-            Err(RenderError::TooLarge)
+            Err(RenderError::TooLarge {
+                limit: MAX_RENDERED_BYTES
+            })
         );
     }
 }
