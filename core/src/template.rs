@@ -48,8 +48,35 @@ pub fn render_within(
     if !missing.is_empty() {
         return Err(RenderError::MissingVariables(missing));
     }
+    let too_large = || RenderError::TooLarge { limit };
+    // The budget counts the bytes of rendered strings, a lower bound of the JSON text that
+    // stops a hostile template early; the JSON text (escapes, keys, other values) is checked
+    // once rendering is done.
     let mut budget = limit;
-    render_value(content, vars, &mut budget).map_err(|OverBudget| RenderError::TooLarge { limit })
+    let out = render_value(content, vars, &mut budget).map_err(|OverBudget| too_large())?;
+    if json_len(&out) > limit {
+        return Err(too_large());
+    }
+    Ok(out)
+}
+
+/// The length of `v` as JSON text, counted without building the text.
+fn json_len(v: &Value) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    match serde_json::to_writer(&mut counter, v) {
+        Ok(()) => counter.0,
+        Err(_) => usize::MAX,
+    }
 }
 
 /// The rendered content would be over its size limit.
@@ -176,6 +203,22 @@ mod tests {
     fn values_are_not_re_expanded() {
         let out = render(&json!("{$a}"), &vars(json!({"a": "{$a}{$a}"}))).unwrap();
         assert_eq!(out, json!("{$a}{$a}"));
+    }
+
+    #[test]
+    fn the_limit_counts_json_text() {
+        // 100 KiB of control characters are 600 KiB of JSON text (`\u0001` each).
+        let content = json!({"body": "{$v}"});
+        let out = render(&content, &vars(json!({"v": "\u{1}".repeat(100 * 1024)})));
+        assert_eq!(
+            out,
+            Err(RenderError::TooLarge {
+                limit: MAX_RENDERED_BYTES
+            })
+        );
+        // What is not a string counts too.
+        let numbers = json!(vec![1_000_000; 40_000]);
+        assert!(render(&numbers, &Map::new()).is_err());
     }
 
     #[test]
