@@ -89,8 +89,8 @@ fn render_value(
 ) -> Result<Value, OverBudget> {
     Ok(match v {
         Value::String(s) => {
-            let out = render_str(s, vars);
-            *budget = budget.checked_sub(out.len()).ok_or(OverBudget)?;
+            let out = render_str(s, vars, *budget)?;
+            *budget -= out.len();
             Value::String(out)
         }
         Value::Array(items) => Value::Array(
@@ -110,20 +110,29 @@ fn render_value(
     })
 }
 
-fn render_str(s: &str, vars: &Map<String, Value>) -> String {
-    let mut out = String::with_capacity(s.len());
+/// `s` rendered, or `OverBudget` as soon as it is longer than `budget` bytes: a template
+/// repeating a large variable must not build its whole output first.
+fn render_str(s: &str, vars: &Map<String, Value>, budget: usize) -> Result<String, OverBudget> {
+    let mut out = String::with_capacity(s.len().min(budget));
+    let push = |out: &mut String, piece: &str| {
+        if out.len() + piece.len() > budget {
+            return Err(OverBudget);
+        }
+        out.push_str(piece);
+        Ok(())
+    };
     let mut rest = s;
     while let Some((start, name, end)) = next_placeholder(rest) {
-        out.push_str(&rest[..start]);
+        push(&mut out, &rest[..start])?;
         match vars.get(name) {
-            Some(Value::String(v)) => out.push_str(v),
-            Some(other) => out.push_str(&other.to_string()),
-            None => out.push_str(&rest[start..end]),
+            Some(Value::String(v)) => push(&mut out, v)?,
+            Some(other) => push(&mut out, &other.to_string())?,
+            None => push(&mut out, &rest[start..end])?,
         }
         rest = &rest[end..];
     }
-    out.push_str(rest);
-    out
+    push(&mut out, rest)?;
+    Ok(out)
 }
 
 /// Finds the next `{$name}` in `s`: (start, name, end) byte positions.
@@ -219,6 +228,23 @@ mod tests {
         // What is not a string counts too.
         let numbers = json!(vec![1_000_000; 40_000]);
         assert!(render(&numbers, &Map::new()).is_err());
+    }
+
+    #[test]
+    fn a_repeated_large_variable_stops_at_the_limit() {
+        // Each within its limit (64 KiB), 16 Ki placeholders and one 64 KiB variable would render
+        // 1 GiB; rendering stops once it is past the limit.
+        let content = json!("{$v}".repeat(16 * 1024));
+        let v = vars(json!({"v": "x".repeat(64 * 1024)}));
+        let start = std::time::Instant::now();
+        assert_eq!(
+            render(&content, &v),
+            Err(RenderError::TooLarge {
+                limit: MAX_RENDERED_BYTES
+            })
+        );
+        let took = start.elapsed();
+        assert!(took < std::time::Duration::from_millis(100), "{took:?}");
     }
 
     #[test]
