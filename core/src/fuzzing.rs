@@ -1,6 +1,7 @@
-//! The check behind the `template` fuzz target (`fuzz/`) and the replay of its corpus
-//! (`fuzz/corpus/template/`, replayed by `herald-ingest`'s `fuzzing` tests): raw bytes in,
-//! herald's renderer run on them, a panic when a promise of the renderer does not hold.
+//! The check behind the `template` fuzz target (`fuzz/`) and the replay of its inputs
+//! (`fuzz/seeds/template/`, `fuzz/corpus/template/`, replayed by `herald-ingest`'s `fuzzing`
+//! tests): raw bytes in, herald's renderer run on them, a panic when a promise of the renderer
+//! does not hold.
 
 use crate::template::{RenderError, placeholders, render, render_within};
 use serde_json::Value;

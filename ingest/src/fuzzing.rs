@@ -1,7 +1,7 @@
-//! The checks behind the fuzz targets in `fuzz/` and the replay of their corpus
-//! (`fuzz/corpus/<target>/`, by this module's tests): the bodies of `POST /v1/send`,
-//! `POST /v1/send/batch` and `PUT /v1/policy`, and the records Kafka producers write to
-//! `herald.requests`, each run through the parsing and validation herald runs on them.
+//! The checks behind the fuzz targets in `fuzz/` and the replay of their inputs
+//! (`fuzz/seeds/<target>/`, `fuzz/corpus/<target>/`, by this module's tests): the bodies of
+//! `POST /v1/send`, `POST /v1/send/batch` and `PUT /v1/policy`, and the records Kafka producers
+//! write to `herald.requests`, each run through the parsing and validation herald runs on them.
 //! Templates come from a fixed set (chosen by `template_id`) instead of the store; API keys and
 //! the accounts a policy names are not looked up. The renderer's own target is
 //! `herald_core::fuzzing`.
@@ -330,34 +330,40 @@ mod tests {
         }
     }
 
+    /// Replays `fuzz/seeds/` (hand-written inputs and past findings) and `fuzz/corpus/` (what
+    /// fuzzing found, minimised): no check fails, no input takes a second.
     #[test]
     fn fuzz_corpus_replays_without_a_finding() {
-        let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
-        let mut dirs: Vec<String> = std::fs::read_dir(&corpus)
-            .expect("fuzz/corpus")
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        dirs.sort();
+        let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
         let mut names: Vec<&str> = targets().iter().map(|(n, _)| *n).collect();
         names.sort();
-        assert_eq!(dirs, names, "a corpus directory per target");
+        for dir in ["seeds", "corpus"] {
+            let mut dirs: Vec<String> = std::fs::read_dir(fuzz.join(dir))
+                .expect("fuzz/seeds and fuzz/corpus")
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            dirs.sort();
+            assert_eq!(dirs, names, "a directory per target in fuzz/{dir}");
+        }
         for (name, check) in targets() {
             let mut files = 0;
-            for entry in std::fs::read_dir(corpus.join(name)).unwrap() {
-                let path = entry.unwrap().path();
-                let data = std::fs::read(&path).unwrap();
-                let start = Instant::now();
-                let outcome = std::panic::catch_unwind(|| check(&data));
-                let took = start.elapsed();
-                assert!(outcome.is_ok(), "{} fails its check", path.display());
-                assert!(
-                    took < Duration::from_secs(1),
-                    "{} took {took:?}",
-                    path.display()
-                );
-                files += 1;
+            for dir in ["seeds", "corpus"] {
+                for entry in std::fs::read_dir(fuzz.join(dir).join(name)).unwrap() {
+                    let path = entry.unwrap().path();
+                    let data = std::fs::read(&path).unwrap();
+                    let start = Instant::now();
+                    let outcome = std::panic::catch_unwind(|| check(&data));
+                    let took = start.elapsed();
+                    assert!(outcome.is_ok(), "{} fails its check", path.display());
+                    assert!(
+                        took < Duration::from_secs(1),
+                        "{} took {took:?}",
+                        path.display()
+                    );
+                    files += 1;
+                }
             }
-            assert!(files > 0, "fuzz/corpus/{name} is empty");
+            assert!(files > 0, "no input for {name}");
         }
     }
 }
