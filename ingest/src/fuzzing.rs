@@ -252,27 +252,29 @@ mod tests {
     use std::path::Path;
     use std::time::{Duration, Instant};
 
-    /// Every fuzz target, by its name in `fuzz/fuzz_targets/` and `fuzz/corpus/`.
-    fn targets() -> Vec<(&'static str, fn(&[u8]) -> Outcome)> {
-        fn template(data: &[u8]) -> Outcome {
-            herald_core::fuzzing::template(data).map_err(|_| "refused")
-        }
-        vec![
-            ("send", send),
-            ("send_batch", send_batch),
-            ("kafka_record", kafka_record),
-            ("policy", policy),
-            ("template", template),
-        ]
+    /// A target's check.
+    type Check = fn(&[u8]) -> Outcome;
+
+    /// Every fuzz target, by its name in `fuzz/fuzz_targets/`, `fuzz/seeds/` and `fuzz/corpus/`.
+    const TARGETS: [(&str, Check); 5] = [
+        ("send", send),
+        ("send_batch", send_batch),
+        ("kafka_record", kafka_record),
+        ("policy", policy),
+        ("template", template),
+    ];
+
+    fn template(data: &[u8]) -> Outcome {
+        herald_core::fuzzing::template(data).map_err(|_| "refused")
     }
 
     #[test]
     fn fuzz_checks_answer_known_inputs() {
         let many = format!(
             r#"{{"template_id": 3, "messages": [{}]}}"#,
-            vec![r#"{"receivers": ["u"]}"#; 1001].join(",")
+            [r#"{"receivers": ["u"]}"#; 1001].join(",")
         );
-        let cases: Vec<(fn(&[u8]) -> Outcome, &[u8], Outcome)> = vec![
+        let cases: &[(Check, &[u8], Outcome)] = &[
             (send, b"not json", Err("bad_json")),
             (send, br#"{"template_id": 0, "receivers": ["x"], "extra": 1}"#, Err("bad_json")),
             (
@@ -325,7 +327,7 @@ mod tests {
                 Ok(1),
             ),
         ];
-        for (check, input, expected) in cases {
+        for &(check, input, expected) in cases {
             assert_eq!(check(input), expected, "{}", String::from_utf8_lossy(input));
         }
     }
@@ -335,7 +337,7 @@ mod tests {
     #[test]
     fn fuzz_corpus_replays_without_a_finding() {
         let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
-        let mut names: Vec<&str> = targets().iter().map(|(n, _)| *n).collect();
+        let mut names: Vec<&str> = TARGETS.iter().map(|(n, _)| *n).collect();
         names.sort();
         for dir in ["seeds", "corpus"] {
             let mut dirs: Vec<String> = std::fs::read_dir(fuzz.join(dir))
@@ -345,7 +347,7 @@ mod tests {
             dirs.sort();
             assert_eq!(dirs, names, "a directory per target in fuzz/{dir}");
         }
-        for (name, check) in targets() {
+        for (name, check) in TARGETS {
             let mut files = 0;
             for dir in ["seeds", "corpus"] {
                 for entry in std::fs::read_dir(fuzz.join(dir).join(name)).unwrap() {
