@@ -303,7 +303,8 @@ mod tests {
             (
                 send_batch,
                 br#"{"template_id": 1, "messages": [{"receivers": ["Ann@Example.COM"],
-                     "variables": {"name": "Ann", "offer": "-10%"}}, {"receivers": []}]}"#,
+                     "variables": {"name": "Ann", "offer": "-10%"}},
+                     {"receivers": [], "variables": {"name": "B", "offer": "x"}}]}"#,
                 Err("no_receivers"),
             ),
             (kafka_record, b"{}", Err("malformed_record")),
