@@ -4,6 +4,7 @@
 pub mod bus;
 pub mod config;
 pub mod domain;
+pub mod fuzzing;
 pub mod policy;
 pub mod prices;
 pub mod secrets;

@@ -12,8 +12,8 @@ pub const MAX_RENDERED_BYTES: usize = 256 * 1024;
 pub enum RenderError {
     #[error("missing variables: {}", .0.join(", "))]
     MissingVariables(Vec<String>),
-    #[error("rendered content is larger than {MAX_RENDERED_BYTES} bytes")]
-    TooLarge,
+    #[error("rendered content is larger than {limit} bytes")]
+    TooLarge { limit: usize },
 }
 
 /// Every placeholder name used anywhere in `content`, sorted.
@@ -28,8 +28,19 @@ pub fn placeholders(content: &Value) -> BTreeSet<String> {
 }
 
 /// `content` with every `{$name}` replaced by the variable's value (strings as they are, other
-/// JSON values as their JSON text). Names absent from `vars` are all reported at once.
+/// JSON values as their JSON text). Names absent from `vars` are all reported at once; content
+/// over [`MAX_RENDERED_BYTES`] is refused.
 pub fn render(content: &Value, vars: &Map<String, Value>) -> Result<Value, RenderError> {
+    render_within(content, vars, MAX_RENDERED_BYTES)
+}
+
+/// [`render`] with another size limit (the fuzz targets use a small one, which inputs of a
+/// fuzzer's usual sizes can reach).
+pub fn render_within(
+    content: &Value,
+    vars: &Map<String, Value>,
+    limit: usize,
+) -> Result<Value, RenderError> {
     let missing: Vec<String> = placeholders(content)
         .into_iter()
         .filter(|n| !vars.contains_key(n))
@@ -37,19 +48,49 @@ pub fn render(content: &Value, vars: &Map<String, Value>) -> Result<Value, Rende
     if !missing.is_empty() {
         return Err(RenderError::MissingVariables(missing));
     }
-    let mut budget = MAX_RENDERED_BYTES;
-    render_value(content, vars, &mut budget)
+    let too_large = || RenderError::TooLarge { limit };
+    // The budget counts the bytes of rendered strings, a lower bound of the JSON text that
+    // stops a hostile template early; the JSON text (escapes, keys, other values) is checked
+    // once rendering is done.
+    let mut budget = limit;
+    let out = render_value(content, vars, &mut budget).map_err(|OverBudget| too_large())?;
+    if json_len(&out) > limit {
+        return Err(too_large());
+    }
+    Ok(out)
 }
+
+/// The length of `v` as JSON text, counted without building the text.
+fn json_len(v: &Value) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    match serde_json::to_writer(&mut counter, v) {
+        Ok(()) => counter.0,
+        Err(_) => usize::MAX,
+    }
+}
+
+/// The rendered content would be over its size limit.
+struct OverBudget;
 
 fn render_value(
     v: &Value,
     vars: &Map<String, Value>,
     budget: &mut usize,
-) -> Result<Value, RenderError> {
+) -> Result<Value, OverBudget> {
     Ok(match v {
         Value::String(s) => {
-            let out = render_str(s, vars);
-            *budget = budget.checked_sub(out.len()).ok_or(RenderError::TooLarge)?;
+            let out = render_str(s, vars, *budget)?;
+            *budget -= out.len();
             Value::String(out)
         }
         Value::Array(items) => Value::Array(
@@ -69,20 +110,29 @@ fn render_value(
     })
 }
 
-fn render_str(s: &str, vars: &Map<String, Value>) -> String {
-    let mut out = String::with_capacity(s.len());
+/// `s` rendered, or `OverBudget` as soon as it is longer than `budget` bytes: a template
+/// repeating a large variable must not build its whole output first.
+fn render_str(s: &str, vars: &Map<String, Value>, budget: usize) -> Result<String, OverBudget> {
+    let mut out = String::with_capacity(s.len().min(budget));
+    let push = |out: &mut String, piece: &str| {
+        if out.len() + piece.len() > budget {
+            return Err(OverBudget);
+        }
+        out.push_str(piece);
+        Ok(())
+    };
     let mut rest = s;
     while let Some((start, name, end)) = next_placeholder(rest) {
-        out.push_str(&rest[..start]);
+        push(&mut out, &rest[..start])?;
         match vars.get(name) {
-            Some(Value::String(v)) => out.push_str(v),
-            Some(other) => out.push_str(&other.to_string()),
-            None => out.push_str(&rest[start..end]),
+            Some(Value::String(v)) => push(&mut out, v)?,
+            Some(other) => push(&mut out, &other.to_string())?,
+            None => push(&mut out, &rest[start..end])?,
         }
         rest = &rest[end..];
     }
-    out.push_str(rest);
-    out
+    push(&mut out, rest)?;
+    Ok(out)
 }
 
 /// Finds the next `{$name}` in `s`: (start, name, end) byte positions.
@@ -165,12 +215,47 @@ mod tests {
     }
 
     #[test]
+    fn the_limit_counts_json_text() {
+        // 100 KiB of control characters are 600 KiB of JSON text (`\u0001` each).
+        let content = json!({"body": "{$v}"});
+        let out = render(&content, &vars(json!({"v": "\u{1}".repeat(100 * 1024)})));
+        assert_eq!(
+            out,
+            Err(RenderError::TooLarge {
+                limit: MAX_RENDERED_BYTES
+            })
+        );
+        // What is not a string counts too.
+        let numbers = json!(vec![1_000_000; 40_000]);
+        assert!(render(&numbers, &Map::new()).is_err());
+    }
+
+    #[test]
+    fn a_repeated_large_variable_stops_at_the_limit() {
+        // Each within its limit (64 KiB), 16 Ki placeholders and one 64 KiB variable would render
+        // 1 GiB; rendering stops once it is past the limit.
+        let content = json!("{$v}".repeat(16 * 1024));
+        let v = vars(json!({"v": "x".repeat(64 * 1024)}));
+        let start = std::time::Instant::now();
+        assert_eq!(
+            render(&content, &v),
+            Err(RenderError::TooLarge {
+                limit: MAX_RENDERED_BYTES
+            })
+        );
+        let took = start.elapsed();
+        assert!(took < std::time::Duration::from_millis(100), "{took:?}");
+    }
+
+    #[test]
     fn output_size_is_bounded() {
         let big = "x".repeat(100_000);
         let content = json!(["{$v}", "{$v}", "{$v}"]);
         assert_eq!(
             render(&content, &vars(json!({"v": big}))),
-            Err(RenderError::TooLarge)
+            Err(RenderError::TooLarge {
+                limit: MAX_RENDERED_BYTES
+            })
         );
     }
 }

@@ -42,17 +42,23 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                 details: vec![],
             });
         }
-        let value = serde_json::from_slice(&raw).map_err(|e| ApiError::Invalid {
-            status: StatusCode::BAD_REQUEST,
-            code: "bad_json",
-            message: format!(
-                "the body is not valid for this endpoint: {}",
-                without_quoted_values(&e.to_string())
-            ),
-            details: vec![],
-        })?;
+        let value = parse_json(&raw)?;
         Ok(JsonBody { value, raw })
     }
+}
+
+/// Parses a request body: a `400 bad_json` that names no value of the input when it is not
+/// JSON of type `T`.
+pub(crate) fn parse_json<T: DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(raw).map_err(|e| ApiError::Invalid {
+        status: StatusCode::BAD_REQUEST,
+        code: "bad_json",
+        message: format!(
+            "the body is not valid for this endpoint: {}",
+            without_quoted_values(&e.to_string())
+        ),
+        details: vec![],
+    })
 }
 
 /// A serde error message with every double-quoted value replaced by `"…"`: serde quotes the

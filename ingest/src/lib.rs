@@ -9,6 +9,7 @@ mod body;
 mod campaign;
 mod catalog;
 mod error;
+pub mod fuzzing;
 mod keys;
 mod policy;
 pub mod producer;

@@ -10,7 +10,8 @@ use crate::ApiState;
 use crate::auth::check_key;
 use crate::send::{BatchMessage, Group, Timing, build_records};
 use chrono::{DateTime, Utc};
-use herald_core::store::{App, Scope};
+use herald_core::config::HttpConfig;
+use herald_core::store::{App, Scope, Template};
 use herald_core::wire::hashed_uuid;
 use herald_core::{MessageId, MessageRecord};
 use serde::Deserialize;
@@ -18,12 +19,12 @@ use serde::Deserialize;
 /// Version 1 of a producer's record.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ProducerRequest {
+pub(crate) struct ProducerRequest {
     v: u32,
     app: String,
     #[serde(default)]
     api_key: Option<String>,
-    template_id: i64,
+    pub(crate) template_id: i64,
     messages: Vec<BatchMessage>,
     #[serde(default)]
     send_at: Option<DateTime<Utc>>,
@@ -73,16 +74,9 @@ impl From<ApiError> for ProducerError {
     }
 }
 
-impl ApiState {
-    /// The message records of a producer's record at `source`, or why there are none.
-    /// `trusted`: the record names its app without an API key.
-    pub async fn expand_producer_record(
-        &self,
-        payload: &[u8],
-        source: Source<'_>,
-        trusted: bool,
-    ) -> Result<Vec<MessageRecord>, ProducerError> {
-        let config = &self.inner.config;
+impl ProducerRequest {
+    /// Parses a producer's record and checks what needs no store: its size, JSON and version.
+    pub(crate) fn decode(payload: &[u8], config: &HttpConfig) -> Result<Self, ProducerError> {
         if payload.len() > config.max_body_bytes {
             return Err(refused(
                 "record_too_large",
@@ -101,38 +95,54 @@ impl ApiState {
                 format!("record version {} is not supported (expected 1)", request.v),
             ));
         }
+        Ok(request)
+    }
+
+    /// The message records of the request at `source`, for `app`, rendered with `template`.
+    pub(crate) fn records(
+        &self,
+        config: &HttpConfig,
+        app: &App,
+        template: &Template,
+        source: Source<'_>,
+    ) -> Result<Vec<MessageRecord>, ProducerError> {
+        let groups = Group::of_batch(&self.messages, config.max_batch_messages)?;
+        let request_id = format!("{}/{}/{}", source.topic, source.partition, source.offset);
+        Ok(build_records(
+            config,
+            app,
+            template,
+            &Timing {
+                send_at: self.send_at,
+                timezone: self.timezone.clone(),
+            },
+            &groups,
+            true,
+            &request_id,
+            &mut |n| message_id_at(source, n),
+        )?)
+    }
+}
+
+impl ApiState {
+    /// The message records of a producer's record at `source`, or why there are none.
+    /// `trusted`: the record names its app without an API key.
+    pub async fn expand_producer_record(
+        &self,
+        payload: &[u8],
+        source: Source<'_>,
+        trusted: bool,
+    ) -> Result<Vec<MessageRecord>, ProducerError> {
+        let config = &self.inner.config;
+        let request = ProducerRequest::decode(payload, config)?;
         let app = self.producer_app(&request, trusted).await?;
-        if request.messages.len() > config.max_batch_messages {
-            return Err(refused(
-                "too_many_messages",
-                format!(
-                    "a record holds at most {} messages, got {}",
-                    config.max_batch_messages,
-                    request.messages.len()
-                ),
-            ));
-        }
         let Some(template) = self.cached_template(app.id, request.template_id).await? else {
             return Err(refused(
                 "unknown_template",
                 format!("no template {} in app `{}`", request.template_id, app.name),
             ));
         };
-        let groups = Group::of_batch(&request.messages);
-        let request_id = format!("{}/{}/{}", source.topic, source.partition, source.offset);
-        let records = build_records(
-            config,
-            &app,
-            &template.template,
-            &Timing {
-                send_at: request.send_at,
-                timezone: request.timezone.clone(),
-            },
-            &groups,
-            true,
-            &request_id,
-            &mut |n| message_id_at(source, n),
-        )?;
+        let records = request.records(config, &app, &template.template, source)?;
         let m = &self.inner.metrics;
         m.messages_accepted.inc_by(records.len() as u64);
         Ok(records)

@@ -27,7 +27,7 @@ use std::borrow::Cow;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SendBody {
-    template_id: i64,
+    pub(crate) template_id: i64,
     receivers: Vec<String>,
     #[serde(default)]
     variables: Map<String, Value>,
@@ -40,7 +40,7 @@ pub struct SendBody {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchBody {
-    template_id: i64,
+    pub(crate) template_id: i64,
     messages: Vec<BatchMessage>,
     send_at: Option<DateTime<Utc>>,
     timezone: Option<String>,
@@ -78,6 +78,39 @@ pub(crate) struct Timing {
     pub(crate) timezone: Option<String>,
 }
 
+impl SendBody {
+    /// Its one group of receivers.
+    pub(crate) fn groups(&self) -> Vec<Group<'_>> {
+        vec![Group {
+            path: String::new(),
+            receivers: &self.receivers,
+            variables: &self.variables,
+            biz_id: self.biz_id.as_deref(),
+        }]
+    }
+
+    pub(crate) fn timing(&self) -> Timing {
+        Timing {
+            send_at: self.send_at,
+            timezone: self.timezone.clone(),
+        }
+    }
+}
+
+impl BatchBody {
+    /// A group per message, when there are at most `max` messages.
+    pub(crate) fn groups(&self, max: usize) -> Result<Vec<Group<'_>>, ApiError> {
+        Group::of_batch(&self.messages, max)
+    }
+
+    pub(crate) fn timing(&self) -> Timing {
+        Timing {
+            send_at: self.send_at,
+            timezone: self.timezone.clone(),
+        }
+    }
+}
+
 pub async fn send(
     State(state): State<ApiState>,
     AuthApp(app): AuthApp,
@@ -85,23 +118,14 @@ pub async fn send(
     body: JsonBody<SendBody>,
 ) -> Result<Response, ApiError> {
     let b = &body.value;
-    let groups = vec![Group {
-        path: String::new(),
-        receivers: &b.receivers,
-        variables: &b.variables,
-        biz_id: b.biz_id.as_deref(),
-    }];
     accept(
         &state,
         &app,
         &headers,
         &body.raw,
         b.template_id,
-        Timing {
-            send_at: b.send_at,
-            timezone: b.timezone.clone(),
-        },
-        groups,
+        b.timing(),
+        b.groups(),
         false,
     )
     .await
@@ -114,30 +138,16 @@ pub async fn send_batch(
     body: JsonBody<BatchBody>,
 ) -> Result<Response, ApiError> {
     let b = &body.value;
-    let max = state.inner.config.max_batch_messages;
-    if b.messages.len() > max {
-        return Err(rejected(
-            &state,
-            ApiError::invalid(
-                "too_many_messages",
-                format!(
-                    "a batch holds at most {max} messages, got {}",
-                    b.messages.len()
-                ),
-            ),
-        ));
-    }
-    let groups = Group::of_batch(&b.messages);
+    let groups = b
+        .groups(state.inner.config.max_batch_messages)
+        .map_err(|e| rejected(&state, e))?;
     accept(
         &state,
         &app,
         &headers,
         &body.raw,
         b.template_id,
-        Timing {
-            send_at: b.send_at,
-            timezone: b.timezone.clone(),
-        },
+        b.timing(),
         groups,
         true,
     )
@@ -153,9 +163,22 @@ pub(crate) struct Group<'a> {
 }
 
 impl<'a> Group<'a> {
-    /// The groups of a batch's messages, with paths naming each message.
-    pub(crate) fn of_batch(messages: &'a [BatchMessage]) -> Vec<Group<'a>> {
-        messages
+    /// The groups of a batch's messages, with paths naming each message; `too_many_messages`
+    /// when there are more than `max`.
+    pub(crate) fn of_batch(
+        messages: &'a [BatchMessage],
+        max: usize,
+    ) -> Result<Vec<Group<'a>>, ApiError> {
+        if messages.len() > max {
+            return Err(ApiError::invalid(
+                "too_many_messages",
+                format!(
+                    "a batch holds at most {max} messages, got {}",
+                    messages.len()
+                ),
+            ));
+        }
+        Ok(messages
             .iter()
             .enumerate()
             .map(|(i, m)| Group {
@@ -164,7 +187,7 @@ impl<'a> Group<'a> {
                 variables: &m.variables,
                 biz_id: m.biz_id.as_deref(),
             })
-            .collect()
+            .collect())
     }
 }
 
@@ -427,7 +450,7 @@ pub(crate) fn build_records(
                 }
                 None
             }
-            Err(e @ RenderError::TooLarge) => {
+            Err(e @ RenderError::TooLarge { .. }) => {
                 details.push(Detail {
                     path: format!("{}variables", g.path),
                     code: "content_too_large",
