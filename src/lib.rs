@@ -258,8 +258,10 @@ impl Application {
         }
         if self.roles.ingest {
             // Scheduled campaigns run in every ingest process, one campaign at a time each.
-            let campaigns =
-                herald_ingest::run_campaigns(self.api_state(&senders, &warehouse), shutdown.clone());
+            let campaigns = herald_ingest::run_campaigns(
+                self.api_state(&senders, &warehouse),
+                shutdown.clone(),
+            );
             tasks.spawn(async move {
                 campaigns.await;
                 Ok(())
