@@ -16,6 +16,10 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use vendor::Vendor;
 
+/// No environment beyond what [`crate::support::Serve`] sets (which lets vendor stand-ins on
+/// 127.0.0.1 be called).
+const NO_ENV: [(&str, &str); 0] = [];
+
 /// Messages per second of the steady load.
 const RATE: usize = 100;
 

@@ -5,7 +5,7 @@
 
 use super::load::Load;
 use super::vendor::Vendor;
-use super::{CALM, RATE, assert_exactly_once, settle, summary, webhook_template};
+use super::{CALM, NO_ENV, RATE, assert_exactly_once, settle, summary, webhook_template};
 use crate::support::{Serve, counter, create_app};
 use std::time::{Duration, Instant};
 
@@ -22,9 +22,8 @@ const VENDOR_LATENCY: Duration = Duration::from_millis(300);
 async fn sigterm_under_load_loses_nothing_and_sends_nothing_twice() {
     let dir = tempfile::tempdir().unwrap();
     let vendor = Vendor::start(VENDOR_LATENCY).await;
-    let env = [("HERALD_DISPATCH__ALLOW_PRIVATE_URLS", "true")];
     let key = create_app(dir.path(), &[]);
-    let mut herald = Serve::start(dir.path(), &[], &env);
+    let mut herald = Serve::start(dir.path(), &[], &NO_ENV);
     let template = webhook_template(&herald.base, &key, &vendor, 5_000).await;
     let load = Load::start(&herald.base, &key, template, RATE, "r");
     let mut exits = Vec::new();

@@ -6,7 +6,7 @@
 
 use super::load::Load;
 use super::vendor::Vendor;
-use super::{CALM, RATE, assert_exactly_once, settle, summary, webhook_template, window};
+use super::{CALM, NO_ENV, RATE, assert_exactly_once, settle, summary, webhook_template, window};
 use crate::support::{Serve, create_app};
 use std::path::PathBuf;
 use std::process::Command;
@@ -135,39 +135,45 @@ impl Drop for PrivatePostgres {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_stopped_answers_503_and_recovers_without_a_restart() {
     let pg = tokio::task::block_in_place(PrivatePostgres::start);
-    let dir = tempfile::tempdir().unwrap();
     let url = pg.url();
-    let args = ["--store", url.as_str()];
+    outage("postgres-stopped", &url, || pg.stop(), || pg.start_again()).await;
+}
+
+/// Runs herald on the store at `url` under the steady load, breaks the store with `break_it`
+/// for the fault window and mends it with `mend` (neither restarts herald), then checks that
+/// every accepted message was sent exactly once and that the outage was answered with `503`.
+async fn outage(name: &str, url: &str, break_it: impl FnOnce(), mend: impl FnOnce()) {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--store", url];
     let vendor = Vendor::start(Duration::ZERO).await;
-    let env = [("HERALD_DISPATCH__ALLOW_PRIVATE_URLS", "true")];
     let key = create_app(dir.path(), &args);
-    let herald = Serve::start(dir.path(), &args, &env);
+    let herald = Serve::start(dir.path(), &args, &NO_ENV);
     let template = webhook_template(&herald.base, &key, &vendor, 5_000).await;
     let load = Load::start(&herald.base, &key, template, RATE, "r");
     tokio::time::sleep(CALM).await;
     let before = load.accepted();
-    tokio::task::block_in_place(|| pg.stop());
+    tokio::task::block_in_place(break_it);
     tokio::time::sleep(window()).await;
     let during = load.accepted() - before;
-    tokio::task::block_in_place(|| pg.start_again());
+    tokio::task::block_in_place(mend);
     let fault_end = Instant::now();
     tokio::time::sleep(CALM).await;
     let (accepted, answers) = load.finish().await;
-    let tally = settle(&url, &accepted, &vendor, fault_end).await;
+    let tally = settle(url, &accepted, &vendor, fault_end).await;
     eprintln!(
         "{}",
         summary(
-            "postgres-stopped",
+            name,
             Some(window()),
             &answers,
             &tally,
             &format!(" accepted_during_outage={during}")
         )
     );
-    assert_exactly_once("postgres-stopped", &answers, &tally);
+    assert_exactly_once(name, &answers, &tally);
     assert!(
         answers.statuses.get(&503).is_some_and(|n| *n > 0),
-        "no 503 while the store was down: {answers:?}"
+        "{name}: no 503 while the store was out of reach: {answers:?}"
     );
 }
 
@@ -226,38 +232,6 @@ impl Drop for SmallDisk {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_sqlite_disk_answers_503_and_recovers_without_a_restart() {
     let disk = SmallDisk::mount(128);
-    let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", disk.path().join("herald.db").display());
-    let args = ["--store", url.as_str()];
-    let vendor = Vendor::start(Duration::ZERO).await;
-    let env = [("HERALD_DISPATCH__ALLOW_PRIVATE_URLS", "true")];
-    let key = create_app(dir.path(), &args);
-    let herald = Serve::start(dir.path(), &args, &env);
-    let template = webhook_template(&herald.base, &key, &vendor, 5_000).await;
-    let load = Load::start(&herald.base, &key, template, RATE, "r");
-    tokio::time::sleep(CALM).await;
-    let before = load.accepted();
-    tokio::task::block_in_place(|| disk.fill());
-    tokio::time::sleep(window()).await;
-    let during = load.accepted() - before;
-    disk.free();
-    let fault_end = Instant::now();
-    tokio::time::sleep(CALM).await;
-    let (accepted, answers) = load.finish().await;
-    let tally = settle(&url, &accepted, &vendor, fault_end).await;
-    eprintln!(
-        "{}",
-        summary(
-            "sqlite-disk-full",
-            Some(window()),
-            &answers,
-            &tally,
-            &format!(" accepted_during_outage={during}")
-        )
-    );
-    assert_exactly_once("sqlite-disk-full", &answers, &tally);
-    assert!(
-        answers.statuses.get(&503).is_some_and(|n| *n > 0),
-        "no 503 while the disk was full: {answers:?}"
-    );
+    outage("sqlite-disk-full", &url, || disk.fill(), || disk.free()).await;
 }
