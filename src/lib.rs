@@ -106,25 +106,33 @@ pub struct Application {
 }
 
 /// Opens the store with the configured secret keys: `security.secret_keys` or
-/// `security.secret_key_file`; else, for a SQLite store, `<data_dir>/secret.key` (made on first
-/// use); else (PostgreSQL without a key) secrets are kept in clear, with a warning.
+/// `security.secret_key_file`; else `<data_dir>/secret.key` (for a SQLite store made on first
+/// use; a PostgreSQL store, shared by processes that must agree on the key, only uses one that
+/// exists). A PostgreSQL store without any key is refused unless `security.allow_clear_secrets`.
 pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
     let store = Store::open(&config.store_url())
         .await
         .context("cannot open the store")?;
-    let default_file = (store.backend() == herald_core::store::Backend::Sqlite)
-        .then(|| config.data_dir.join("secret.key"));
+    let file = config.data_dir.join("secret.key");
+    let default_file =
+        (store.backend() == herald_core::store::Backend::Sqlite || file.exists()).then_some(file);
     match SecretBox::from_config(&config.security, default_file.as_deref())
         .context("cannot load the secret keys")?
     {
         Some(secrets) => Ok(store.with_secrets(Arc::new(secrets))),
-        None => {
+        None if config.security.allow_clear_secrets => {
             tracing::warn!(
                 "no secret key configured (security.secret_keys): account secrets and vendor \
                  tokens are stored in clear"
             );
             Ok(store)
         }
+        None => anyhow::bail!(
+            "a PostgreSQL store needs a secret key to seal account secrets: set \
+             security.secret_keys (HERALD_SECURITY__SECRET_KEYS; make one with `herald secrets \
+             new-key`), security.secret_key_file, or put it in <data_dir>/secret.key; or set \
+             security.allow_clear_secrets = true to keep them in clear"
+        ),
     }
 }
 
@@ -207,6 +215,14 @@ impl Application {
                     Ok(())
                 });
             }
+            if !analytics.index_retention.is_zero() {
+                let (store, retention) = (self.store.clone(), analytics.index_retention);
+                let rx = shutdown.clone();
+                tasks.spawn(async move {
+                    prune_index(store, retention, rx).await;
+                    Ok(())
+                });
+            }
             let aggregator =
                 Aggregator::open(warehouse, sink.stats(), analytics.allowed_lateness).await?;
             let (rx, interval) = (shutdown.clone(), analytics.stats_interval);
@@ -218,6 +234,8 @@ impl Application {
             tasks.spawn(async move { sink.run(rx).await.context("warehouse sink") });
         }
         let senders = Arc::new(Senders::new(self.store.clone(), &self.config.dispatch));
+        // One API state (and so one set of key and template caches) for the process.
+        let api = self.api_state(&senders, &warehouse);
         if self.roles.dispatch {
             let d = Dispatcher::new(
                 self.store.clone(),
@@ -228,7 +246,7 @@ impl Application {
             )
             .with_prices(self.config.prices.clone())
             .with_requests(Arc::new(ProducerRequests {
-                api: self.api_state(&senders, &warehouse),
+                api: api.clone(),
                 trusted: self.config.producers.trusted,
             }));
             let rx = shutdown.clone();
@@ -256,12 +274,18 @@ impl Application {
                 Ok(())
             });
         }
+        if self.roles.ingest || self.roles.dispatch {
+            // Revocations and template edits made through other processes reach the caches
+            // (ingest's, and dispatch's for producers' records).
+            let follow = herald_ingest::follow_changes(api.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                follow.await;
+                Ok(())
+            });
+        }
         if self.roles.ingest {
             // Scheduled campaigns run in every ingest process, one campaign at a time each.
-            let campaigns = herald_ingest::run_campaigns(
-                self.api_state(&senders, &warehouse),
-                shutdown.clone(),
-            );
+            let campaigns = herald_ingest::run_campaigns(api.clone(), shutdown.clone());
             tasks.spawn(async move {
                 campaigns.await;
                 Ok(())
@@ -275,11 +299,10 @@ impl Application {
         ));
         {
             // Every process answers /health and /metrics; only ingest serves the API.
-            let state = self.api_state(&senders, &warehouse);
             let app = if self.roles.ingest {
-                herald_ingest::router(state)
+                herald_ingest::router(api)
             } else {
-                herald_ingest::ops_router(state)
+                herald_ingest::ops_router(api)
             };
             let mut rx = shutdown.clone();
             let listener = self.listener;
@@ -377,6 +400,54 @@ impl WarehouseSql for WarehouseQueries {
             .await
             .map_err(failure)?;
         encode(&batches, format).map_err(failure)
+    }
+
+    async fn message_events(
+        &self,
+        app: &str,
+        id: &MessageId,
+    ) -> Result<Vec<DeliveryEvent>, SqlFailure> {
+        let _turn = self
+            .running
+            .acquire()
+            .await
+            .map_err(|e| SqlFailure::Unavailable(e.to_string()))?;
+        herald_analytics::sql::message_events(&self.warehouse, app, id)
+            .await
+            .map_err(|e| SqlFailure::Unavailable(e.to_string()))
+    }
+}
+
+/// Every ten minutes, forgets the tracing index of messages whose latest state is older than
+/// `retention`, a few thousand per transaction so that the sink's index writes are not held up.
+async fn prune_index(store: Store, retention: Duration, mut shutdown: watch::Receiver<bool>) {
+    const BATCH: i64 = 2_000;
+    let mut every = tokio::time::interval(Duration::from_secs(600));
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let cutoff = chrono::Utc::now() - chrono::Duration::from_std(retention).unwrap_or_default();
+        let mut forgotten = 0;
+        loop {
+            match store.prune_index(cutoff.timestamp_micros(), BATCH).await {
+                Ok(n) => {
+                    forgotten += n;
+                    if n < BATCH as u64 || *shutdown.borrow() {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "pruning the tracing index failed; next pass in ten minutes");
+                    break;
+                }
+            }
+        }
+        if forgotten > 0 {
+            tracing::info!(messages = forgotten, %cutoff, "tracing index pruned");
+        }
     }
 }
 

@@ -56,7 +56,7 @@ use crate::manifest::{FileEntry, Manifest};
 use crate::schema::events_to_batch_with;
 use crate::stats::{Lateness, watermark};
 use crate::warehouse::{STAGING, Warehouse, WriterLock};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use herald_core::bus::{Bus, Consumer, Delivered};
 use herald_core::wire::DELIVERY_TOPIC;
 use herald_core::{DeliveryEvent, MessageId};
@@ -420,7 +420,7 @@ impl Sink {
         let cutoff = before.and_then(|t| watermark(t, self.config.allowed_lateness));
         let task = spawn_blocking(move || {
             let _lock = lock;
-            let newest = events.iter().map(|e| e.ts).max().max(before);
+            let newest = newest_event_time(&events, before);
             let written = stage(&wh, seq, &mut events, cutoff).and_then(|files| {
                 faults.check(Step::AfterStaging)?;
                 let manifest = Manifest::new(seq, files, positions, newest);
@@ -599,6 +599,27 @@ fn stage(
         wh.sync_dir(STAGING)?;
     }
     Ok(files)
+}
+
+/// How far ahead of the sink's clock an event time may move the stats watermark: a vendor
+/// receipt dated next year (a wrong clock, a bad field) must not close every window at once.
+const MAX_FUTURE: TimeDelta = TimeDelta::minutes(5);
+
+/// The newest event time of `events` and the flushes `before` them, an event dated more than
+/// [`MAX_FUTURE`] ahead counting as that far ahead (it is still written with its own time).
+fn newest_event_time(
+    events: &[DeliveryEvent],
+    before: Option<DateTime<Utc>>,
+) -> Option<DateTime<Utc>> {
+    let limit = Utc::now() + MAX_FUTURE;
+    let ahead = events.iter().filter(|e| e.ts > limit).count();
+    if ahead > 0 {
+        tracing::warn!(
+            count = ahead,
+            "events dated more than 5 minutes ahead; the stats watermark does not follow them"
+        );
+    }
+    events.iter().map(|e| e.ts.min(limit)).max().max(before)
 }
 
 #[cfg(test)]

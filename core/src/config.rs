@@ -65,7 +65,8 @@ impl Default for Config {
 
 /// Encryption of account secrets and vendor tokens in the store (see `herald_core::secrets`).
 /// With neither key setting, the embedded deployment (a SQLite store) makes and uses
-/// `<data_dir>/secret.key`; a PostgreSQL store then keeps secrets in clear, with a warning.
+/// `<data_dir>/secret.key`; a PostgreSQL store uses that file when it exists, and otherwise
+/// refuses to start unless `allow_clear_secrets` is set.
 #[derive(Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SecurityConfig {
@@ -74,6 +75,8 @@ pub struct SecurityConfig {
     pub secret_keys: Option<String>,
     /// A file holding the key ring, one entry per line.
     pub secret_key_file: Option<PathBuf>,
+    /// Lets a PostgreSQL store without a key keep account secrets in clear (with a warning).
+    pub allow_clear_secrets: bool,
 }
 
 impl std::fmt::Debug for SecurityConfig {
@@ -82,6 +85,7 @@ impl std::fmt::Debug for SecurityConfig {
         f.debug_struct("SecurityConfig")
             .field("secret_keys", &self.secret_keys.as_ref().map(|_| "***"))
             .field("secret_key_file", &self.secret_key_file)
+            .field("allow_clear_secrets", &self.allow_clear_secrets)
             .finish()
     }
 }
@@ -124,6 +128,9 @@ pub struct HttpConfig {
     pub max_template_bytes: usize,
     /// Most receivers in a whole batch request (`too_many_receivers`).
     pub max_batch_receivers: usize,
+    /// Most rendered content of one request, summed over its messages, as JSON bytes
+    /// (`request_content_too_large`): what ingest holds for one request at once.
+    pub max_request_content_bytes: usize,
     /// How long API keys and templates are cached before the store is asked again.
     #[serde(deserialize_with = "duration")]
     pub cache_ttl: Duration,
@@ -157,6 +164,7 @@ impl Default for HttpConfig {
             max_variables_bytes: 64 * 1024,
             max_template_bytes: 64 * 1024,
             max_batch_receivers: 10_000,
+            max_request_content_bytes: 64 * 1024 * 1024,
             cache_ttl: Duration::from_secs(5),
             receipt_token: None,
             public_url: None,
@@ -233,6 +241,10 @@ pub struct BreakerConfig {
     pub min_calls: u32,
     /// Opens at this share of failed calls (0–1).
     pub failure_rate: f64,
+    /// Opens after this many failed calls in a row, whatever the window holds (0: never). A
+    /// vendor that stops answering is taken out at once, not only when the successes before
+    /// it have left the window.
+    pub consecutive_failures: u32,
     /// A call at least this slow is slow.
     #[serde(deserialize_with = "duration")]
     pub slow_call: Duration,
@@ -252,6 +264,7 @@ impl Default for BreakerConfig {
             window: Duration::from_secs(30),
             min_calls: 20,
             failure_rate: 0.5,
+            consecutive_failures: 10,
             slow_call: Duration::from_secs(10),
             slow_rate: 0.8,
             open_for: Duration::from_secs(30),
@@ -353,6 +366,10 @@ pub struct AnalyticsConfig {
     /// The HMAC key of `receivers = "hashed"` (required then): keep it stable, or old and new
     /// rows stop matching; keep it secret, or phone numbers can be found by trying them all.
     pub receiver_hash_key: Option<Secret>,
+    /// How long the store keeps a message's index for the tracing endpoints after its latest
+    /// state (`0s`: for ever); older traces are read from the warehouse.
+    #[serde(deserialize_with = "duration")]
+    pub index_retention: Duration,
 }
 
 /// How receivers are written to the warehouse.
@@ -414,6 +431,7 @@ impl Default for AnalyticsConfig {
             reconcile_schedules: Vec::new(),
             receivers: ReceiverMode::Clear,
             receiver_hash_key: None,
+            index_retention: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }

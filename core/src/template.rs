@@ -61,7 +61,7 @@ pub fn render_within(
 }
 
 /// The length of `v` as JSON text, counted without building the text.
-fn json_len(v: &Value) -> usize {
+pub fn json_len(v: &Value) -> usize {
     struct Counter(usize);
     impl std::io::Write for Counter {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {

@@ -3,7 +3,9 @@
 //!
 //! - **Closed**: calls go through and are counted over a sliding window (`window`, in ten
 //!   buckets). Once the window holds `min_calls` calls and the failed share reaches
-//!   `failure_rate`, or the slow share `slow_rate`, the breaker opens.
+//!   `failure_rate`, or the slow share `slow_rate`, the breaker opens; it also opens after
+//!   `consecutive_failures` failed calls in a row (a vendor that stops answering after a busy
+//!   spell would otherwise stay in until the spell's successes left the window).
 //! - **Open**: no call is made for `open_for`; a message that would use the account goes to the
 //!   next account of its route, or waits (`circuit_open`) when every one is open.
 //! - **Half-open**: `probes` calls go through. All of them succeeding closes the breaker with an
@@ -77,6 +79,8 @@ enum Phase {
 struct Breaker {
     phase: Phase,
     buckets: [Bucket; BUCKETS as usize],
+    /// Failed calls since the last healthy one.
+    failed_in_a_row: u32,
 }
 
 impl Default for Breaker {
@@ -84,6 +88,7 @@ impl Default for Breaker {
         Breaker {
             phase: Phase::Closed,
             buckets: [Bucket::default(); BUCKETS as usize],
+            failed_in_a_row: 0,
         }
     }
 }
@@ -174,6 +179,7 @@ impl Breakers {
         let reopen = Phase::Open {
             until: now + c.open_for,
         };
+        b.failed_in_a_row = if healthy { 0 } else { b.failed_in_a_row + 1 };
         match &mut b.phase {
             Phase::Closed => {
                 let slot = self.slot(now);
@@ -195,18 +201,23 @@ impl Breakers {
                     (n + k.calls, f + k.failed, s + k.slow)
                 });
                 let share = |x: u32| f64::from(x) / f64::from(calls);
-                if calls >= c.min_calls.max(1)
-                    && (share(failed) >= c.failure_rate || share(slow) >= c.slow_rate)
+                let in_a_row =
+                    c.consecutive_failures > 0 && b.failed_in_a_row >= c.consecutive_failures;
+                if in_a_row
+                    || (calls >= c.min_calls.max(1)
+                        && (share(failed) >= c.failure_rate || share(slow) >= c.slow_rate))
                 {
                     tracing::warn!(
                         account,
                         calls,
                         failed,
                         slow,
+                        in_a_row = b.failed_in_a_row,
                         "circuit breaker opened for a vendor account"
                     );
                     b.phase = reopen;
                     b.buckets = [Bucket::default(); BUCKETS as usize];
+                    b.failed_in_a_row = 0;
                 }
             }
             Phase::HalfOpen { succeeded, .. } => {
@@ -264,6 +275,7 @@ mod tests {
             window: Duration::from_secs(10),
             min_calls: 10,
             failure_rate: 0.5,
+            consecutive_failures: 0,
             slow_call: Duration::from_secs(2),
             slow_rate: 0.8,
             open_for: Duration::from_secs(5),
@@ -291,6 +303,22 @@ mod tests {
         }
         // Other accounts are not affected.
         assert_eq!(b.admit_at(2, t0 + 1100 * MS), Admission::Call);
+    }
+
+    #[test]
+    fn opens_after_failures_in_a_row_even_when_the_window_is_mostly_successes() {
+        let (mut b, t0) = breakers();
+        b.config.consecutive_failures = 3;
+        for k in 0..100u32 {
+            b.record_at(1, true, MS, t0 + k * MS);
+        }
+        // Two failures, a success, two more: never three in a row.
+        for (k, healthy) in [false, false, true, false, false].into_iter().enumerate() {
+            b.record_at(1, healthy, MS, t0 + (200 + k as u32) * MS);
+        }
+        assert_eq!(b.state(1), BreakerState::Closed);
+        b.record_at(1, false, MS, t0 + 300 * MS);
+        assert_eq!(b.state(1), BreakerState::Open);
     }
 
     #[test]

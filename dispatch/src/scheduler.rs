@@ -9,7 +9,7 @@
 //! scheduled message is never lost, and at worst released one lease late.
 
 use herald_core::MessageRecord;
-use herald_core::bus::{Bus, Record};
+use herald_core::bus::Bus;
 use herald_core::store::{ScheduledMessage, Store};
 use herald_core::wire::REQUESTS_TOPIC;
 use std::collections::BTreeMap;
@@ -90,11 +90,19 @@ impl Scheduler {
 
     /// Publishes `due` and deletes their entries; false when the bus refused them.
     async fn release(&self, due: &[ScheduledMessage]) -> bool {
+        let signer = match self.store.record_signer().await {
+            Ok(signer) => signer,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not load the record signing key");
+                return false;
+            }
+        };
         let mut records = Vec::with_capacity(due.len());
         let mut released = Vec::with_capacity(due.len());
         for e in due {
             match serde_json::from_str::<MessageRecord>(&e.record) {
-                Ok(r) => records.push(Record::new(r.receiver, e.record.clone())),
+                Ok(r) => records
+                    .push(signer.signed(r.receiver.into_bytes(), e.record.clone().into_bytes())),
                 Err(err) => {
                     // Written by dispatch itself, so this is a bug; keep the entry for a human.
                     tracing::error!(message_id = %e.message_id, error = %err, "schedule entry is not a message record");

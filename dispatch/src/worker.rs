@@ -35,7 +35,7 @@ use crate::policy::{Policies, Stop, Verdict, expire};
 use crate::ratelimit::{Acquired, RateLimiter};
 use crate::requests::{ExpandError, Refusal, RequestExpander, dead_letter};
 use futures::stream::{self, StreamExt};
-use herald_core::bus::{Bus, BusError, Delivered, Record, next_positions};
+use herald_core::bus::{Bus, BusError, Consumer, Delivered, Position, Record, next_positions};
 use herald_core::config::DispatchConfig;
 use herald_core::policy::rate_limits::most_urgent;
 use herald_core::prices::PriceTable;
@@ -326,7 +326,7 @@ impl Dispatcher {
                     }
                 }
             }
-            consumer.commit(&next_positions(&records)).await?;
+            commit(consumer.as_mut(), &next_positions(&records)).await;
         }
         Ok(())
     }
@@ -356,20 +356,28 @@ impl Dispatcher {
         let received_at = chrono::Utc::now();
         let mut work = Vec::with_capacity(records.len());
         let mut dead = Vec::new();
+        let signer = self.store.record_signer().await?;
         for d in records {
-            match serde_json::from_slice::<MessageRecord>(&d.record.payload) {
-                Ok(record) => work.push(Work::new(record)),
-                Err(e) => match self.expand(d, e).await {
-                    Ok(records) => work.extend(records.into_iter().map(Work::new)),
-                    Err(ExpandError::Unavailable(why)) => return Err(DispatchError::Expand(why)),
-                    Err(ExpandError::Refused(refusal)) => {
-                        self.metrics
-                            .dead_lettered
-                            .get_or_create(&ErrorCode { code: refusal.code })
-                            .inc();
-                        dead.push(dead_letter(d, &refusal));
-                    }
-                },
+            let expanded = match serde_json::from_slice::<MessageRecord>(&d.record.payload) {
+                Ok(record) if signer.verify(&d.record) => Ok(vec![record]),
+                Ok(_) => Err(ExpandError::Refused(Refusal {
+                    code: "unsigned_record",
+                    message: "a message record without herald's signature: producers write \
+                              send requests (docs/schemas/kafka-request.v1.json)"
+                        .into(),
+                })),
+                Err(e) => self.expand(d, e).await,
+            };
+            match expanded {
+                Ok(records) => work.extend(records.into_iter().map(Work::new)),
+                Err(ExpandError::Unavailable(why)) => return Err(DispatchError::Expand(why)),
+                Err(ExpandError::Refused(refusal)) => {
+                    self.metrics
+                        .dead_lettered
+                        .get_or_create(&ErrorCode { code: refusal.code })
+                        .inc();
+                    dead.push(dead_letter(d, &refusal));
+                }
             }
         }
         if !dead.is_empty() {
@@ -437,10 +445,12 @@ impl Dispatcher {
             if let Some(t) = w.last()
                 && let Some(until) = t.deferred_until
             {
-                // A message the rate limit held made no call: the next one is the same attempt.
+                // A message a rate limit held or open breakers refused made no call: the next
+                // one is the same attempt.
                 let (kind, next) = match t.no_call {
                     Some(NoCall::RateLimited { .. }) => (ScheduleKind::RateLimited, t.attempt),
-                    _ => (ScheduleKind::Retry, t.attempt + 1),
+                    Some(NoCall::CircuitOpen) => (ScheduleKind::Retry, t.attempt),
+                    None => (ScheduleKind::Retry, t.attempt + 1),
                 };
                 let entry = ScheduledMessage {
                     message_id: w.record.message_id,
@@ -779,7 +789,8 @@ impl Dispatcher {
         let mut at = vec![0usize; items.len()];
         let mut failed_over = vec![0usize; items.len()];
         let mut pending: Vec<usize> = (0..items.len()).collect();
-        let mut retry = 0u32;
+        // Per item: its attempt now. A breaker's refusal made no call, so it uses none.
+        let mut attempts: Vec<u32> = items.iter().map(|item| item.first_attempt).collect();
         while !pending.is_empty() {
             let (calls, refused) = self.assign(&items, &pending, &mut at);
             let answers = futures::future::join_all(calls.iter().map(|(account_id, ks)| {
@@ -822,11 +833,23 @@ impl Dispatcher {
                         plan,
                         ..
                     } = items[k];
-                    let attempt = first_attempt + retry;
+                    let attempt = attempts[k];
                     let young_enough = |until: &_| young_enough(&self.config, record, until);
                     let wanted = match &result {
                         // Held by a rate limit: to the schedule, however long.
                         _ if matches!(answer.no_call, Some(NoCall::RateLimited { .. })) => None,
+                        // Refused by open breakers: no attempt used, so only its age bounds
+                        // how long it waits for one to admit a call.
+                        Err(SendError::Retryable { retry_after, .. })
+                            if answer.no_call == Some(NoCall::CircuitOpen) =>
+                        {
+                            let d = retry_after.unwrap_or(self.config.retry_base);
+                            young_enough(
+                                &(answer.done_at
+                                    + chrono::Duration::from_std(d).unwrap_or_default()),
+                            )
+                            .then_some(d)
+                        }
                         Err(SendError::Retryable { retry_after, .. })
                             if attempt < self.config.max_attempts =>
                         {
@@ -846,6 +869,7 @@ impl Dispatcher {
                                     failed_over[k] = 0;
                                     at[k] = (at[k] + 1) % plan.len();
                                 }
+                                let retry = attempt - first_attempt;
                                 Some(retry_delay(&self.config, retry, *retry_after))
                             }
                         }
@@ -861,9 +885,18 @@ impl Dispatcher {
                         }),
                     }
                     .filter(young_enough);
+                    let next_attempt = match answer.no_call {
+                        Some(NoCall::CircuitOpen) => attempt,
+                        _ => attempt + 1,
+                    };
                     match (&result, delay) {
                         (_, Some(_)) => {
-                            ledger_rows.push((record.message_id, LedgerState::Sending, attempt + 1))
+                            attempts[k] = next_attempt;
+                            ledger_rows.push((
+                                record.message_id,
+                                LedgerState::Sending,
+                                next_attempt,
+                            ))
                         }
                         // Written with its schedule entry at the end of the batch.
                         _ if deferred_until.is_some() => {}
@@ -898,7 +931,6 @@ impl Dispatcher {
             }
             again.sort_unstable();
             pending = again;
-            retry += 1;
         }
         items.iter().map(|item| item.index).zip(tries).collect()
     }
@@ -1203,7 +1235,9 @@ impl Dispatcher {
                         Err(err) => {
                             let state = match (t.retried, t.no_call) {
                                 (true, Some(NoCall::RateLimited { .. })) => State::RateLimited,
-                                (true, _) => State::Retrying,
+                                // Waits for a breaker to admit a call; no attempt was used.
+                                (true, Some(NoCall::CircuitOpen)) => State::Deferred,
+                                (true, None) => State::Retrying,
                                 (false, _) => State::SendFailed,
                             };
                             let mut e = ev(state, t.attempt, t.done_at);
@@ -1278,6 +1312,26 @@ fn young_enough(
         .send_at
         .map_or(record.accepted_at, |s| s.max(record.accepted_at));
     (*until - born).to_std().unwrap_or_default() <= config.max_age.of(record.msg_type)
+}
+
+/// Commits `positions`, trying a failed commit three times more. A commit that still fails is
+/// left to the next batch's (offsets are per partition, so a later commit covers this batch);
+/// should the worker stop before that, the batch is read again and the send ledger absorbs it.
+async fn commit(consumer: &mut dyn Consumer, positions: &[Position]) {
+    let mut backoff = Duration::from_millis(200);
+    for tries_left in (0..4).rev() {
+        match consumer.commit(positions).await {
+            Ok(()) => return,
+            Err(e) if tries_left == 0 => {
+                tracing::warn!(error = %e, "offsets not committed; the next batch's commit covers them");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "offset commit failed; trying again");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+        }
+    }
 }
 
 /// The longest backoff between two tries.

@@ -3,14 +3,16 @@
 //!
 //! Each route needs one scope ([`required_scope`]); a key holding `admin` may do everything. A
 //! key that expired stops working at its expiry, cached or not; a revoked key stops at once in
-//! the process that revoked it and within `http.cache_ttl` in every other ingest process.
+//! the process that revoked it, and in every other ingest process when the store's announcement
+//! reaches it ([`follow_changes`]: milliseconds on PostgreSQL), at the latest after
+//! `http.cache_ttl` while that announcement cannot arrive.
 
 use crate::{ApiError, ApiState};
 use axum::extract::FromRequestParts;
 use axum::extract::MatchedPath;
 use axum::http::Method;
 use axum::http::request::Parts;
-use herald_core::store::{ApiKey, App, Scope, StoreError, Template, hash_key};
+use herald_core::store::{ApiKey, App, Change, Scope, StoreError, Template, hash_key};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -57,17 +59,69 @@ impl Caches {
         guard.insert(k, (v, Instant::now()));
     }
 
-    /// Forgets every cached key, after a key was revoked or shortened through this process.
-    pub fn forget_keys(&self) {
-        self.keys.write().unwrap_or_else(|p| p.into_inner()).clear();
+    /// Forgets the cached copies `change` makes stale.
+    fn forget(&self, change: Change) {
+        match change {
+            Change::Keys => self.keys.write().unwrap_or_else(|p| p.into_inner()).clear(),
+            Change::Template { app, id } => {
+                self.templates
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&(app, id));
+            }
+        }
     }
 
-    /// Forgets a template, after it was changed through this process.
-    pub fn forget_template(&self, app: i64, id: i64) {
+    /// Forgets everything (the announcements may have missed changes).
+    fn forget_all(&self) {
+        self.keys.write().unwrap_or_else(|p| p.into_inner()).clear();
         self.templates
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&(app, id));
+            .clear();
+    }
+}
+
+impl ApiState {
+    /// After `change` committed: forgets this process's stale copies and tells the others.
+    pub(crate) async fn changed(&self, change: Change) {
+        self.inner.caches.forget(change);
+        if let Err(e) = self.inner.store.announce(change).await {
+            tracing::warn!(error = %e, ?change, "could not announce a change; other processes see it within http.cache_ttl");
+        }
+    }
+}
+
+/// Applies the changes other processes announce to this process's caches until `shutdown`
+/// turns true; without announcements (SQLite) it returns at once. Whenever changes may have
+/// been missed (before listening, after the connection broke) it forgets every cached entry.
+pub async fn follow_changes(state: ApiState, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let caches = &state.inner.caches;
+    let mut changes = loop {
+        match state.inner.store.changes().await {
+            Ok(Some(changes)) => break changes,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for cache changes; trying again");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        }
+    };
+    caches.forget_all();
+    loop {
+        tokio::select! {
+            next = changes.next() => match next {
+                Some(change) => caches.forget(change),
+                None => {
+                    caches.forget_all();
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = shutdown.changed() => return,
+        }
     }
 }
 

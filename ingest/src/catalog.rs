@@ -6,7 +6,7 @@ use crate::{ApiError, ApiState, Detail};
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use herald_core::store::{Account, NewTemplate, StoreError, Template};
+use herald_core::store::{Account, Change, NewTemplate, StoreError, Template};
 use herald_core::{Channel, MsgType};
 use serde::Deserialize;
 use serde_json::Value;
@@ -258,7 +258,7 @@ pub async fn update_template(
         .update_template(app.id, id, &t)
         .await
         .map_err(not_found("no such template"))?;
-    state.inner.caches.forget_template(app.id, id);
+    state.changed(Change::Template { app: app.id, id }).await;
     state
         .audit(
             &caller,
@@ -282,7 +282,7 @@ pub async fn delete_template(
         .delete_template(app.id, id)
         .await
         .map_err(not_found("no such template"))?;
-    state.inner.caches.forget_template(app.id, id);
+    state.changed(Change::Template { app: app.id, id }).await;
     state
         .audit(
             &caller,

@@ -10,6 +10,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
+use herald_core::store::Change;
 use herald_core::store::{ApiKey, NewKey, Scope, Scopes, StoreError};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -118,7 +119,7 @@ pub async fn revoke(
         .revoke_key(caller.app.id, &key_id)
         .await
         .map_err(not_found)?;
-    state.inner.caches.forget_keys();
+    state.changed(Change::Keys).await;
     state
         .audit(
             &caller,
@@ -171,7 +172,7 @@ pub async fn rotate(
     let old = store
         .expire_key(app, &key_id, now.saturating_add(grace_ms))
         .await?;
-    state.inner.caches.forget_keys();
+    state.changed(Change::Keys).await;
     let detail = json!({"new_key": key.key_id, "old_key_expires_at": old.expires_at});
     state
         .audit(&caller, "key.rotate", &format!("key:{key_id}"), detail)

@@ -21,6 +21,7 @@ mod traces;
 mod unsubscribe;
 mod vendors;
 
+pub use auth::follow_changes;
 pub use campaign::run_campaigns;
 pub use error::{ApiError, Detail};
 pub use sql::{SqlFailure, SqlFormat, SqlQuery, WarehouseSql};

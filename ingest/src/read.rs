@@ -5,20 +5,34 @@ use crate::body::JsonBody;
 use crate::{ApiError, ApiState};
 use axum::Json;
 use axum::extract::{Path, Query, State};
+use herald_core::{DeliveryEvent, MessageId};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use std::time::Duration;
 
 /// `GET /v1/messages/{id}`: the current state and every event, oldest first.
 ///
 /// Events come from the store's index, which the warehouse sink fills after each commit, so a
-/// message appears here within the sink's flush interval of each state change.
+/// message appears here within the sink's flush interval of each state change. A message the
+/// index no longer holds (`analytics.index_retention`) is read from the warehouse; one made in
+/// the last [`INDEX_ONLY`] is looked for in the index only, so polling a new message's trace
+/// costs no warehouse query.
 pub async fn trace(
     State(state): State<ApiState>,
     AuthApp(app): AuthApp,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = ApiError::message_id(&id)?;
-    let events = state.inner.store.message_events(&app.name, &id).await?;
+    let mut events = state.inner.store.message_events(&app.name, &id).await?;
+    if events.is_empty() && !made_recently(&id) {
+        events = state
+            .inner
+            .sql
+            .message_events(&app.name, &id)
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("{e:?}")))?;
+        events.sort_by_key(DeliveryEvent::trace_order);
+    }
     let last = events.last().ok_or(ApiError::NotFound(
         "no such message (events appear within the warehouse flush interval)",
     ))?;
@@ -30,6 +44,21 @@ pub async fn trace(
         "template_id": last.template_id,
         "events": events,
     })))
+}
+
+/// How recent a time-ordered message id must be for its trace to be read from the index only.
+const INDEX_ONLY: Duration = Duration::from_secs(600);
+
+/// Whether `id` is time-ordered (version 7) and was made within [`INDEX_ONLY`].
+fn made_recently(id: &MessageId) -> bool {
+    let Some(ts) = id.0.get_timestamp().filter(|_| id.0.get_version_num() == 7) else {
+        return false;
+    };
+    let (secs, _) = ts.to_unix();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    now.as_secs().saturating_sub(secs) < INDEX_ONLY.as_secs()
 }
 
 /// Query of `GET /v1/inbox/{receiver}`.

@@ -10,12 +10,11 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
-use herald_core::bus::Record;
 use herald_core::config::HttpConfig;
 use herald_core::domain::parse_receiver;
 use herald_core::policy::quiet_hours::parse_timezone;
 use herald_core::store::{Claim, Template};
-use herald_core::template::{RenderError, render};
+use herald_core::template::{RenderError, json_len, render};
 use herald_core::wire::REQUESTS_TOPIC;
 use herald_core::{Channel, MessageId, MessageRecord, MsgType};
 use serde::{Deserialize, Serialize};
@@ -234,6 +233,12 @@ async fn accept(
         }
     }
     .map_err(|e| rejected(state, e))?;
+    let signer = state
+        .inner
+        .store
+        .record_signer()
+        .await
+        .map_err(|e| rejected(state, e.into()))?;
 
     let idempotency_key = headers
         .get("idempotency-key")
@@ -293,15 +298,7 @@ async fn accept(
             index: batch.then_some(i),
         })
         .collect();
-    let bus_records = records
-        .iter()
-        .map(|r| {
-            Record::new(
-                r.receiver.as_bytes().to_vec(),
-                serde_json::to_vec(r).unwrap_or_default(),
-            )
-        })
-        .collect();
+    let bus_records = records.iter().map(|r| signer.record(r)).collect();
     if let Err(e) = state.inner.bus.publish(REQUESTS_TOPIC, bus_records).await {
         if let Some(key) = &idempotency_key {
             let _ = state.inner.store.release_idempotency(app.id, key).await;
@@ -382,6 +379,8 @@ pub(crate) fn build_records(
         });
     }
     let mut records = Vec::with_capacity(total.min(max_total));
+    // Rendered content of the request so far, as JSON bytes.
+    let mut rendered = 0usize;
     // Unsubscribe links, when configured: in `{$unsubscribe_url}` (unless the request gives
     // the variable) and on marketing email as `list_unsubscribe` (the email headers).
     let links = config.public_url.is_some() && config.unsubscribe_secret.is_some();
@@ -459,6 +458,24 @@ pub(crate) fn build_records(
                 None
             }
         };
+        if let Some(c) = &content {
+            let before = rendered;
+            rendered = rendered.saturating_add(json_len(c).saturating_mul(g.receivers.len()));
+            if rendered > config.max_request_content_bytes {
+                if before <= config.max_request_content_bytes {
+                    details.push(Detail {
+                        path: format!("{}receivers", g.path),
+                        code: "request_content_too_large",
+                        message: format!(
+                            "the request's rendered messages pass {} bytes here; send fewer \
+                             receivers or smaller variables per request",
+                            config.max_request_content_bytes
+                        ),
+                    });
+                }
+                continue;
+            }
+        }
         for (i, raw) in g.receivers.iter().enumerate() {
             match parse_receiver(template.channel, raw) {
                 Ok(receiver) => {

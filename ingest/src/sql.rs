@@ -9,6 +9,7 @@ use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::Response;
 use herald_core::store::Scope;
+use herald_core::{DeliveryEvent, MessageId};
 use serde::Deserialize;
 use std::time::Instant;
 
@@ -18,6 +19,14 @@ pub trait WarehouseSql: Send + Sync {
     /// Runs one read-only statement. `app` limits every table to that app's rows (`None`: every
     /// row); a result of more than `max_rows` rows fails.
     async fn query(&self, query: SqlQuery<'_>) -> Result<Vec<u8>, SqlFailure>;
+
+    /// The events of message `id` of `app` in the warehouse, in any order (the trace of a
+    /// message the store's index no longer holds).
+    async fn message_events(
+        &self,
+        app: &str,
+        id: &MessageId,
+    ) -> Result<Vec<DeliveryEvent>, SqlFailure>;
 }
 
 /// One statement to run.

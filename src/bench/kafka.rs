@@ -98,6 +98,10 @@ pub(super) fn distributed_env(broker: &Broker, store: &str) -> Vec<(String, Stri
         ("HERALD_KAFKA__REQUESTS_PARTITIONS".into(), "6".into()),
         ("HERALD_KAFKA__DELIVERY_PARTITIONS".into(), "6".into()),
         ("HERALD_STORE_URL".into(), store.into()),
+        (
+            "HERALD_SECURITY__SECRET_KEYS".into(),
+            herald_core::secrets::SecretBox::generate_entry("bench"),
+        ),
     ]
 }
 

@@ -151,8 +151,16 @@ impl Deployment {
              [kafka]\nbrokers = \"{}\"\nrequests_partitions = 6\ndelivery_partitions = 6\n\
              [kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"1000\"\n\
              [analytics]\nflush_interval = \"200ms\"\n\
-             [dispatch]\nallow_private_urls = true\n[http]\ncache_ttl = \"100ms\"\n{http}",
-            broker.address()
+             [dispatch]\nallow_private_urls = true\n\
+             [security]\nsecret_keys = \"{}\"\n\
+             [http]\n{}{http}",
+            broker.address(),
+            herald_core::secrets::SecretBox::generate_entry("e2e"),
+            if http.contains("cache_ttl") {
+                ""
+            } else {
+                "cache_ttl = \"100ms\"\n"
+            },
         )
         .unwrap();
         Deployment {
@@ -610,7 +618,25 @@ async fn refused_producer_records_land_in_the_dlq_with_their_reason() {
                           "messages": [{"receivers": ["x"], "variables": {"seq": 1}}]});
     let big = json!({"v": 1, "app": "e2e", "api_key": key, "template_id": template,
                      "messages": [{"receivers": ["big"], "variables": {"seq": "x".repeat(30_000)}}]});
+    // A record shaped like herald's own message record, written by a producer: no signature.
+    let forged = herald_core::MessageRecord {
+        v: 1,
+        message_id: herald_core::MessageId::new(),
+        request_id: "forged".into(),
+        biz_id: Some("forged/1".into()),
+        app: "e2e".into(),
+        template_id: template,
+        channel: herald_core::Channel::Inbox,
+        msg_type: herald_core::MsgType::Notice,
+        account_id: None,
+        receiver: "forged".into(),
+        content: json!({"title": "not from herald", "content": "x"}),
+        accepted_at: chrono::Utc::now(),
+        send_at: None,
+        timezone: None,
+    };
     let lines = [
+        json!({"key": "forged", "value": serde_json::to_string(&forged).unwrap()}),
         json!({"key": "m", "value": "{this is not json"}),
         json!({"key": "x", "value": stranger.to_string()}),
         json!({"key": "big", "value": big.to_string()}),
@@ -643,7 +669,7 @@ async fn refused_producer_records_land_in_the_dlq_with_their_reason() {
         .unwrap();
     let mut reasons = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while reasons.len() < 3 {
+    while reasons.len() < 4 {
         assert!(Instant::now() < deadline, "DLQ records so far: {reasons:?}");
         for d in consumer.poll(10, Duration::from_millis(500)).await.unwrap() {
             let header = |name: &str| {
@@ -665,21 +691,136 @@ async fn refused_producer_records_land_in_the_dlq_with_their_reason() {
     assert_eq!(reasons["m"], "malformed_record");
     assert_eq!(reasons["x"], "unauthorized");
     assert_eq!(reasons["big"], "record_too_large");
+    assert_eq!(reasons["forged"], "unsigned_record");
     // The good record was sent, and the refusals are counted.
     let rows = wait_for_sent(&d.warehouse(), 1).await;
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].1, "ok-1/1");
+    // Its trace, once the store's index has forgotten it (retention), comes from the warehouse.
+    let trace_url = format!("{}/v1/messages/{}", serve.base(), rows[0].3);
+    let trace = || async {
+        let r = reqwest::Client::new()
+            .get(&trace_url)
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let indexed = loop {
+        let (status, t) = trace().await;
+        if status == 200 && t["state"] == "sent" {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "{status} {t}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let store = herald_core::store::Store::open(&d.store_url).await.unwrap();
+    let far_ahead = (chrono::Utc::now() + chrono::Duration::days(1)).timestamp_micros();
+    assert_eq!(store.prune_index(far_ahead, 100).await.unwrap(), 1);
+    let (status, from_warehouse) = trace().await;
+    assert_eq!(status, 200, "{from_warehouse}");
+    // The same events (the warehouse keeps times to the microsecond).
+    let ids = |t: &Value| -> Vec<(String, String)> {
+        t["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["event_id"].to_string(), e["state"].to_string()))
+            .collect()
+    };
+    assert_eq!(ids(&from_warehouse), ids(&indexed));
+    assert_eq!(from_warehouse["state"], "sent");
     let metrics = reqwest::get(format!("{}/metrics", serve.base()))
         .await
         .unwrap()
         .text()
         .await
         .unwrap();
-    for code in ["malformed_record", "unauthorized", "record_too_large"] {
+    for code in [
+        "malformed_record",
+        "unauthorized",
+        "record_too_large",
+        "unsigned_record",
+    ] {
         let line = format!("herald_dead_lettered_total{{code=\"{code}\"}} 1");
         assert!(metrics.contains(&line), "missing `{line}` in metrics");
     }
     let _ = bus;
+}
+
+/// A key revoked and a template changed through one ingest process take effect in another at
+/// once (PostgreSQL's NOTIFY), not when its ten-minute cache entries expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_and_template_edits_reach_every_ingest_process_at_once() {
+    let broker = Broker::start("memory://tansu/");
+    let d = Deployment::new(&broker, "cache_ttl = \"10m\"\n").await;
+    let admin = d.create_app("e2e");
+    let (a, b) = (d.spawn("ingest"), d.spawn("ingest"));
+    let http = reqwest::Client::new();
+    let (s, k) = post(
+        &http,
+        format!("{}/v1/keys", a.base()),
+        &admin,
+        json!({"name": "reader", "scopes": ["read"]}),
+    )
+    .await;
+    assert_eq!(s, 201, "{k}");
+    let (key_id, reader) = (k["key_id"].as_str().unwrap(), k["key"].as_str().unwrap());
+    let template = inbox_template(&a, &admin).await;
+    let read = |key: &str| {
+        http.get(format!("{}/v1/templates/{template}", b.base()))
+            .bearer_auth(key)
+            .send()
+    };
+    // Both are cached in b now.
+    let t = read(reader).await.unwrap();
+    assert_eq!(t.status(), 200);
+    assert_eq!(
+        t.json::<Value>().await.unwrap()["content"]["title"],
+        "note {$seq}"
+    );
+
+    let s = http
+        .put(format!("{}/v1/templates/{template}", a.base()))
+        .bearer_auth(&admin)
+        .json(
+            &json!({"name": "note", "channel": "inbox", "msg_type": "notice",
+                      "content": {"title": "edited {$seq}", "content": "seq {$seq}"}}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(s, 200);
+    let s = http
+        .delete(format!("{}/v1/keys/{key_id}", a.base()))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(s, 200);
+
+    let started = Instant::now();
+    loop {
+        let status = read(reader).await.unwrap().status();
+        if status == 401 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the revoked key still works in the other process ({status})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let t: Value = read(&admin).await.unwrap().json().await.unwrap();
+    assert_eq!(t["content"]["title"], "edited {$seq}", "{t}");
+    eprintln!(
+        "revocation reached the other ingest process in {:?}",
+        started.elapsed()
+    );
 }
 
 /// A frequency cap holds in total with two dispatch processes on Kafka and PostgreSQL: of 12

@@ -441,9 +441,24 @@ async fn oversized_input_gets_its_own_code_and_errors_echo_no_values() {
     let app = TestApp::spawn_with(|c| {
         c.http.max_variables_bytes = 1024;
         c.http.max_template_bytes = 2048;
+        c.http.max_request_content_bytes = 50_000;
     })
     .await;
     let template = app.inbox_template().await;
+    // Each message renders to about 1 KB: 100 receivers pass the request's 50 KB.
+    let receivers: Vec<String> = (0..100).map(|i| format!("u{i}")).collect();
+    let (s, e) = app
+        .post(
+            "/v1/send",
+            json!({"template_id": template, "receivers": receivers,
+                   "variables": {"name": "y".repeat(900)}}),
+        )
+        .await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (422, Some("request_content_too_large")),
+        "{e}"
+    );
     let big = "x".repeat(1100);
     let (s, e) = app
         .post(

@@ -221,3 +221,42 @@ async fn every_shipped_report_matches_its_golden_file() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_message_trace_is_read_back_from_the_warehouse_for_its_app_only() {
+    let wh = TestWarehouse::local();
+    let accepted = crate::testing::t0();
+    // A time-ordered id made at `accepted`, as ingest makes them.
+    let stamp = uuid::Timestamp::from_unix(uuid::NoContext, accepted.timestamp() as u64, 0);
+    let id = MessageId(uuid::Uuid::new_v7(stamp));
+    let mut events = sample_events(4, 0);
+    for (i, e) in events.iter_mut().enumerate() {
+        e.message_id = id;
+        e.app = "shop".into();
+        e.ts = accepted + chrono::Duration::minutes(i as i64);
+    }
+    // A receipt two days later is in the trace; another app's event with the id is not, nor is
+    // one past the days a trace is looked for in.
+    events[3].ts = accepted + chrono::Duration::days(2);
+    let mut other_app = events[0].clone();
+    other_app.app = "bank".into();
+    other_app.event_id = "other".into();
+    let mut too_late = events[0].clone();
+    too_late.event_id = "late".into();
+    too_late.ts = accepted + chrono::Duration::days(TRACE_DAYS + 2);
+    let mut all = events.clone();
+    all.extend([other_app, too_late]);
+    blocking(&wh.wh, move |w| write_events(w, &all)).await;
+
+    let mut found = message_events(&wh.wh, "shop", &id).await.unwrap();
+    found.sort_by_key(DeliveryEvent::trace_order);
+    assert_eq!(found, events);
+    assert_eq!(message_events(&wh.wh, "bank", &id).await.unwrap().len(), 1);
+    let unknown = MessageId::new();
+    assert!(
+        message_events(&wh.wh, "shop", &unknown)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}

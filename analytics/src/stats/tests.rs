@@ -257,6 +257,47 @@ async fn late_events_update_open_windows_and_are_counted_when_too_late() {
     assert_eq!(bus.lag(DELIVERY_TOPIC, CONSUMER_GROUP).await.unwrap(), 0);
 }
 
+#[tokio::test]
+async fn an_event_dated_far_ahead_does_not_close_every_window() {
+    let (wh, bus) = (TestWarehouse::local(), MemBus::default());
+    let wh = &wh.wh;
+    let mut sink = sink(&bus, wh).await;
+    let now = Utc::now();
+    // Up to a quarter of an hour ago; then a receipt dated a year ahead (a vendor's bad clock).
+    flush(
+        &bus,
+        &mut sink,
+        &events_at(10, 0, now - TimeDelta::minutes(60), 300),
+    )
+    .await;
+    flush(
+        &bus,
+        &mut sink,
+        &events_at(1, 10, now + TimeDelta::days(365), 0),
+    )
+    .await;
+    // Half an hour behind the newest sane event, within the hour's lateness: still on time.
+    flush(
+        &bus,
+        &mut sink,
+        &events_at(1, 11, now - TimeDelta::minutes(30), 0),
+    )
+    .await;
+    let stats = sink.stats();
+    assert_eq!(stats.late_for_minute.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.late_for_hour.load(Ordering::Relaxed), 0);
+    // The far event is kept with its own time.
+    let ahead = csv(
+        wh,
+        &format!(
+            "SELECT count(*) AS n FROM delivery_events WHERE ts > TIMESTAMP '{}'",
+            (now + TimeDelta::days(300)).format("%Y-%m-%dT%H:%M:%S")
+        ),
+    )
+    .await;
+    assert_eq!(ahead, "n\n1\n");
+}
+
 /// The stats of both tables recomputed from scratch: the shipped query over a copy of
 /// `delivery_events` without the files each table leaves out.
 async fn expected_from_events(wh: &Warehouse) -> [String; 2] {

@@ -293,6 +293,7 @@ impl Store {
         for (table, key, column, kind) in [
             ("accounts", "id", "config", ACCOUNT),
             ("vendor_tokens", "key", "token", "token"),
+            ("internal_keys", "name", "secret", super::signing::KIND),
         ] {
             let rows = sqlx::query(&format!(
                 "SELECT CAST({key} AS TEXT), {column} FROM {table}"

@@ -4,23 +4,9 @@
 
 use super::{Store, StoreError, value_rows};
 use crate::domain::MessageId;
-use crate::wire::{DeliveryEvent, State};
+use crate::wire::DeliveryEvent;
 use sqlx::Row;
 use std::collections::{BTreeMap, HashSet};
-
-/// A state's place in the pipeline order ([`State::ALL`]), which breaks ties between events of
-/// one time and attempt.
-fn pipeline_rank(state: State) -> i64 {
-    State::ALL
-        .iter()
-        .position(|s| *s == state)
-        .map_or(i64::MAX, |i| i as i64)
-}
-
-/// Where an event sorts in its message's trace: time, attempt, pipeline order.
-fn trace_order(e: &DeliveryEvent) -> (i64, u32, i64) {
-    (e.ts.timestamp_micros(), e.attempt, pipeline_rank(e.state))
-}
 
 /// The statement that writes `rows` messages' rows of `message_states`: a message gets the new
 /// state when its event is later in the trace than the state's event, and its acceptance time
@@ -78,7 +64,7 @@ impl Store {
             let ts = e.ts.timestamp_micros();
             let entry = messages.entry(e.message_id).or_insert((ts, e));
             entry.0 = entry.0.min(ts);
-            if trace_order(e) > trace_order(entry.1) {
+            if e.trace_order() > entry.1.trace_order() {
                 entry.1 = e;
             }
         }
@@ -87,7 +73,7 @@ impl Store {
             let sql = upsert_states_sql(chunk.len());
             let mut q = sqlx::query(&sql);
             for (id, (accepted_at, e)) in chunk {
-                let (state_at, attempt, rank) = trace_order(e);
+                let (state_at, attempt, rank) = e.trace_order();
                 q = q
                     .bind(id.to_string())
                     .bind(&e.app)
@@ -150,7 +136,7 @@ impl Store {
             .collect::<Result<_, _>>()?;
         // Events of one batch can share a timestamp; the attempt, then pipeline order, breaks
         // the tie.
-        events.sort_by_key(trace_order);
+        events.sort_by_key(DeliveryEvent::trace_order);
         Ok(events.into_iter().filter(|e| e.app == app).collect())
     }
 }

@@ -9,6 +9,7 @@
 //! (`$n` placeholders, `ON CONFLICT`, `RETURNING`), and each backend has its own migrations in
 //! `sql/migrations/{sqlite,postgres}/`. The suite in `tests.rs` runs against both.
 
+mod announce;
 mod audit;
 mod campaigns;
 mod catalog;
@@ -19,12 +20,15 @@ mod keys;
 mod ledger;
 mod policy;
 mod rates;
+mod retention;
+mod signing;
 mod traces;
 mod vendors;
 
 #[cfg(test)]
 mod tests;
 
+pub use announce::{Change, Changes};
 pub use audit::AuditEntry;
 pub use campaigns::{
     BadRow, Campaign, CampaignBatch, CampaignChunk, CampaignRun, CampaignState, NewCampaign,
@@ -42,6 +46,7 @@ pub use traces::{MessageSummary, TemplateStates};
 pub use vendors::PendingReceipt;
 
 use crate::secrets::{SecretBox, SecretError};
+use crate::wire::RecordSigner;
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Connection, Executor};
 use std::fmt::Write;
@@ -125,6 +130,10 @@ pub struct Store {
     backend: Backend,
     /// Seals account configs and vendor tokens; without it they are written in clear.
     secrets: Option<Arc<SecretBox>>,
+    /// The URL it was opened with (for a listening connection of its own).
+    url: Arc<str>,
+    /// The record signer, once loaded (see [`Store::record_signer`]).
+    signer: Arc<tokio::sync::OnceCell<RecordSigner>>,
 }
 
 /// Unix milliseconds now.
@@ -201,6 +210,8 @@ impl Store {
             pool,
             backend,
             secrets: None,
+            url: url.into(),
+            signer: Arc::default(),
         })
     }
 

@@ -15,7 +15,6 @@ use super::cron::Schedule;
 use super::csvfile::{RECEIVER, Row, rows};
 use crate::send::{Group, Timing, build_records};
 use crate::{ApiError, ApiState, Detail};
-use herald_core::bus::Record;
 use herald_core::config::HttpConfig;
 use herald_core::store::{App, BadRow, Campaign, CampaignBatch, StoreError, Template};
 use herald_core::wire::REQUESTS_TOPIC;
@@ -242,16 +241,8 @@ impl<'a> Run<'a> {
     async fn flush(&mut self) -> Result<bool, RunError> {
         let inner = &self.state.inner;
         if !self.records.is_empty() {
-            let records = self
-                .records
-                .iter()
-                .map(|r| {
-                    Record::new(
-                        r.receiver.as_bytes().to_vec(),
-                        serde_json::to_vec(r).unwrap_or_default(),
-                    )
-                })
-                .collect();
+            let signer = inner.store.record_signer().await?;
+            let records = self.records.iter().map(|r| signer.record(r)).collect();
             inner.bus.publish(REQUESTS_TOPIC, records).await?;
         }
         let new_lease = now_ms() + LEASE.as_millis() as i64;

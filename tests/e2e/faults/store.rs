@@ -145,6 +145,9 @@ async fn postgres_stopped_answers_503_and_recovers_without_a_restart() {
 async fn outage(name: &str, url: &str, break_it: impl FnOnce(), mend: impl FnOnce()) {
     let dir = tempfile::tempdir().unwrap();
     let args = ["--store", url];
+    // The key that seals account secrets (a PostgreSQL store needs one; SQLite would make it).
+    let entry = herald_core::secrets::SecretBox::generate_entry("k1");
+    std::fs::write(dir.path().join("secret.key"), entry).unwrap();
     let vendor = Vendor::start(Duration::ZERO).await;
     let key = create_app(dir.path(), &args);
     let herald = Serve::start(dir.path(), &args, &NO_ENV);

@@ -209,8 +209,8 @@ struct Fault {
     tolerant: bool,
 }
 
-/// Vendor calls per message for the fault tests: enough attempts to outlast the window. With
-/// the default 3, a message that meets the fault fails for good (see the `defaults` run).
+/// Vendor calls per message for most fault tests: more attempts than the default 3 (one run
+/// keeps the default, to show it is enough too).
 const TOLERANT: [(&str, &str); 1] = [("HERALD_DISPATCH__MAX_ATTEMPTS", "20")];
 
 /// Runs one vendor fault in its own herald under its own load, prints its figures and
@@ -286,19 +286,9 @@ async fn a_failing_vendor_loses_nothing_and_sends_nothing_twice() {
     for r in runs {
         done.push(r.await.unwrap());
     }
+    // With the default retry budget too: the breaker opens after ten failed calls in a row and
+    // its refusals use no attempt, so the messages wait out the fault.
     for (fault, answers, tally) in done {
-        if fault.tolerant {
-            assert_exactly_once(fault.name, &answers, &tally);
-        } else {
-            // The default retry budget gives up on messages (`send_failed`, to be redriven),
-            // but never sends one twice or sends what was not accepted.
-            assert_eq!(
-                tally.duplicated + tally.ghosts,
-                0,
-                "{}: {tally:?}",
-                fault.name
-            );
-            assert_eq!(tally.lost, tally.not_sent, "{}: {tally:?}", fault.name);
-        }
+        assert_exactly_once(fault.name, &answers, &tally);
     }
 }

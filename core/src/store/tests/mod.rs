@@ -87,6 +87,8 @@ on_both!(
     concurrent_campaign_claims_admit_one,
     secrets_are_sealed_at_rest,
     message_states_for_tracing,
+    processes_share_one_record_signing_key,
+    retention_forgets_old_messages_only,
 );
 
 mod campaigns;
@@ -95,12 +97,45 @@ use campaigns::{
     campaign_upload_and_reads, concurrent_campaign_claims_admit_one,
 };
 mod traces;
-use traces::message_states_for_tracing;
+use traces::{message_states_for_tracing, retention_forgets_old_messages_only};
 mod policy;
 use policy::{
     claims_pass_limits_once, concurrent_claims_respect_a_cap, policy_documents_and_lists,
     rate_reservations_tile_the_timeline, schedule_lease_release_and_cancel,
 };
+
+async fn processes_share_one_record_signing_key(store: Store) {
+    // Two processes on one store (handles with their own cache) racing to create the key.
+    let other = Store {
+        signer: Arc::default(),
+        ..store.clone()
+    };
+    let (a, b) = tokio::join!(store.record_signer(), other.record_signer());
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let record = a.signed(b"k".to_vec(), b"payload".to_vec());
+    assert!(b.verify(&record));
+    // A third, later handle reads the same key; it is sealed at rest when a ring is set.
+    let third = Store {
+        signer: Arc::default(),
+        ..store.clone()
+    };
+    assert!(third.record_signer().await.unwrap().verify(&record));
+    let ring = SecretBox::generate_entry("k1");
+    let sealing = store
+        .clone()
+        .with_secrets(Arc::new(SecretBox::parse(&ring).unwrap()));
+    assert_eq!(sealing.reseal_secrets().await.unwrap(), 1);
+    let stored: String = sqlx::query_scalar("SELECT secret FROM internal_keys")
+        .fetch_one(&store.pool)
+        .await
+        .unwrap();
+    assert!(crate::secrets::is_sealed(&stored), "{stored}");
+    let fourth = Store {
+        signer: Arc::default(),
+        ..sealing.clone()
+    };
+    assert!(fourth.record_signer().await.unwrap().verify(&record));
+}
 
 async fn apps_and_keys(store: Store) {
     let (app, key) = store.create_app("shop").await.unwrap();

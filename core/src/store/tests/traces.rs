@@ -124,3 +124,57 @@ pub(super) async fn message_states_for_tracing(store: Store) {
         [(State::Accepted, 1)]
     );
 }
+
+pub(super) async fn retention_forgets_old_messages_only(store: Store) {
+    let old = record("shop", "+8613800000001");
+    let also_old = record("shop", "+8613800000002");
+    let new = record("shop", "+8613800000001");
+    let mut sent = at(&old, State::Sent, 1, 2);
+    sent.vendor = Some("tencent".into());
+    sent.vendor_message_id = Some("v-1".into());
+    store
+        .index_events(&[
+            at(&old, State::Accepted, 1, 0),
+            sent.clone(),
+            at(&also_old, State::Accepted, 1, 5),
+            // Accepted the same day but delivered the next: its latest state is recent.
+            at(&new, State::Accepted, 1, 0),
+            at(&new, State::Delivered, 1, 24 * 60),
+        ])
+        .await
+        .unwrap();
+    store.record_vendor_messages(&[sent]).await.unwrap();
+    let count = |table: &'static str, id: MessageId| {
+        let store = store.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(&format!(
+                "SELECT count(*) FROM {table} WHERE message_id = $1"
+            ))
+            .bind(id.to_string())
+            .fetch_one(&store.pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(count("vendor_messages", old.message_id).await, 1);
+
+    let cutoff = hour(24).timestamp_micros();
+    // In batches: one, then the rest, then nothing.
+    assert_eq!(store.prune_index(cutoff, 1).await.unwrap(), 1);
+    assert_eq!(store.prune_index(cutoff, 100).await.unwrap(), 1);
+    assert_eq!(store.prune_index(cutoff, 100).await.unwrap(), 0);
+    for id in [old.message_id, also_old.message_id] {
+        for table in ["message_events", "message_states", "vendor_messages"] {
+            assert_eq!(count(table, id).await, 0, "{table}");
+        }
+    }
+    assert_eq!(count("message_events", new.message_id).await, 2);
+    assert_eq!(
+        store
+            .message_events("shop", &new.message_id)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+}
