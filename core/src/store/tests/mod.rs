@@ -112,7 +112,7 @@ async fn processes_share_one_record_signing_key(store: Store) {
     };
     let (a, b) = tokio::join!(store.record_signer(), other.record_signer());
     let (a, b) = (a.unwrap(), b.unwrap());
-    let record = a.signed(b"k".to_vec(), b"payload".to_vec());
+    let record = a.signed(b"k".to_vec(), br#"{"a":1}"#.to_vec());
     assert!(b.verify(&record));
     // A third, later handle reads the same key; it is sealed at rest when a ring is set.
     let third = Store {
