@@ -8,7 +8,10 @@ use anyhow::Context;
 use herald_analytics::privacy::ReceiverPrivacy;
 use herald_analytics::reconcile::Schedules;
 use herald_analytics::stats::{HOUR_TABLE, MINUTE_TABLE};
-use herald_analytics::{Aggregator, Compactor, EventIndex, Sink, SinkConfig, SinkStats, Warehouse};
+use herald_analytics::{
+    Aggregator, AnalyticsError, Compacted, Compactor, EventIndex, Sink, SinkConfig, SinkStats,
+    Warehouse,
+};
 use herald_core::bus::embedded::EmbeddedBus;
 use herald_core::bus::kafka::{KafkaBus, herald_topics};
 use herald_core::bus::{Bus, Delivered};
@@ -16,7 +19,7 @@ use herald_core::config::{BusKind, Config};
 use herald_core::secrets::SecretBox;
 use herald_core::store::Account;
 use herald_core::store::Store;
-use herald_core::telemetry::{Metrics, TableLabel, TopicGroup};
+use herald_core::telemetry::{Metrics, TableLabel, TaskLabel, TopicGroup};
 use herald_core::wire::{DELIVERY_TOPIC, DeliveryEvent, REQUESTS_TOPIC};
 use herald_core::{Channel, MessageId, MessageRecord, Receipt};
 use herald_dispatch::channels::{self, Media, SendError, Senders};
@@ -197,8 +200,19 @@ impl Application {
             if !analytics.compact_interval.is_zero() {
                 let compactor = Compactor::new(warehouse.clone(), analytics.into());
                 let (rx, interval) = (shutdown.clone(), analytics.compact_interval);
+                let metrics = self.metrics.clone();
                 tasks.spawn(async move {
-                    compactor.run(interval, rx).await;
+                    let count = |pass: Result<&Compacted, &AnalyticsError>| match pass {
+                        Ok(done) => {
+                            metrics
+                                .compaction_files_merged
+                                .inc_by(done.files_merged as u64);
+                        }
+                        Err(_) => {
+                            metrics.upkeep_failures.get_or_create(&COMPACTION).inc();
+                        }
+                    };
+                    compactor.run(interval, rx, count).await;
                     Ok(())
                 });
             }
@@ -217,9 +231,9 @@ impl Application {
             }
             if !analytics.index_retention.is_zero() {
                 let (store, retention) = (self.store.clone(), analytics.index_retention);
-                let rx = shutdown.clone();
+                let (rx, metrics) = (shutdown.clone(), self.metrics.clone());
                 tasks.spawn(async move {
-                    prune_index(store, retention, rx).await;
+                    prune_index(store, retention, &metrics, rx).await;
                     Ok(())
                 });
             }
@@ -418,9 +432,20 @@ impl WarehouseSql for WarehouseQueries {
     }
 }
 
+/// The `task` labels of `herald_upkeep_failures_total`.
+const COMPACTION: TaskLabel = TaskLabel { task: "compaction" };
+const INDEX_PRUNING: TaskLabel = TaskLabel {
+    task: "index_pruning",
+};
+
 /// Every ten minutes, forgets the tracing index of messages whose latest state is older than
 /// `retention`, a few thousand per transaction so that the sink's index writes are not held up.
-async fn prune_index(store: Store, retention: Duration, mut shutdown: watch::Receiver<bool>) {
+async fn prune_index(
+    store: Store,
+    retention: Duration,
+    metrics: &Metrics,
+    mut shutdown: watch::Receiver<bool>,
+) {
     const BATCH: i64 = 2_000;
     let mut every = tokio::time::interval(Duration::from_secs(600));
     loop {
@@ -434,12 +459,14 @@ async fn prune_index(store: Store, retention: Duration, mut shutdown: watch::Rec
             match store.prune_index(cutoff.timestamp_micros(), BATCH).await {
                 Ok(n) => {
                     forgotten += n;
+                    metrics.index_pruned.inc_by(n);
                     if n < BATCH as u64 || *shutdown.borrow() {
                         break;
                     }
                     tokio::task::yield_now().await;
                 }
                 Err(e) => {
+                    metrics.upkeep_failures.get_or_create(&INDEX_PRUNING).inc();
                     tracing::warn!(error = %e, "pruning the tracing index failed; next pass in ten minutes");
                     break;
                 }

@@ -152,11 +152,18 @@ impl Compactor {
         self.pass().await
     }
 
-    /// Runs a pass every `interval` until `shutdown` turns true. A failed pass is logged and
-    /// the next one cleans up after it.
-    pub async fn run(self, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+    /// Runs a pass every `interval` until `shutdown` turns true, telling `on_pass` each
+    /// outcome. A failed pass is logged and the next one cleans up after it.
+    pub async fn run(
+        self,
+        interval: Duration,
+        mut shutdown: watch::Receiver<bool>,
+        on_pass: impl Fn(Result<&Compacted, &AnalyticsError>),
+    ) {
         loop {
-            match self.pass().await {
+            let done = self.pass().await;
+            on_pass(done.as_ref());
+            match done {
                 Ok(done) if done == Compacted::default() => {}
                 Ok(done) => tracing::info!(%done, "delivery_events compacted"),
                 Err(e) => tracing::warn!(error = %e, "compaction pass failed; retrying"),

@@ -65,6 +65,12 @@ pub struct Metrics {
     pub vendor_calls: Family<VendorCall, Counter>,
     /// How long vendor calls took, by channel and vendor account.
     pub vendor_latency: Family<VendorAccount, Histogram, fn() -> Histogram>,
+    /// Small `delivery_events` files merged (and deleted) by compaction.
+    pub compaction_files_merged: Counter,
+    /// Messages whose tracing index rows retention removed.
+    pub index_pruned: Counter,
+    /// Failed passes of the analytics role's upkeep, by task (`compaction`, `index_pruning`).
+    pub upkeep_failures: Family<TaskLabel, Counter>,
 }
 
 /// Labels of a vendor call.
@@ -91,6 +97,12 @@ fn latency_histogram() -> Histogram {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TableLabel {
     pub table: &'static str,
+}
+
+/// Label of an upkeep task of the analytics role.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskLabel {
+    pub task: &'static str,
 }
 
 /// Label of a vendor account.
@@ -142,8 +154,26 @@ impl Metrics {
             stats_late_events: Family::default(),
             vendor_calls: Family::default(),
             vendor_latency: Family::new_with_constructor(latency_histogram),
+            compaction_files_merged: Counter::default(),
+            index_pruned: Counter::default(),
+            upkeep_failures: Family::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "compaction_files_merged",
+            "Small delivery_events files merged into larger ones by compaction",
+            m.compaction_files_merged.clone(),
+        );
+        registry.register(
+            "index_pruned",
+            "Messages whose tracing index rows were removed after analytics.index_retention",
+            m.index_pruned.clone(),
+        );
+        registry.register(
+            "upkeep_failures",
+            "Failed passes of the analytics role's upkeep, by task (compaction, index_pruning)",
+            m.upkeep_failures.clone(),
+        );
         registry.register(
             "dead_lettered",
             "Request records moved to herald.requests.dlq, by reason code",
