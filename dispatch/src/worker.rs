@@ -158,6 +158,8 @@ struct Try {
 enum NoCall {
     /// Every account of its route had its circuit breaker open.
     CircuitOpen,
+    /// The store could not be read for the call (its account, its rate limit).
+    StoreUnavailable,
     /// Its account's rate limit would have held it too long: it waits in the schedule until then.
     RateLimited {
         until: chrono::DateTime<chrono::Utc>,
@@ -231,6 +233,14 @@ struct Answer {
     no_call: Option<NoCall>,
     /// How long the call waited for its rate limit, when that is worth an event.
     rate_waited: Option<Duration>,
+}
+
+impl NoCall {
+    /// Whether the message waits without using an attempt: nothing was tried at the vendor,
+    /// so only its age bounds the wait.
+    fn waits_free(self) -> bool {
+        matches!(self, NoCall::CircuitOpen | NoCall::StoreUnavailable)
+    }
 }
 
 impl Answer {
@@ -449,7 +459,9 @@ impl Dispatcher {
                 // one is the same attempt.
                 let (kind, next) = match t.no_call {
                     Some(NoCall::RateLimited { .. }) => (ScheduleKind::RateLimited, t.attempt),
-                    Some(NoCall::CircuitOpen) => (ScheduleKind::Retry, t.attempt),
+                    Some(NoCall::CircuitOpen | NoCall::StoreUnavailable) => {
+                        (ScheduleKind::Retry, t.attempt)
+                    }
                     None => (ScheduleKind::Retry, t.attempt + 1),
                 };
                 let entry = ScheduledMessage {
@@ -838,10 +850,10 @@ impl Dispatcher {
                     let wanted = match &result {
                         // Held by a rate limit: to the schedule, however long.
                         _ if matches!(answer.no_call, Some(NoCall::RateLimited { .. })) => None,
-                        // Refused by open breakers: no attempt used, so only its age bounds
-                        // how long it waits for one to admit a call.
+                        // Refused by open breakers, or the store could not be read for the
+                        // call: no attempt used, so only its age bounds the wait.
                         Err(SendError::Retryable { retry_after, .. })
-                            if answer.no_call == Some(NoCall::CircuitOpen) =>
+                            if answer.no_call.is_some_and(NoCall::waits_free) =>
                         {
                             let d = retry_after.unwrap_or(self.config.retry_base);
                             young_enough(
@@ -886,7 +898,7 @@ impl Dispatcher {
                     }
                     .filter(young_enough);
                     let next_attempt = match answer.no_call {
-                        Some(NoCall::CircuitOpen) => attempt,
+                        Some(no_call) if no_call.waits_free() => attempt,
                         _ => attempt + 1,
                     };
                     match (&result, delay) {
@@ -1000,7 +1012,7 @@ impl Dispatcher {
         let unavailable = |e: StoreError| {
             Answer::none(
                 records.len(),
-                None,
+                Some(NoCall::StoreUnavailable),
                 "rate_limit_unavailable",
                 &format!("could not read the account's rate limit: {e}"),
                 None,
@@ -1101,7 +1113,7 @@ impl Dispatcher {
             done_at: chrono::Utc::now(),
             latency: started.elapsed(),
             called: matches!(account, Ok(Some(_))),
-            no_call: None,
+            no_call: account.is_err().then_some(NoCall::StoreUnavailable),
             rate_waited: None,
         }
     }
@@ -1236,7 +1248,9 @@ impl Dispatcher {
                             let state = match (t.retried, t.no_call) {
                                 (true, Some(NoCall::RateLimited { .. })) => State::RateLimited,
                                 // Waits for a breaker to admit a call; no attempt was used.
-                                (true, Some(NoCall::CircuitOpen)) => State::Deferred,
+                                (true, Some(NoCall::CircuitOpen | NoCall::StoreUnavailable)) => {
+                                    State::Deferred
+                                }
                                 (true, None) => State::Retrying,
                                 (false, _) => State::SendFailed,
                             };
