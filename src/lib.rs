@@ -400,13 +400,9 @@ impl WarehouseSql for WarehouseQueries {
             SqlFormat::Table => OutputFormat::Table,
             SqlFormat::Parquet => OutputFormat::Parquet,
         };
-        let failure = |e: herald_analytics::AnalyticsError| match e {
-            herald_analytics::AnalyticsError::NotReadOnly(_) => {
-                SqlFailure::NotReadOnly(e.to_string())
-            }
-            herald_analytics::AnalyticsError::TooManyRows(_) => {
-                SqlFailure::TooManyRows(e.to_string())
-            }
+        let failure = |e: AnalyticsError| match e {
+            AnalyticsError::NotReadOnly(_) => SqlFailure::NotReadOnly(e.to_string()),
+            AnalyticsError::TooManyRows(_) => SqlFailure::TooManyRows(e.to_string()),
             e if e.is_query_fault() => SqlFailure::Invalid(e.to_string()),
             e => SqlFailure::Unavailable(e.to_string()),
         };

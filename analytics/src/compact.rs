@@ -51,7 +51,7 @@ use crate::parts::{PartName, hidden};
 use crate::schema::TABLE;
 use crate::stats::Lateness;
 use crate::warehouse::Warehouse;
-use chrono::{DateTime, NaiveDate, NaiveTime, TimeDelta, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use herald_core::config::AnalyticsConfig;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -223,21 +223,14 @@ fn compact(
 fn partitions(wh: &Warehouse) -> Result<Vec<(DateTime<Utc>, String)>, AnalyticsError> {
     let mut out = Vec::new();
     for dt in wh.dirs(TABLE)? {
-        let Some(day) = dt
-            .strip_prefix("dt=")
-            .and_then(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok())
-        else {
+        let Some(day) = Warehouse::day_of(&dt) else {
             continue;
         };
         for hour in wh.dirs(&format!("{TABLE}/{dt}"))? {
-            let Some(h) = hour
-                .strip_prefix("hour=")
-                .and_then(|h| h.parse::<u32>().ok())
-                .and_then(|h| NaiveTime::from_hms_opt(h, 0, 0))
-            else {
+            let Some(h) = Warehouse::hour_of(&hour) else {
                 continue;
             };
-            out.push((day.and_time(h).and_utc(), format!("{TABLE}/{dt}/{hour}")));
+            out.push((day + h, format!("{TABLE}/{dt}/{hour}")));
         }
     }
     out.sort();

@@ -82,7 +82,7 @@ pub async fn message_events(
 ) -> Result<Vec<DeliveryEvent>, AnalyticsError> {
     // `id` is a parsed UUID, so its text is safe in the statement.
     let mut sql = format!("SELECT * FROM {TABLE} WHERE message_id = '{id}'");
-    if let Some(day) = accepted_day(id) {
+    if let Some(day) = id.made_at().map(|t| t.date_naive()) {
         let last = day + chrono::Days::new(TRACE_DAYS as u64);
         sql.push_str(&format!(" AND dt >= '{day}' AND dt <= '{last}'"));
     }
@@ -92,15 +92,6 @@ pub async fn message_events(
         events.extend(batch_to_events(batch)?);
     }
     Ok(events)
-}
-
-/// The UTC day a time-ordered (version 7) message id was made on.
-fn accepted_day(id: &MessageId) -> Option<chrono::NaiveDate> {
-    if id.0.get_version_num() != 7 {
-        return None;
-    }
-    let (secs, _) = id.0.get_timestamp()?.to_unix();
-    Some(chrono::DateTime::from_timestamp(i64::try_from(secs).ok()?, 0)?.date_naive())
 }
 
 /// Runs one read-only SQL statement over `warehouse` as [`query_warehouse`] does, limited to

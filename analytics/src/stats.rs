@@ -50,7 +50,7 @@ use crate::parts::hidden;
 use crate::schema::{TABLE, schema};
 use crate::sink::SinkStats;
 use crate::warehouse::Warehouse;
-use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::compute::concat_batches;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
@@ -393,25 +393,17 @@ fn open_hours(
     let after = |start: DateTime<Utc>, width: TimeDelta| bound.is_none_or(|b| start + width > b);
     let mut out = Vec::new();
     for dt in wh.dirs(TABLE)? {
-        let Some(day) = dt
-            .strip_prefix("dt=")
-            .and_then(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok())
-        else {
+        let Some(day) = Warehouse::day_of(&dt) else {
             continue;
         };
-        let day = day.and_time(chrono::NaiveTime::MIN).and_utc();
         if !after(day, TimeDelta::days(1)) {
             continue;
         }
         for hour in wh.dirs(&format!("{TABLE}/{dt}"))? {
-            let Some(h) = hour
-                .strip_prefix("hour=")
-                .and_then(|h| h.parse::<i64>().ok())
-                .filter(|h| (0..24).contains(h))
-            else {
+            let Some(h) = Warehouse::hour_of(&hour) else {
                 continue;
             };
-            let start = day + TimeDelta::hours(h);
+            let start = day + h;
             if !after(start, HOUR) {
                 continue;
             }

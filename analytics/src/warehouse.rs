@@ -33,7 +33,7 @@ use crate::error::{AnalyticsError, IoContext};
 use crate::privacy::ReceiverPrivacy;
 use crate::schema::{TABLE, batch_to_events};
 use crate::view::CompactedView;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::execution::context::SessionContext;
 use datafusion::execution::object_store::ObjectStoreUrl;
@@ -277,6 +277,18 @@ impl Warehouse {
     /// The `delivery_events` partition (hive style, UTC) holding an event at `ts`.
     pub(crate) fn partition_of(ts: DateTime<Utc>) -> String {
         format!("{TABLE}/{}", ts.format("dt=%Y-%m-%d/hour=%H"))
+    }
+
+    /// The start of the day a partition directory `dt=YYYY-MM-DD` names.
+    pub(crate) fn day_of(dir: &str) -> Option<DateTime<Utc>> {
+        let day = NaiveDate::parse_from_str(dir.strip_prefix("dt=")?, "%Y-%m-%d").ok()?;
+        Some(day.and_time(chrono::NaiveTime::MIN).and_utc())
+    }
+
+    /// The offset into its day of the hour a partition directory `hour=HH` names.
+    pub(crate) fn hour_of(dir: &str) -> Option<TimeDelta> {
+        let h = dir.strip_prefix("hour=")?.parse::<i64>().ok()?;
+        (0..24).contains(&h).then(|| TimeDelta::hours(h))
     }
 
     /// Writes `batch` as a zstd-compressed Parquet file with statistics, durably (the settings
@@ -663,6 +675,16 @@ mod tests {
             Warehouse::partition_of(ts),
             "delivery_events/dt=2026-11-26/hour=07"
         );
+        // Read back: the directories name the start of the event's hour.
+        let start =
+            Warehouse::day_of("dt=2026-11-26").unwrap() + Warehouse::hour_of("hour=07").unwrap();
+        assert_eq!(start, Utc.with_ymd_and_hms(2026, 11, 26, 7, 0, 0).unwrap());
+        for bad in ["dt=2026-13-01", "hour=07", "dt=x"] {
+            assert_eq!(Warehouse::day_of(bad), None, "{bad}");
+        }
+        for bad in ["hour=24", "hour=-1", "dt=2026-11-26", "hour=x"] {
+            assert_eq!(Warehouse::hour_of(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -142,6 +142,16 @@ impl MessageId {
     pub fn new() -> Self {
         MessageId(uuid::Uuid::now_v7())
     }
+
+    /// When a time-ordered (version 7) id was made, to the second; `None` for other ids (those
+    /// derived from a producer record's place on the bus).
+    pub fn made_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        if self.0.get_version_num() != 7 {
+            return None;
+        }
+        let (secs, _) = self.0.get_timestamp()?.to_unix();
+        chrono::DateTime::from_timestamp(i64::try_from(secs).ok()?, 0)
+    }
 }
 
 impl Default for MessageId {

@@ -5,10 +5,9 @@ use crate::body::JsonBody;
 use crate::{ApiError, ApiState};
 use axum::Json;
 use axum::extract::{Path, Query, State};
-use herald_core::{DeliveryEvent, MessageId};
+use herald_core::DeliveryEvent;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use std::time::Duration;
 
 /// `GET /v1/messages/{id}`: the current state and every event, oldest first.
 ///
@@ -24,7 +23,10 @@ pub async fn trace(
 ) -> Result<Json<Value>, ApiError> {
     let id = ApiError::message_id(&id)?;
     let mut events = state.inner.store.message_events(&app.name, &id).await?;
-    if events.is_empty() && !made_recently(&id) {
+    let recent = id
+        .made_at()
+        .is_some_and(|t| chrono::Utc::now() - t < INDEX_ONLY);
+    if events.is_empty() && !recent {
         events = state
             .inner
             .sql
@@ -47,19 +49,7 @@ pub async fn trace(
 }
 
 /// How recent a time-ordered message id must be for its trace to be read from the index only.
-const INDEX_ONLY: Duration = Duration::from_secs(600);
-
-/// Whether `id` is time-ordered (version 7) and was made within [`INDEX_ONLY`].
-fn made_recently(id: &MessageId) -> bool {
-    let Some(ts) = id.0.get_timestamp().filter(|_| id.0.get_version_num() == 7) else {
-        return false;
-    };
-    let (secs, _) = ts.to_unix();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    now.as_secs().saturating_sub(secs) < INDEX_ONLY.as_secs()
-}
+const INDEX_ONLY: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
 
 /// Query of `GET /v1/inbox/{receiver}`.
 #[derive(Debug, Deserialize)]
