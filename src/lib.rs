@@ -5,8 +5,10 @@
 pub mod bench;
 
 use anyhow::Context;
+use chrono::{DateTime, Utc};
 use herald_analytics::privacy::ReceiverPrivacy;
 use herald_analytics::reconcile::Schedules;
+use herald_analytics::sql::traces;
 use herald_analytics::stats::{HOUR_TABLE, MINUTE_TABLE};
 use herald_analytics::{
     Aggregator, AnalyticsError, Compacted, Compactor, EventIndex, Sink, SinkConfig, SinkStats,
@@ -17,8 +19,7 @@ use herald_core::bus::kafka::{KafkaBus, herald_topics};
 use herald_core::bus::{Bus, Delivered};
 use herald_core::config::{BusKind, Config};
 use herald_core::secrets::SecretBox;
-use herald_core::store::Account;
-use herald_core::store::Store;
+use herald_core::store::{Account, MessageSummary, Store, TemplateStates};
 use herald_core::telemetry::{Metrics, TableLabel, TaskLabel, TopicGroup};
 use herald_core::wire::{DELIVERY_TOPIC, DeliveryEvent, REQUESTS_TOPIC};
 use herald_core::{Channel, MessageId, MessageRecord, Receipt};
@@ -366,6 +367,7 @@ impl Application {
             Arc::new(WarehouseQueries {
                 warehouse: warehouse.clone(),
                 running: tokio::sync::Semaphore::new(SQL_AT_ONCE),
+                index_retention: self.config.analytics.index_retention,
             }),
         )
     }
@@ -375,21 +377,29 @@ impl Application {
 /// `http.sql_timeout`), so queries cannot take every core from the send path.
 const SQL_AT_ONCE: usize = 1;
 
-/// The warehouse as `POST /v1/sql` reads it.
+/// The warehouse as `POST /v1/sql` and the tracing endpoints read it.
 struct WarehouseQueries {
     warehouse: Warehouse,
     running: tokio::sync::Semaphore,
+    /// How long the store's tracing index keeps a message (`0`: for ever).
+    index_retention: Duration,
+}
+
+impl WarehouseQueries {
+    /// Waits for this process's turn to read the warehouse.
+    async fn turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, SqlFailure> {
+        self.running
+            .acquire()
+            .await
+            .map_err(|e| SqlFailure::Unavailable(e.to_string()))
+    }
 }
 
 #[async_trait::async_trait]
 impl WarehouseSql for WarehouseQueries {
     async fn query(&self, query: SqlQuery<'_>) -> Result<Vec<u8>, SqlFailure> {
         use herald_analytics::sql::{OutputFormat, Rows, encode, query_limited};
-        let _turn = self
-            .running
-            .acquire()
-            .await
-            .map_err(|e| SqlFailure::Unavailable(e.to_string()))?;
+        let _turn = self.turn().await?;
         let rows = match query.app {
             Some(app) => Rows::App(app.to_string()),
             None => Rows::All,
@@ -417,15 +427,47 @@ impl WarehouseSql for WarehouseQueries {
         app: &str,
         id: &MessageId,
     ) -> Result<Vec<DeliveryEvent>, SqlFailure> {
-        let _turn = self
-            .running
-            .acquire()
+        let _turn = self.turn().await?;
+        traces::message_events(&self.warehouse, app, id)
             .await
-            .map_err(|e| SqlFailure::Unavailable(e.to_string()))?;
-        herald_analytics::sql::message_events(&self.warehouse, app, id)
-            .await
-            .map_err(|e| SqlFailure::Unavailable(e.to_string()))
+            .map_err(unavailable)
     }
+
+    fn index_horizon(&self) -> Option<DateTime<Utc>> {
+        let retention = chrono::Duration::from_std(self.index_retention).ok()?;
+        (!retention.is_zero()).then(|| Utc::now() - retention)
+    }
+
+    async fn receiver_messages(
+        &self,
+        app: &str,
+        receiver: &str,
+        range: (DateTime<Utc>, DateTime<Utc>),
+        before: Option<(DateTime<Utc>, MessageId)>,
+        limit: usize,
+    ) -> Result<Vec<MessageSummary>, SqlFailure> {
+        let _turn = self.turn().await?;
+        traces::receiver_messages(&self.warehouse, app, receiver, range, before, limit)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn template_states(
+        &self,
+        app: &str,
+        template_id: i64,
+        range: (DateTime<Utc>, DateTime<Utc>),
+    ) -> Result<TemplateStates, SqlFailure> {
+        let _turn = self.turn().await?;
+        traces::template_states(&self.warehouse, app, template_id, range)
+            .await
+            .map_err(unavailable)
+    }
+}
+
+/// A warehouse read that failed for the warehouse's sake.
+fn unavailable(e: AnalyticsError) -> SqlFailure {
+    SqlFailure::Unavailable(e.to_string())
 }
 
 /// The `task` labels of `herald_upkeep_failures_total`.

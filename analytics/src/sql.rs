@@ -1,7 +1,7 @@
 //! Read-only SQL over the warehouse with DataFusion, and formatting of the results.
 
 use crate::error::AnalyticsError;
-use crate::schema::{TABLE, batch_to_events, schema};
+use crate::schema::{TABLE, schema};
 use crate::stats::{Width, stats_schema};
 use crate::warehouse::Warehouse;
 use datafusion::arrow::array::RecordBatch;
@@ -18,10 +18,11 @@ use datafusion::execution::context::{SQLOptions, SessionContext};
 use datafusion::logical_expr::{LogicalPlanBuilder, col, lit};
 use datafusion::parquet::arrow::ArrowWriter;
 use futures::StreamExt;
-use herald_core::{DeliveryEvent, MessageId};
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
+
+pub mod traces;
 
 /// Runs one read-only SQL statement over the local warehouse at `warehouse_root`; see
 /// [`query_warehouse`].
@@ -66,32 +67,6 @@ pub enum Rows {
     /// Only the rows whose `app` column is this app's name; tables without an `app` column
     /// (vendor bills, reconciliation reports) do not exist for the query.
     App(String),
-}
-
-/// Days after a message's acceptance that its events are looked for in, when its id tells the
-/// day: longer than any message type's age limit plus a late receipt.
-const TRACE_DAYS: i64 = 14;
-
-/// The events of message `id` of `app` in the warehouse, in no particular order: the trace of
-/// a message the store's index no longer holds. A time-ordered (version 7) id limits the read
-/// to the partitions from its day to [`TRACE_DAYS`] later; other ids read every partition.
-pub async fn message_events(
-    warehouse: &Warehouse,
-    app: &str,
-    id: &MessageId,
-) -> Result<Vec<DeliveryEvent>, AnalyticsError> {
-    // `id` is a parsed UUID, so its text is safe in the statement.
-    let mut sql = format!("SELECT * FROM {TABLE} WHERE message_id = '{id}'");
-    if let Some(day) = id.made_at().map(|t| t.date_naive()) {
-        let last = day + chrono::Days::new(TRACE_DAYS as u64);
-        sql.push_str(&format!(" AND dt >= '{day}' AND dt <= '{last}'"));
-    }
-    let batches = query_limited(warehouse, &sql, &Rows::App(app.to_string()), 10_000).await?;
-    let mut events = Vec::new();
-    for batch in &batches {
-        events.extend(batch_to_events(batch)?);
-    }
-    Ok(events)
 }
 
 /// Runs one read-only SQL statement over `warehouse` as [`query_warehouse`] does, limited to

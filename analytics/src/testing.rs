@@ -274,3 +274,13 @@ pub(crate) async fn blocking<T: Send + 'static>(
     let wh = wh.clone();
     tokio::task::spawn_blocking(move || f(&wh)).await.unwrap()
 }
+
+/// Writes `events` into their `delivery_events` partitions, one file per event, with receivers
+/// in the warehouse's form.
+pub(crate) fn write_events(wh: &Warehouse, events: &[DeliveryEvent]) {
+    for (n, e) in events.iter().enumerate() {
+        let key = format!("{}/part-{n}.parquet", Warehouse::partition_of(e.ts));
+        let batch = crate::schema::events_to_batch_with(std::slice::from_ref(e), wh.receivers());
+        wh.write_parquet(&key, &batch).unwrap();
+    }
+}

@@ -8,7 +8,8 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::Response;
-use herald_core::store::Scope;
+use chrono::{DateTime, Utc};
+use herald_core::store::{MessageSummary, Scope, TemplateStates};
 use herald_core::{DeliveryEvent, MessageId};
 use serde::Deserialize;
 use std::time::Instant;
@@ -27,6 +28,29 @@ pub trait WarehouseSql: Send + Sync {
         app: &str,
         id: &MessageId,
     ) -> Result<Vec<DeliveryEvent>, SqlFailure>;
+
+    /// The time before which the store's tracing index may have forgotten messages
+    /// (`analytics.index_retention` ago); `None` when it keeps every message.
+    fn index_horizon(&self) -> Option<DateTime<Utc>>;
+
+    /// What `Store::receiver_messages` answers, read from the warehouse: `app`'s messages to
+    /// `receiver` accepted in `range`, newest first, after `before`, at most `limit`.
+    async fn receiver_messages(
+        &self,
+        app: &str,
+        receiver: &str,
+        range: (DateTime<Utc>, DateTime<Utc>),
+        before: Option<(DateTime<Utc>, MessageId)>,
+        limit: usize,
+    ) -> Result<Vec<MessageSummary>, SqlFailure>;
+
+    /// What `Store::template_states` answers, read from the warehouse.
+    async fn template_states(
+        &self,
+        app: &str,
+        template_id: i64,
+        range: (DateTime<Utc>, DateTime<Utc>),
+    ) -> Result<TemplateStates, SqlFailure>;
 }
 
 /// One statement to run.

@@ -4,16 +4,20 @@
 //!
 //! Both read the store's `message_states`, which the warehouse sink fills with the event index
 //! behind `GET /v1/messages/{id}`, so a state change shows within the sink's flush interval. A
-//! message belongs to the time (and the day) it was accepted at.
+//! message belongs to the time (and the day) it was accepted at. The index forgets messages
+//! after `analytics.index_retention`; what was accepted before that horizon is read from the
+//! warehouse instead (with `from` for the receiver list, whose default starts at the horizon).
 
 use crate::auth::AuthApp;
-use crate::{ApiError, ApiState};
+use crate::{ApiError, ApiState, SqlFailure};
 use axum::Json;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, NaiveDate, TimeZone, Utc};
+use chrono_tz::Tz;
 use herald_core::State as MessageState;
+use herald_core::policy::quiet_hours::parse_timezone;
 use herald_core::store::StoreError;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -40,8 +44,10 @@ pub struct ReceiverQuery {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StatsQuery {
-    /// The UTC day, `YYYY-MM-DD` (default: today in UTC).
+    /// The day, `YYYY-MM-DD` (default: today in `timezone`).
     date: Option<String>,
+    /// The IANA time zone whose calendar day `date` is (default: UTC).
+    timezone: Option<String>,
 }
 
 /// A malformed query string: `400 bad_query`.
@@ -104,17 +110,38 @@ pub async fn receiver_messages(
             format!("limit is 1 to {MAX_LIMIT}"),
         ));
     }
-    let from = time("from", q.from.as_deref())?.unwrap_or(DateTime::<Utc>::MIN_UTC);
+    let horizon = state.inner.sql.index_horizon();
+    let from = time("from", q.from.as_deref())?
+        .or(horizon)
+        .unwrap_or(DateTime::<Utc>::MIN_UTC);
     let to = time("to", q.to.as_deref())?.unwrap_or(DateTime::<Utc>::MAX_UTC);
     if from > to {
         return Err(ApiError::invalid("bad_range", "`from` is after `to`"));
     }
     let before = cursor(q.cursor.as_deref())?;
-    let messages = state
-        .inner
-        .store
-        .receiver_messages(&app.name, &receiver, from, to, before, limit)
-        .await?;
+    // Every message accepted since the horizon is in the index, and they are the newer ones;
+    // the page goes on in the warehouse with those accepted before it.
+    let recent_from = horizon.map_or(from, |h| from.max(h));
+    let mut messages = if recent_from < to {
+        state
+            .inner
+            .store
+            .receiver_messages(&app.name, &receiver, recent_from, to, before, limit)
+            .await?
+    } else {
+        Vec::new()
+    };
+    let wanted = limit as usize - messages.len();
+    if let Some(h) = horizon.filter(|h| from < *h && wanted > 0) {
+        let older = state.inner.sql.receiver_messages(
+            &app.name,
+            &receiver,
+            (from, to.min(h)),
+            before,
+            wanted,
+        );
+        messages.extend(from_warehouse(&state, older).await?);
+    }
     let next = (messages.len() as i64 == limit)
         .then(|| messages.last())
         .flatten()
@@ -126,8 +153,8 @@ pub async fn receiver_messages(
     })))
 }
 
-/// `GET /v1/templates/{id}/stats?date=YYYY-MM-DD`: the app's messages of template `id` accepted
-/// on that UTC day, counted by current state (`states`, each message once) and by every state
+/// `GET /v1/templates/{id}/stats?date=YYYY-MM-DD&timezone=`: the app's messages of template
+/// `id` accepted on that calendar day (UTC unless `timezone` names another zone), counted by current state (`states`, each message once) and by every state
 /// they reached (`reached`: Austin's per-template chart). `404` for another app's template.
 pub async fn template_stats(
     State(state): State<ApiState>,
@@ -140,8 +167,14 @@ pub async fn template_stats(
         return Err(no_template);
     };
     let Query(q) = query.map_err(bad_query)?;
+    let zone = match q.timezone.as_deref().filter(|z| !z.is_empty()) {
+        None => Tz::UTC,
+        Some(name) => {
+            parse_timezone(name).map_err(|message| ApiError::invalid("bad_timezone", message))?
+        }
+    };
     let day = match q.date.as_deref().filter(|d| !d.is_empty()) {
-        None => Utc::now().date_naive(),
+        None => Utc::now().with_timezone(&zone).date_naive(),
         Some(d) => NaiveDate::parse_from_str(d, "%Y-%m-%d")
             .map_err(|_| ApiError::invalid("bad_date", "`date` is a day like 2026-11-27"))?,
     };
@@ -151,9 +184,20 @@ pub async fn template_stats(
         Err(StoreError::NotFound) => return Err(no_template),
         Err(e) => return Err(e.into()),
     }
-    let from = day.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc();
-    let to = from + chrono::Days::new(1);
-    let stats = store.template_states(&app.name, id, from, to).await?;
+    let (from, to) = (
+        day_start(zone, day),
+        day_start(zone, day + chrono::Days::new(1)),
+    );
+    let stats = match state.inner.sql.index_horizon() {
+        Some(h) if from < h => {
+            from_warehouse(
+                &state,
+                state.inner.sql.template_states(&app.name, id, (from, to)),
+            )
+            .await?
+        }
+        _ => store.template_states(&app.name, id, from, to).await?,
+    };
     let by_state = |counts: &[(MessageState, i64)]| {
         let mut map: Map<String, Value> = MessageState::ALL
             .iter()
@@ -167,9 +211,37 @@ pub async fn template_stats(
     Ok(Json(json!({
         "template_id": id,
         "date": day.format("%Y-%m-%d").to_string(),
-        "time_zone": "UTC",
+        "time_zone": zone.name(),
         "messages": stats.messages,
         "states": by_state(&stats.current),
         "reached": by_state(&stats.reached),
     })))
+}
+
+/// When `day` starts in `zone`: its midnight, or the first hour after it when the zone's
+/// clocks skip midnight that day (a daylight-saving change).
+fn day_start(zone: Tz, day: NaiveDate) -> DateTime<Utc> {
+    let midnight = day.and_hms_opt(0, 0, 0).expect("midnight exists");
+    [midnight, midnight + chrono::TimeDelta::hours(1)]
+        .into_iter()
+        .find_map(|t| zone.from_local_datetime(&t).earliest())
+        .map_or_else(|| midnight.and_utc(), |t| t.with_timezone(&Utc))
+}
+
+/// The answer of a read of the warehouse, within `http.sql_timeout`; a failure answers `503`.
+async fn from_warehouse<T>(
+    state: &ApiState,
+    read: impl Future<Output = Result<T, SqlFailure>>,
+) -> Result<T, ApiError> {
+    let limit = state.inner.config.sql_timeout;
+    match tokio::time::timeout(limit, read).await {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(e)) => Err(ApiError::Unavailable(format!(
+            "reading the warehouse failed: {e:?}"
+        ))),
+        Err(_) => Err(ApiError::Unavailable(format!(
+            "reading the warehouse took longer than {} s",
+            limit.as_secs_f64()
+        ))),
+    }
 }

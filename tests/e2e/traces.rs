@@ -5,6 +5,7 @@ use crate::support::{TestApp, message_ids};
 use herald_core::store::Store;
 use reqwest::Method;
 use serde_json::{Value, json};
+use std::time::Duration;
 
 /// A key of a second app in `app`'s store.
 async fn other_app_key(app: &TestApp) -> String {
@@ -25,10 +26,31 @@ fn ids(page: &Value) -> Vec<String> {
 
 #[tokio::test]
 async fn receivers_messages_and_template_stats() {
-    let app = TestApp::spawn().await;
+    check_receivers_messages_and_template_stats(TestApp::spawn().await, None).await;
+}
+
+/// The same answers when the store's index retains messages for 3 s only: messages accepted
+/// before that horizon are read from the warehouse, and a page can hold both kinds.
+#[tokio::test]
+async fn receivers_messages_and_template_stats_past_the_index_retention() {
+    let retention = Duration::from_secs(3);
+    let app = TestApp::spawn_with(|c| c.analytics.index_retention = retention).await;
+    check_receivers_messages_and_template_stats(app, Some(retention)).await;
+}
+
+/// Sends four messages and checks both endpoints' answers. With `retention`, the first two are
+/// older than the index's horizon when the answers are read (the last two are too, if reading
+/// takes longer than `retention`), and every receiver query gives `from`.
+async fn check_receivers_messages_and_template_stats(app: TestApp, retention: Option<Duration>) {
     let template = app.inbox_template().await;
-    let mut sent = Vec::new();
-    for receiver in ["alice", "alice", "bob", "alice"] {
+    let mut sent: Vec<(&str, String)> = Vec::new();
+    for (n, receiver) in ["alice", "alice", "bob", "alice"].into_iter().enumerate() {
+        if let (2, Some(retention)) = (n, retention) {
+            for (_, id) in &sent {
+                app.wait_for_state(id, "sent").await;
+            }
+            tokio::time::sleep(retention + Duration::from_millis(500)).await;
+        }
         let (s, a) = app
             .post(
                 "/v1/send",
@@ -38,10 +60,14 @@ async fn receivers_messages_and_template_stats() {
         assert_eq!(s, 202, "{a}");
         sent.extend(message_ids(&a).into_iter().map(|id| (receiver, id)));
     }
-    let mut day = String::new();
+    let (mut day, mut shanghai_day) = (String::new(), String::new());
     for (_, id) in &sent {
         let trace = app.wait_for_state(id, "sent").await;
-        day = trace["events"][0]["ts"].as_str().unwrap()[..10].to_string();
+        let accepted = trace["events"][0]["ts"].as_str().unwrap();
+        day = accepted[..10].to_string();
+        let in_shanghai =
+            chrono::DateTime::parse_from_rfc3339(accepted).unwrap() + chrono::Duration::hours(8);
+        shanghai_day = in_shanghai.format("%Y-%m-%d").to_string();
     }
     let alice: Vec<String> = sent
         .iter()
@@ -50,8 +76,25 @@ async fn receivers_messages_and_template_stats() {
         .map(|(_, id)| id.clone())
         .collect();
 
+    // Without `from`, the list starts at the index's horizon.
+    let since = if retention.is_some() {
+        let (s, recent) = app.get("/v1/receivers/alice/messages").await;
+        assert_eq!(s, 200, "{recent}");
+        assert!(!ids(&recent).contains(&alice[1]), "{recent}");
+        assert!(!ids(&recent).contains(&alice[2]), "{recent}");
+        "from=2001-01-01T00:00:00Z&"
+    } else {
+        ""
+    };
+    let list = |query: String| {
+        let app = &app;
+        async move {
+            app.get(&format!("/v1/receivers/alice/messages?{since}{query}"))
+                .await
+        }
+    };
     // Newest first, each with its current state.
-    let (s, page) = app.get("/v1/receivers/alice/messages").await;
+    let (s, page) = list(String::new()).await;
     assert_eq!(s, 200, "{page}");
     assert_eq!(ids(&page), alice);
     let first = &page["messages"][0];
@@ -62,14 +105,10 @@ async fn receivers_messages_and_template_stats() {
     assert!(first["accepted_at"].is_string() && first["updated_at"].is_string());
     assert_eq!(page["next_cursor"], Value::Null);
     // Pages of two.
-    let (_, one) = app.get("/v1/receivers/alice/messages?limit=2").await;
+    let (_, one) = list("limit=2".into()).await;
     assert_eq!(ids(&one), alice[..2]);
     let cursor = one["next_cursor"].as_str().unwrap();
-    let (_, two) = app
-        .get(&format!(
-            "/v1/receivers/alice/messages?limit=2&cursor={cursor}"
-        ))
-        .await;
+    let (_, two) = list(format!("limit=2&cursor={cursor}")).await;
     assert_eq!(ids(&two), alice[2..]);
     assert_eq!(two["next_cursor"], Value::Null);
     // A range of acceptance times, [from, to): the middle message's time splits them.
@@ -78,9 +117,7 @@ async fn receivers_messages_and_template_stats() {
         .get(&format!("/v1/receivers/alice/messages?from={middle}"))
         .await;
     assert_eq!(ids(&from), alice[..2]);
-    let (_, to) = app
-        .get(&format!("/v1/receivers/alice/messages?to={middle}"))
-        .await;
+    let (_, to) = list(format!("to={middle}")).await;
     assert_eq!(ids(&to), alice[2..]);
     let (_, none) = app
         .get(&format!(
@@ -127,13 +164,40 @@ async fn receivers_messages_and_template_stats() {
         .get(&format!("/v1/templates/{template}/stats?date=27-11-2026"))
         .await;
     assert_eq!((s, &e["error"]["code"]), (422, &json!("bad_date")));
+    // A calendar day of another time zone (Shanghai is UTC+8 all year).
+    let (s, local) = app
+        .get(&format!(
+            "/v1/templates/{template}/stats?date={shanghai_day}&timezone=Asia/Shanghai"
+        ))
+        .await;
+    assert_eq!(s, 200, "{local}");
+    assert_eq!(
+        (
+            &local["messages"],
+            &local["time_zone"],
+            &local["states"]["sent"]
+        ),
+        (&json!(4), &json!("Asia/Shanghai"), &json!(4)),
+        "{local}"
+    );
+    let (s, e) = app
+        .get(&format!(
+            "/v1/templates/{template}/stats?timezone=Mars/Olympus"
+        ))
+        .await;
+    assert_eq!((s, &e["error"]["code"]), (422, &json!("bad_timezone")));
     let (s, _) = app.get("/v1/templates/999999/stats").await;
     assert_eq!(s, 404);
 
     // Another app sees no message and not the template.
     let other = other_app_key(&app).await;
     let (s, page) = app
-        .call_as(&other, Method::GET, "/v1/receivers/alice/messages", None)
+        .call_as(
+            &other,
+            Method::GET,
+            &format!("/v1/receivers/alice/messages?{since}"),
+            None,
+        )
         .await;
     assert_eq!(s, 200, "{page}");
     assert_eq!(ids(&page), Vec::<String>::new());

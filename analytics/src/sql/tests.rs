@@ -1,6 +1,5 @@
 use super::*;
-use crate::schema::events_to_batch;
-use crate::testing::{TestWarehouse, blocking, sample_events};
+use crate::testing::{TestWarehouse, blocking, sample_events, write_events};
 use herald_core::DeliveryEvent;
 
 /// Every column of the sample events the golden files show.
@@ -11,14 +10,6 @@ const GOLDEN_EVENTS: &str = "SELECT dt, hour, ts, message_id, app, channel, msg_
 /// Writes `events` into their `delivery_events` partitions, one file per event.
 fn write_table(root: &Path, events: &[DeliveryEvent]) {
     write_events(&Warehouse::local(root), events);
-}
-
-fn write_events(wh: &Warehouse, events: &[DeliveryEvent]) {
-    for (n, e) in events.iter().enumerate() {
-        let key = format!("{}/part-{n}.parquet", Warehouse::partition_of(e.ts));
-        wh.write_parquet(&key, &events_to_batch(std::slice::from_ref(e)))
-            .unwrap();
-    }
 }
 
 /// Compares `actual` with the checked-in `tests/golden/<name>`; `UPDATE_GOLDEN=1` rewrites it.
@@ -220,43 +211,4 @@ async fn every_shipped_report_matches_its_golden_file() {
             &format(&rows, OutputFormat::Table).unwrap(),
         );
     }
-}
-
-#[tokio::test]
-async fn a_message_trace_is_read_back_from_the_warehouse_for_its_app_only() {
-    let wh = TestWarehouse::local();
-    let accepted = crate::testing::t0();
-    // A time-ordered id made at `accepted`, as ingest makes them.
-    let stamp = uuid::Timestamp::from_unix(uuid::NoContext, accepted.timestamp() as u64, 0);
-    let id = MessageId(uuid::Uuid::new_v7(stamp));
-    let mut events = sample_events(4, 0);
-    for (i, e) in events.iter_mut().enumerate() {
-        e.message_id = id;
-        e.app = "shop".into();
-        e.ts = accepted + chrono::Duration::minutes(i as i64);
-    }
-    // A receipt two days later is in the trace; another app's event with the id is not, nor is
-    // one past the days a trace is looked for in.
-    events[3].ts = accepted + chrono::Duration::days(2);
-    let mut other_app = events[0].clone();
-    other_app.app = "bank".into();
-    other_app.event_id = "other".into();
-    let mut too_late = events[0].clone();
-    too_late.event_id = "late".into();
-    too_late.ts = accepted + chrono::Duration::days(TRACE_DAYS + 2);
-    let mut all = events.clone();
-    all.extend([other_app, too_late]);
-    blocking(&wh.wh, move |w| write_events(w, &all)).await;
-
-    let mut found = message_events(&wh.wh, "shop", &id).await.unwrap();
-    found.sort_by_key(DeliveryEvent::trace_order);
-    assert_eq!(found, events);
-    assert_eq!(message_events(&wh.wh, "bank", &id).await.unwrap().len(), 1);
-    let unknown = MessageId::new();
-    assert!(
-        message_events(&wh.wh, "shop", &unknown)
-            .await
-            .unwrap()
-            .is_empty()
-    );
 }
