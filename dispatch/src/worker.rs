@@ -1392,4 +1392,50 @@ mod tests {
             }
         }
     }
+
+    /// A consumer whose first `failures` commits fail as a broker would; it records each try.
+    struct FlakyCommits {
+        failures: usize,
+        tries: Vec<Vec<Position>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Consumer for FlakyCommits {
+        async fn poll(&mut self, _: usize, _: Duration) -> Result<Vec<Delivered>, BusError> {
+            Ok(Vec::new())
+        }
+
+        async fn commit(&mut self, positions: &[Position]) -> Result<(), BusError> {
+            self.tries.push(positions.to_vec());
+            if self.tries.len() <= self.failures {
+                return Err(BusError::Broker("coordinator not available".into()));
+            }
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_is_tried_again_and_then_left_to_the_next_batch() {
+        let positions = [Position {
+            partition: 3,
+            next_offset: 42,
+        }];
+        // Two failures, then the third try commits the same positions.
+        let mut flaky = FlakyCommits {
+            failures: 2,
+            tries: Vec::new(),
+        };
+        commit(&mut flaky, &positions).await;
+        assert_eq!(flaky.tries, vec![positions.to_vec(); 3]);
+        // Failing every time: four tries, then the worker goes on (no error, no panic).
+        let mut broken = FlakyCommits {
+            failures: usize::MAX,
+            tries: Vec::new(),
+        };
+        let started = std::time::Instant::now();
+        commit(&mut broken, &positions).await;
+        assert_eq!(broken.tries.len(), 4);
+        // Backoff 200 + 400 + 800 ms between the tries.
+        assert!(started.elapsed() >= Duration::from_millis(1400));
+    }
 }
