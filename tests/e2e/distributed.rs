@@ -357,8 +357,11 @@ async fn wait_for_sent(warehouse: &Path, expected: usize) -> Vec<(String, String
         if warehouse.join("delivery_events").exists() {
             let csv = crate::support::sql_csv(
                 warehouse,
-                "SELECT receiver, biz_id, CAST(ts AS VARCHAR) AS ts, CAST(message_id AS VARCHAR) AS m \
-                 FROM delivery_events WHERE state = 'sent' ORDER BY receiver, ts",
+                // Ordered by the timestamp, not by its text: the text drops trailing zeros
+                // (`…00.120Z` sorts after `…00.120001Z`), which once passed for a broken order.
+                "SELECT receiver, biz_id, CAST(ts AS VARCHAR) AS ts_text, \
+                 CAST(message_id AS VARCHAR) AS m \
+                 FROM delivery_events WHERE state = 'sent' ORDER BY receiver, delivery_events.ts",
             )
             .await;
             let rows: Vec<(String, String, String, String)> = csv
@@ -387,21 +390,11 @@ async fn wait_for_sent(warehouse: &Path, expected: usize) -> Vec<(String, String
     }
 }
 
-/// Whether per-receiver order is asserted or only reported.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Order {
-    Assert,
-    /// Printed, not failed on: the broker-restart test breaks order in about half the runs on
-    /// tansu 0.6, cause unproven (README, "Not done yet"); its exactly-once checks still hold.
-    Report,
-}
-
 /// Every expected biz id has exactly one `sent` event, and each receiver's messages were sent in
-/// sequence order (asserted or reported, per `order`).
+/// sequence order.
 fn check_exactly_once_in_order(
     rows: &[(String, String, String, String)],
     expected: &HashSet<String>,
-    order: Order,
 ) {
     let mut per_biz: HashMap<&str, usize> = HashMap::new();
     for r in rows {
@@ -436,13 +429,7 @@ fn check_exactly_once_in_order(
             ));
         }
     }
-    match order {
-        Order::Assert => assert!(out_of_order.is_empty(), "{out_of_order:?}"),
-        Order::Report if !out_of_order.is_empty() => {
-            eprintln!("KNOWN ISSUE, per-receiver order broken: {out_of_order:?}")
-        }
-        Order::Report => {}
-    }
+    assert!(out_of_order.is_empty(), "{out_of_order:?}");
 }
 
 async fn inbox_rows(store_url: &str) -> i64 {
@@ -469,10 +456,6 @@ fn expected_biz_ids(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails on per-receiver order: with tansu 0.6 all 25,000 messages are sent exactly \
-            once, but a few of one receiver's arrive out of order; the likely cause, not proven, \
-            is tansu handing the joining replacement partitions the surviving worker is still \
-            processing (README, 'Not done yet')"]
 async fn separate_roles_survive_a_killed_dispatch_worker() {
     const HTTP_GROUPS: usize = 4;
     const HTTP_RECEIVERS: usize = 50; // per group
@@ -558,7 +541,7 @@ async fn separate_roles_survive_a_killed_dispatch_worker() {
                 .map(|s| s.to_string()),
         );
     }
-    check_exactly_once_in_order(&rows, &expected, Order::Assert);
+    check_exactly_once_in_order(&rows, &expected);
     let http_ids: HashSet<String> = accepted.lock().unwrap().iter().cloned().collect();
     let sent_ids: HashSet<&str> = rows.iter().map(|r| r.3.as_str()).collect();
     assert!(http_ids.iter().all(|id| sent_ids.contains(id.as_str())));
@@ -601,7 +584,7 @@ async fn a_broker_restart_loses_nothing_accepted() {
 
     let rows = wait_for_sent(&d.warehouse(), RECEIVERS * PER_RECEIVER).await;
     let expected: HashSet<String> = expected_biz_ids("r-", RECEIVERS, PER_RECEIVER).collect();
-    check_exactly_once_in_order(&rows, &expected, Order::Report);
+    check_exactly_once_in_order(&rows, &expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
