@@ -592,21 +592,9 @@ async fn a_schedule_fires_on_its_cron_and_writes_the_report_into_the_warehouse()
         "wh/reconciliation/vendor=tencent/period={}/summary.html",
         now.format("%Y-%m")
     ));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !report.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the schedule never ran"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_for_report(&report, "the schedule never ran").await;
     tx.send(true).unwrap();
     task.await.unwrap();
-    let html = std::fs::read_to_string(report).unwrap();
-    assert!(
-        html.contains("<td>billed_not_sent</td><td>+8613800000001</td>"),
-        "{html}"
-    );
 }
 
 /// The one schedule state file in the warehouse under `root` (no staged file left beside it).
@@ -734,21 +722,9 @@ async fn a_schedule_firing_missed_while_the_role_was_stopped_runs_at_its_start()
     let report = dir.path().join(format!(
         "wh/reconciliation/vendor=tencent/period={period}/summary.html"
     ));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !report.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the missed firing was not caught up"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_for_report(&report, "the missed firing was not caught up").await;
     tx.send(true).unwrap();
     task.await.unwrap();
-    let html = std::fs::read_to_string(report).unwrap();
-    assert!(
-        html.contains("<td>billed_not_sent</td><td>+8613800000001</td>"),
-        "{html}"
-    );
     assert_eq!(report_periods(dir.path()), [format!("period={period}")]);
     assert_eq!(last_fired(dir.path()), missed);
 }
@@ -884,4 +860,19 @@ async fn reconcile_at_scale() {
     assert_eq!(sum("billed_not_sent"), thousandths);
     assert_eq!(sum("sent_not_billed"), (n + 998) / 1000);
     assert_eq!(sum("unit_mismatch"), (n + 997) / 1000);
+}
+
+/// Waits up to 20 s for a scheduled run to write the HTML summary at `report` (failing with
+/// `never` otherwise), and checks it shows the seeded discrepancy.
+async fn wait_for_report(report: &std::path::Path, never: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !report.exists() {
+        assert!(std::time::Instant::now() < deadline, "{never}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let html = std::fs::read_to_string(report).unwrap();
+    assert!(
+        html.contains("<td>billed_not_sent</td><td>+8613800000001</td>"),
+        "{html}"
+    );
 }

@@ -390,7 +390,7 @@ fn elapsed_ms(since: Instant) -> u64 {
 
 /// Runs `f` on a blocking thread, where warehouse operations belong (module docs of
 /// [`crate::warehouse`]).
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     wh: &Warehouse,
     f: impl FnOnce(&Warehouse) -> Result<T, ReconcileError> + Send + 'static,
 ) -> Result<T, ReconcileError> {

@@ -26,6 +26,7 @@
 //! for the past. A record that cannot be written is a warning; the firing stands, and the
 //! next start catches up from the record before it.
 
+use super::report::blocking;
 use super::{
     BillFormat, Period, ReconcileError, Reconciliation, check_vendor, parse_offset, reconcile,
 };
@@ -329,18 +330,6 @@ fn replace(wh: &Warehouse, key: &str, bytes: &[u8]) -> Result<(), AnalyticsError
             Err(e)
         }
     }
-}
-
-/// Runs `f` on a blocking thread, where warehouse operations belong (module docs of
-/// [`crate::warehouse`]).
-async fn blocking<T: Send + 'static>(
-    wh: &Warehouse,
-    f: impl FnOnce(&Warehouse) -> Result<T, ReconcileError> + Send + 'static,
-) -> Result<T, ReconcileError> {
-    let wh = wh.clone();
-    tokio::task::spawn_blocking(move || f(&wh))
-        .await
-        .map_err(AnalyticsError::Task)?
 }
 
 /// Names schedule `i` in an error about it.
