@@ -154,8 +154,9 @@ pub async fn receiver_messages(
 }
 
 /// `GET /v1/templates/{id}/stats?date=YYYY-MM-DD&timezone=`: the app's messages of template
-/// `id` accepted on that calendar day (UTC unless `timezone` names another zone), counted by current state (`states`, each message once) and by every state
-/// they reached (`reached`: Austin's per-template chart). `404` for another app's template.
+/// `id` accepted on that calendar day (UTC unless `timezone` names another zone), counted by
+/// current state (`states`, each message once) and by every state they reached (`reached`:
+/// Austin's per-template chart). `404` for another app's template.
 pub async fn template_stats(
     State(state): State<ApiState>,
     AuthApp(app): AuthApp,
