@@ -434,8 +434,7 @@ impl WarehouseSql for WarehouseQueries {
     }
 
     fn index_horizon(&self) -> Option<DateTime<Utc>> {
-        let retention = chrono::Duration::from_std(self.index_retention).ok()?;
-        (!retention.is_zero()).then(|| Utc::now() - retention)
+        index_horizon(self.index_retention)
     }
 
     async fn receiver_messages(
@@ -470,6 +469,13 @@ fn unavailable(e: AnalyticsError) -> SqlFailure {
     SqlFailure::Unavailable(e.to_string())
 }
 
+/// The time before which the tracing index forgets messages kept for `retention` (`0`: never):
+/// what pruning removes and what the tracing endpoints read from the warehouse instead.
+fn index_horizon(retention: Duration) -> Option<DateTime<Utc>> {
+    let retention = chrono::Duration::from_std(retention).ok()?;
+    (!retention.is_zero()).then(|| Utc::now() - retention)
+}
+
 /// The `task` labels of `herald_upkeep_failures_total`.
 const COMPACTION: TaskLabel = TaskLabel { task: "compaction" };
 const INDEX_PRUNING: TaskLabel = TaskLabel {
@@ -491,7 +497,9 @@ async fn prune_index(
             _ = every.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let cutoff = chrono::Utc::now() - chrono::Duration::from_std(retention).unwrap_or_default();
+        let Some(cutoff) = index_horizon(retention) else {
+            return;
+        };
         let mut forgotten = 0;
         loop {
             match store.prune_index(cutoff.timestamp_micros(), BATCH).await {

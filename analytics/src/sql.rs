@@ -17,6 +17,7 @@ use datafusion::error::DataFusionError;
 use datafusion::execution::context::{SQLOptions, SessionContext};
 use datafusion::logical_expr::{LogicalPlanBuilder, col, lit};
 use datafusion::parquet::arrow::ArrowWriter;
+use datafusion::scalar::ScalarValue;
 use futures::StreamExt;
 use std::path::Path;
 use std::str::FromStr;
@@ -45,8 +46,22 @@ pub async fn query_warehouse(
     warehouse: &Warehouse,
     sql: &str,
 ) -> Result<Vec<RecordBatch>, AnalyticsError> {
+    collect(warehouse, sql, &Rows::All, Vec::new()).await
+}
+
+/// Runs one read-only statement over `warehouse` as `rows` lets it see it, with `params` bound
+/// to `$1`, `$2`, ..., and collects the result.
+async fn collect(
+    warehouse: &Warehouse,
+    sql: &str,
+    rows: &Rows,
+    params: Vec<ScalarValue>,
+) -> Result<Vec<RecordBatch>, AnalyticsError> {
     let _reading = warehouse.reading().await;
-    let frame = plan(warehouse, sql, &Rows::All).await?;
+    let mut frame = plan(warehouse, sql, rows).await?;
+    if !params.is_empty() {
+        frame = frame.with_param_values(params)?;
+    }
     let schema = Arc::clone(frame.schema().inner());
     Ok(with_schema(frame.collect().await?, schema))
 }

@@ -2,6 +2,7 @@
 
 use crate::auth::AuthApp;
 use crate::body::JsonBody;
+use crate::sql::from_warehouse;
 use crate::{ApiError, ApiState};
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -27,12 +28,7 @@ pub async fn trace(
         .made_at()
         .is_some_and(|t| chrono::Utc::now() - t < INDEX_ONLY);
     if events.is_empty() && !recent {
-        events = state
-            .inner
-            .sql
-            .message_events(&app.name, &id)
-            .await
-            .map_err(|e| ApiError::Unavailable(format!("{e:?}")))?;
+        events = from_warehouse(&state, state.inner.sql.message_events(&app.name, &id)).await?;
         events.sort_by_key(DeliveryEvent::trace_order);
     }
     let last = events.last().ok_or(ApiError::NotFound(

@@ -153,3 +153,21 @@ pub async fn run(
         .body(Body::from(body))
         .map_err(|e| ApiError::Internal(e.to_string()))
 }
+
+/// The answer of a read of the warehouse, within `http.sql_timeout`; a failure answers `503`.
+pub(crate) async fn from_warehouse<T>(
+    state: &ApiState,
+    read: impl Future<Output = Result<T, SqlFailure>>,
+) -> Result<T, ApiError> {
+    let limit = state.inner.config.sql_timeout;
+    match tokio::time::timeout(limit, read).await {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(e)) => Err(ApiError::Unavailable(format!(
+            "reading the warehouse failed: {e:?}"
+        ))),
+        Err(_) => Err(ApiError::Unavailable(format!(
+            "reading the warehouse took longer than {} s",
+            limit.as_secs_f64()
+        ))),
+    }
+}

@@ -9,7 +9,8 @@
 //! warehouse instead (with `from` for the receiver list, whose default starts at the horizon).
 
 use crate::auth::AuthApp;
-use crate::{ApiError, ApiState, SqlFailure};
+use crate::sql::from_warehouse;
+use crate::{ApiError, ApiState};
 use axum::Json;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
@@ -227,22 +228,4 @@ fn day_start(zone: Tz, day: NaiveDate) -> DateTime<Utc> {
         .into_iter()
         .find_map(|t| zone.from_local_datetime(&t).earliest())
         .map_or_else(|| midnight.and_utc(), |t| t.with_timezone(&Utc))
-}
-
-/// The answer of a read of the warehouse, within `http.sql_timeout`; a failure answers `503`.
-async fn from_warehouse<T>(
-    state: &ApiState,
-    read: impl Future<Output = Result<T, SqlFailure>>,
-) -> Result<T, ApiError> {
-    let limit = state.inner.config.sql_timeout;
-    match tokio::time::timeout(limit, read).await {
-        Ok(Ok(answer)) => Ok(answer),
-        Ok(Err(e)) => Err(ApiError::Unavailable(format!(
-            "reading the warehouse failed: {e:?}"
-        ))),
-        Err(_) => Err(ApiError::Unavailable(format!(
-            "reading the warehouse took longer than {} s",
-            limit.as_secs_f64()
-        ))),
-    }
 }

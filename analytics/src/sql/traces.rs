@@ -7,7 +7,7 @@
 //! message belongs to the time of its `accepted` event, as in the index; its later events are
 //! looked for up to [`TRACE_DAYS`] after that.
 
-use super::{Rows, plan, with_schema};
+use super::{Rows, collect};
 use crate::error::AnalyticsError;
 use crate::schema::{TABLE, batch_to_events};
 use crate::warehouse::Warehouse;
@@ -236,12 +236,7 @@ async fn run(
     sql: &str,
     params: Vec<ScalarValue>,
 ) -> Result<Vec<RecordBatch>, AnalyticsError> {
-    let _reading = warehouse.reading().await;
-    let frame = plan(warehouse, sql, &Rows::App(app.to_string()))
-        .await?
-        .with_param_values(params)?;
-    let schema = std::sync::Arc::clone(frame.schema().inner());
-    Ok(with_schema(frame.collect().await?, schema))
+    collect(warehouse, sql, &Rows::App(app.to_string()), params).await
 }
 
 fn text(value: &str) -> ScalarValue {
