@@ -56,8 +56,6 @@ pub struct Metrics {
     pub failovers: Family<ChannelLabel, Counter>,
     /// Messages a rate limit held (in the worker or in the schedule), by account.
     pub rate_limited: Family<AccountLabel, Counter>,
-    /// Changes made whose audit entry could not be recorded.
-    pub audit_failures: Counter,
     /// Delivery events written too late for their window, by the stats table that leaves them
     /// out (`delivery_stats_minute` counts those too late for the hour as well).
     pub stats_late_events: Family<TableLabel, Counter>,
@@ -150,7 +148,6 @@ impl Metrics {
             breaker_state: Family::default(),
             failovers: Family::default(),
             rate_limited: Family::default(),
-            audit_failures: Counter::default(),
             stats_late_events: Family::default(),
             vendor_calls: Family::default(),
             vendor_latency: Family::new_with_constructor(latency_histogram),
@@ -178,11 +175,6 @@ impl Metrics {
             "dead_lettered",
             "Request records moved to herald.requests.dlq, by reason code",
             m.dead_lettered.clone(),
-        );
-        registry.register(
-            "audit_failures",
-            "Changes made whose audit entry could not be recorded",
-            m.audit_failures.clone(),
         );
         registry.register(
             "requests_accepted",

@@ -6,7 +6,7 @@ use crate::{ApiError, ApiState, Detail};
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use herald_core::store::{Account, Change, NewTemplate, StoreError, Template};
+use herald_core::store::{Account, Audit, Change, NewTemplate, StoreError, Template};
 use herald_core::{Channel, MsgType};
 use serde::Deserialize;
 use serde_json::Value;
@@ -96,26 +96,26 @@ pub async fn create_account(
             });
         }
         if details.is_empty() {
-            let a = state
-                .inner
-                .store
-                .create_account(app.id, &b.name, c, &b.config)
-                .await?;
             // The config's field names only: its values may be secrets.
             let fields: Vec<&String> = b
                 .config
                 .as_object()
                 .map(|o| o.keys().collect())
                 .unwrap_or_default();
-            let detail = serde_json::json!({"name": a.name, "channel": c, "fields": fields});
-            state
-                .audit(
-                    &caller,
-                    "account.create",
-                    &format!("account:{}", a.id),
-                    detail,
-                )
-                .await;
+            let a = state
+                .inner
+                .store
+                .create_account(app.id, &b.name, c, &b.config, |account| {
+                    let detail =
+                        serde_json::json!({"name": account.name, "channel": c, "fields": fields});
+                    Audit::new(
+                        caller.actor(),
+                        "account.create",
+                        format!("account:{}", account.id),
+                        detail,
+                    )
+                })
+                .await?;
             return Ok((StatusCode::CREATED, Json(public_account(a))));
         }
     }
@@ -227,15 +227,18 @@ pub async fn create_template(
     body: JsonBody<TemplateBody>,
 ) -> Result<(StatusCode, Json<Template>), ApiError> {
     let t = check_template(&state, caller.app.id, body.value).await?;
-    let created = state.inner.store.create_template(caller.app.id, &t).await?;
-    state
-        .audit(
-            &caller,
-            "template.create",
-            &format!("template:{}", created.id),
-            template_detail(&created),
-        )
-        .await;
+    let created = state
+        .inner
+        .store
+        .create_template(caller.app.id, &t, |created| {
+            Audit::new(
+                caller.actor(),
+                "template.create",
+                format!("template:{}", created.id),
+                template_detail(created),
+            )
+        })
+        .await?;
     Ok((StatusCode::CREATED, Json(created)))
 }
 
@@ -255,18 +258,17 @@ pub async fn update_template(
     let updated = state
         .inner
         .store
-        .update_template(app.id, id, &t)
+        .update_template(app.id, id, &t, |updated| {
+            Audit::new(
+                caller.actor(),
+                "template.update",
+                format!("template:{id}"),
+                template_detail(updated),
+            )
+        })
         .await
         .map_err(not_found("no such template"))?;
     state.changed(Change::Template { app: app.id, id }).await;
-    state
-        .audit(
-            &caller,
-            "template.update",
-            &format!("template:{id}"),
-            template_detail(&updated),
-        )
-        .await;
     Ok(Json(updated))
 }
 
@@ -276,21 +278,19 @@ pub async fn delete_template(
     Path(id): Path<i64>,
 ) -> Result<StatusCode, ApiError> {
     let app = &caller.app;
+    let audit = Audit::new(
+        caller.actor(),
+        "template.delete",
+        format!("template:{id}"),
+        serde_json::json!({}),
+    );
     state
         .inner
         .store
-        .delete_template(app.id, id)
+        .delete_template(app.id, id, audit)
         .await
         .map_err(not_found("no such template"))?;
     state.changed(Change::Template { app: app.id, id }).await;
-    state
-        .audit(
-            &caller,
-            "template.delete",
-            &format!("template:{id}"),
-            serde_json::json!({}),
-        )
-        .await;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -11,7 +11,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use herald_core::store::Change;
-use herald_core::store::{ApiKey, NewKey, Scope, Scopes, StoreError};
+use herald_core::store::{ApiKey, Audit, NewKey, Scope, Scopes, StoreError};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -87,16 +87,20 @@ pub async fn create(
         scopes,
         expires_at,
     };
-    let (key, secret) = state.inner.store.create_key(caller.app.id, &new).await?;
-    let detail = json!({"name": key.name, "scopes": key.scopes, "expires_at": key.expires_at});
-    state
-        .audit(
-            &caller,
-            "key.create",
-            &format!("key:{}", key.key_id),
-            detail,
-        )
-        .await;
+    let (key, secret) = state
+        .inner
+        .store
+        .create_key(caller.app.id, &new, |key| {
+            let detail =
+                json!({"name": key.name, "scopes": key.scopes, "expires_at": key.expires_at});
+            Audit::new(
+                caller.actor(),
+                "key.create",
+                format!("key:{}", key.key_id),
+                detail,
+            )
+        })
+        .await?;
     Ok((StatusCode::CREATED, Json(answer(&key, Some(&secret)))))
 }
 
@@ -116,18 +120,17 @@ pub async fn revoke(
     let key = state
         .inner
         .store
-        .revoke_key(caller.app.id, &key_id)
+        .revoke_key(caller.app.id, &key_id, |key| {
+            Audit::new(
+                caller.actor(),
+                "key.revoke",
+                format!("key:{key_id}"),
+                json!({"name": key.name}),
+            )
+        })
         .await
         .map_err(not_found)?;
     state.changed(Change::Keys).await;
-    state
-        .audit(
-            &caller,
-            "key.revoke",
-            &format!("key:{key_id}"),
-            json!({"name": key.name}),
-        )
-        .await;
     Ok(Json(answer(&key, None)))
 }
 
@@ -162,21 +165,20 @@ pub async fn rotate(
             message: "the key is revoked or expired; make a new key instead".into(),
         });
     }
-    let new = NewKey {
-        name: old.name.clone(),
-        scopes: old.scopes,
-        expires_at: old.expires_at,
-    };
-    let (key, secret) = store.create_key(app, &new).await?;
     let grace_ms = i64::try_from(grace.saturating_mul(1000)).unwrap_or(i64::MAX);
-    let old = store
-        .expire_key(app, &key_id, now.saturating_add(grace_ms))
-        .await?;
+    let (key, secret, old) = store
+        .rotate_key(app, &key_id, now.saturating_add(grace_ms), |key, old| {
+            let detail = json!({"new_key": key.key_id, "old_key_expires_at": old.expires_at});
+            Audit::new(
+                caller.actor(),
+                "key.rotate",
+                format!("key:{key_id}"),
+                detail,
+            )
+        })
+        .await
+        .map_err(not_found)?;
     state.changed(Change::Keys).await;
-    let detail = json!({"new_key": key.key_id, "old_key_expires_at": old.expires_at});
-    state
-        .audit(&caller, "key.rotate", &format!("key:{key_id}"), detail)
-        .await;
     Ok((
         StatusCode::CREATED,
         Json(json!({"key": answer(&key, Some(&secret)), "old_key": answer(&old, None)})),
@@ -214,19 +216,4 @@ pub async fn audit_log(
         .then(|| entries.last().map(|e| e.id))
         .flatten();
     Ok(Json(json!({"entries": entries, "next_before": next})))
-}
-
-impl ApiState {
-    /// Records a change in the audit log. The change is already made: a failure to record it is
-    /// logged and counted (`herald_audit_failures_total`), not answered as the change's failure.
-    pub async fn audit(&self, caller: &Caller, action: &str, target: &str, detail: Value) {
-        let store = &self.inner.store;
-        if let Err(e) = store
-            .record_audit(caller.app.id, caller.actor(), action, target, &detail)
-            .await
-        {
-            self.inner.metrics.audit_failures.inc();
-            tracing::error!(error = %e, action, target, "cannot record an audit entry");
-        }
-    }
 }

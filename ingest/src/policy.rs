@@ -11,7 +11,7 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use herald_core::domain::parse_receiver;
 use herald_core::policy::AppPolicy;
-use herald_core::store::{ListName, Redrive, ScheduleKind, StoreError};
+use herald_core::store::{Audit, ListName, Redrive, ScheduleKind, StoreError};
 use herald_core::wire::{DELIVERY_TOPIC, DISPATCH_GROUP, REQUESTS_TOPIC};
 use herald_core::{Channel, DeliveryEvent, MessageId, MessageRecord, State as MessageState};
 use serde::Deserialize;
@@ -75,10 +75,18 @@ pub async fn put_policy(
             Err(e) => return Err(e.into()),
         }
     }
-    let version = state.inner.store.put_app_policy(app.id, &policy).await?;
-    state
-        .audit(&caller, "policy.put", "policy", json!({"version": version}))
-        .await;
+    let version = state
+        .inner
+        .store
+        .put_app_policy(app.id, &policy, |version| {
+            Audit::new(
+                caller.actor(),
+                "policy.put",
+                "policy",
+                json!({"version": version}),
+            )
+        })
+        .await?;
     Ok(Json(json!({"version": version, "policy": policy})))
 }
 
@@ -167,15 +175,16 @@ pub async fn add_to_list(
 ) -> Result<Json<Value>, ApiError> {
     let (list, channel) = list_of(&list, &channel)?;
     let receivers = receivers_of(channel, &body.value)?;
+    let target = format!("list:{}/{channel}", list.as_str());
     let added = state
         .inner
         .store
-        .add_to_list(caller.app.id, channel, list, &receivers)
+        .add_to_list(caller.app.id, channel, list, &receivers, |added| {
+            // Counts only: receivers are personal data.
+            let detail = json!({"receivers": receivers.len(), "added": added});
+            Audit::new(caller.actor(), "list.add", target, detail)
+        })
         .await?;
-    // Counts only: receivers are personal data.
-    let detail = json!({"receivers": receivers.len(), "added": added});
-    let target = format!("list:{}/{channel}", list.as_str());
-    state.audit(&caller, "list.add", &target, detail).await;
     Ok(Json(json!({"added": added})))
 }
 
@@ -188,14 +197,15 @@ pub async fn remove_from_list(
 ) -> Result<Json<Value>, ApiError> {
     let (list, channel) = list_of(&list, &channel)?;
     let receivers = receivers_of(channel, &body.value)?;
+    let target = format!("list:{}/{channel}", list.as_str());
     let removed = state
         .inner
         .store
-        .remove_from_list(caller.app.id, channel, list, &receivers)
+        .remove_from_list(caller.app.id, channel, list, &receivers, |removed| {
+            let detail = json!({"receivers": receivers.len(), "removed": removed});
+            Audit::new(caller.actor(), "list.remove", target, detail)
+        })
         .await?;
-    let detail = json!({"receivers": receivers.len(), "removed": removed});
-    let target = format!("list:{}/{channel}", list.as_str());
-    state.audit(&caller, "list.remove", &target, detail).await;
     Ok(Json(json!({"removed": removed})))
 }
 

@@ -15,7 +15,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use herald_core::Channel;
 use herald_core::config::HttpConfig;
-use herald_core::store::{ListName, StoreError};
+use herald_core::store::StoreError;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
@@ -120,12 +120,7 @@ pub async fn unsubscribe(
     match state
         .inner
         .store
-        .add_to_list(
-            s.app_id,
-            s.channel,
-            ListName::Unsubscribed,
-            std::slice::from_ref(&s.receiver),
-        )
+        .unsubscribe(s.app_id, s.channel, &s.receiver)
         .await
     {
         Ok(_) => Ok(Html(

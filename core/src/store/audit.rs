@@ -1,5 +1,10 @@
 //! The audit log: who changed which template, account, key, policy or list of an app, and when.
 //! Entries never hold a secret (account configs are recorded by their field names only).
+//!
+//! Each store method that makes such a change takes its entry, built by the caller from the
+//! change's result (which may hold a new id), and writes it with [`insert_audit`] in the
+//! change's transaction: both are stored or neither is. A failure to write the entry fails the
+//! change.
 
 use super::{Store, StoreError, now_ms};
 use serde::Serialize;
@@ -21,31 +26,53 @@ pub struct AuditEntry {
     pub detail: serde_json::Value,
 }
 
-impl Store {
-    /// Records a change made to `app`.
-    pub async fn record_audit(
-        &self,
-        app: i64,
-        actor: &str,
-        action: &str,
-        target: &str,
-        detail: &serde_json::Value,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO audit_log (app_id, at, actor, action, target, detail)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(app)
-        .bind(now_ms())
-        .bind(actor)
-        .bind(action)
-        .bind(target)
-        .bind(detail.to_string())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
+/// The entry a change makes in its app's audit log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Audit {
+    pub actor: String,
+    pub action: &'static str,
+    pub target: String,
+    pub detail: serde_json::Value,
+}
 
+impl Audit {
+    pub fn new(
+        actor: &str,
+        action: &'static str,
+        target: impl Into<String>,
+        detail: serde_json::Value,
+    ) -> Audit {
+        Audit {
+            actor: actor.to_string(),
+            action,
+            target: target.into(),
+            detail,
+        }
+    }
+}
+
+/// Writes `entry` in `app`'s audit log on `conn` (the change's transaction).
+pub(crate) async fn insert_audit(
+    conn: &mut sqlx::AnyConnection,
+    app: i64,
+    entry: &Audit,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO audit_log (app_id, at, actor, action, target, detail)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(app)
+    .bind(now_ms())
+    .bind(&entry.actor)
+    .bind(entry.action)
+    .bind(&entry.target)
+    .bind(entry.detail.to_string())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+impl Store {
     /// The app's changes, newest first: `limit` of them before entry id `before` (or the newest).
     pub async fn audit_log(
         &self,

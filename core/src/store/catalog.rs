@@ -1,5 +1,6 @@
 //! Apps, API keys, channel accounts and templates.
 
+use super::audit::{Audit, insert_audit};
 use super::keys::{NewKey, Scopes, insert_key};
 use super::{Store, StoreError, now_ms};
 use crate::domain::{Channel, MsgType};
@@ -96,15 +97,17 @@ impl Store {
         }))
     }
 
-    /// Creates a channel account for `app`.
+    /// Creates a channel account for `app`, with the audit entry `audit` makes of it.
     pub async fn create_account(
         &self,
         app: i64,
         name: &str,
         channel: Channel,
         config: &serde_json::Value,
+        audit: impl FnOnce(&Account) -> Audit,
     ) -> Result<Account, StoreError> {
         let now = now_ms();
+        let mut tx = self.pool.begin().await?;
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO accounts (app_id, name, channel, config, created_at, updated_at)
              VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
@@ -115,20 +118,34 @@ impl Store {
         .bind(self.seal(ACCOUNT, &config.to_string()))
         .bind(now)
         .bind(now)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await?;
-        self.account(app, id).await
+        let account = self.select_account(&mut tx, app, id).await?;
+        insert_audit(&mut tx, app, &audit(&account)).await?;
+        tx.commit().await?;
+        Ok(account)
     }
 
     /// One live account of `app`.
     pub async fn account(&self, app: i64, id: i64) -> Result<Account, StoreError> {
+        self.select_account(&mut *self.pool.acquire().await?, app, id)
+            .await
+    }
+
+    /// One live account of `app`, read on `conn`.
+    async fn select_account(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        app: i64,
+        id: i64,
+    ) -> Result<Account, StoreError> {
         let row = sqlx::query(
             "SELECT id, name, channel, config, created_at, updated_at FROM accounts
              WHERE app_id = $1 AND id = $2 AND deleted_at IS NULL",
         )
         .bind(app)
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(conn)
         .await?
         .ok_or(StoreError::NotFound)?;
         self.account_from_row(&row)
@@ -171,9 +188,15 @@ impl Store {
         rows.iter().map(|r| self.account_from_row(r)).collect()
     }
 
-    /// Creates a template.
-    pub async fn create_template(&self, app: i64, t: &NewTemplate) -> Result<Template, StoreError> {
+    /// Creates a template, with the audit entry `audit` makes of it.
+    pub async fn create_template(
+        &self,
+        app: i64,
+        t: &NewTemplate,
+        audit: impl FnOnce(&Template) -> Audit,
+    ) -> Result<Template, StoreError> {
         let now = now_ms();
+        let mut tx = self.pool.begin().await?;
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO templates (app_id, name, channel, msg_type, account_id, content, created_at, updated_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
@@ -186,18 +209,24 @@ impl Store {
         .bind(t.content.to_string())
         .bind(now)
         .bind(now)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await?;
-        self.template(app, id).await
+        let template = select_template(&mut tx, app, id).await?;
+        insert_audit(&mut tx, app, &audit(&template)).await?;
+        tx.commit().await?;
+        Ok(template)
     }
 
-    /// Replaces a live template's fields; its version goes up by one.
+    /// Replaces a live template's fields, with the audit entry `audit` makes of the result; its
+    /// version goes up by one.
     pub async fn update_template(
         &self,
         app: i64,
         id: i64,
         t: &NewTemplate,
+        audit: impl FnOnce(&Template) -> Audit,
     ) -> Result<Template, StoreError> {
+        let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "UPDATE templates SET name = $1, channel = $2, msg_type = $3, account_id = $4, content = $5,
              version = version + 1, updated_at = $6 WHERE app_id = $7 AND id = $8 AND deleted_at IS NULL",
@@ -210,42 +239,40 @@ impl Store {
         .bind(now_ms())
         .bind(app)
         .bind(id)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
-        self.template(app, id).await
+        let template = select_template(&mut tx, app, id).await?;
+        insert_audit(&mut tx, app, &audit(&template)).await?;
+        tx.commit().await?;
+        Ok(template)
     }
 
-    /// Soft-deletes a template: it disappears from the API and can no longer be sent.
-    pub async fn delete_template(&self, app: i64, id: i64) -> Result<(), StoreError> {
+    /// Soft-deletes a template, with the audit entry `audit`: it disappears from the API and can
+    /// no longer be sent.
+    pub async fn delete_template(&self, app: i64, id: i64, audit: Audit) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "UPDATE templates SET deleted_at = $1 WHERE app_id = $2 AND id = $3 AND deleted_at IS NULL",
         )
         .bind(now_ms())
         .bind(app)
         .bind(id)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
+        insert_audit(&mut tx, app, &audit).await?;
+        tx.commit().await?;
         Ok(())
     }
 
     /// One live template of `app`.
     pub async fn template(&self, app: i64, id: i64) -> Result<Template, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, name, channel, msg_type, account_id, content, version, created_at, updated_at
-             FROM templates WHERE app_id = $1 AND id = $2 AND deleted_at IS NULL",
-        )
-        .bind(app)
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?
-        .ok_or(StoreError::NotFound)?;
-        template_from_row(&row)
+        select_template(&mut *self.pool.acquire().await?, app, id).await
     }
 
     /// Live templates of `app`, by id, `limit` from after id `after`.
@@ -324,6 +351,24 @@ impl Store {
 
 /// The use account configs are sealed for.
 const ACCOUNT: &str = "account";
+
+/// One live template of `app`, read on `conn`.
+async fn select_template(
+    conn: &mut sqlx::AnyConnection,
+    app: i64,
+    id: i64,
+) -> Result<Template, StoreError> {
+    let row = sqlx::query(
+        "SELECT id, name, channel, msg_type, account_id, content, version, created_at, updated_at
+         FROM templates WHERE app_id = $1 AND id = $2 AND deleted_at IS NULL",
+    )
+    .bind(app)
+    .bind(id)
+    .fetch_optional(conn)
+    .await?
+    .ok_or(StoreError::NotFound)?;
+    template_from_row(&row)
+}
 
 fn template_from_row(r: &AnyRow) -> Result<Template, StoreError> {
     Ok(Template {

@@ -2,6 +2,7 @@
 //! name, scopes and an optional expiry. An app may hold any number of live keys, so a key is
 //! rotated without downtime: make the new one, move clients over, revoke (or let expire) the old.
 
+use super::audit::{Audit, insert_audit};
 use super::{App, Store, StoreError, now_ms};
 use rand::RngCore;
 use serde::{Serialize, Serializer};
@@ -194,12 +195,37 @@ pub(crate) async fn insert_key(
     Ok((stored, key))
 }
 
+/// One key of `app`, read on `conn`.
+async fn select_key(
+    conn: &mut sqlx::AnyConnection,
+    app: i64,
+    key_id: &str,
+) -> Result<ApiKey, StoreError> {
+    let row = sqlx::query(&format!(
+        "SELECT {KEY_COLUMNS} FROM api_keys WHERE app_id = $1 AND key_id = $2"
+    ))
+    .bind(app)
+    .bind(key_id)
+    .fetch_optional(conn)
+    .await?
+    .ok_or(StoreError::NotFound)?;
+    key_from_row(&row, 0)
+}
+
 impl Store {
-    /// Makes a new key for `app`; returns it and the key itself, which is not stored and cannot
-    /// be shown again.
-    pub async fn create_key(&self, app: i64, new: &NewKey) -> Result<(ApiKey, String), StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        insert_key(&mut conn, app, new).await
+    /// Makes a new key for `app`, with the audit entry `audit` makes of it; returns it and the
+    /// key itself, which is not stored and cannot be shown again.
+    pub async fn create_key(
+        &self,
+        app: i64,
+        new: &NewKey,
+        audit: impl FnOnce(&ApiKey) -> Audit,
+    ) -> Result<(ApiKey, String), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let (key, secret) = insert_key(&mut tx, app, new).await?;
+        insert_audit(&mut tx, app, &audit(&key)).await?;
+        tx.commit().await?;
+        Ok((key, secret))
     }
 
     /// The app and the key behind an unrevoked key, by the key's hash; the caller checks its
@@ -236,19 +262,18 @@ impl Store {
 
     /// One key of `app`.
     pub async fn key(&self, app: i64, key_id: &str) -> Result<ApiKey, StoreError> {
-        let row = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM api_keys WHERE app_id = $1 AND key_id = $2"
-        ))
-        .bind(app)
-        .bind(key_id)
-        .fetch_optional(&self.pool)
-        .await?
-        .ok_or(StoreError::NotFound)?;
-        key_from_row(&row, 0)
+        select_key(&mut *self.pool.acquire().await?, app, key_id).await
     }
 
-    /// Revokes a key of `app` now (a revoked key stays revoked); returns it.
-    pub async fn revoke_key(&self, app: i64, key_id: &str) -> Result<ApiKey, StoreError> {
+    /// Revokes a key of `app` now (a revoked key stays revoked), with the audit entry `audit`
+    /// makes of it; returns it.
+    pub async fn revoke_key(
+        &self,
+        app: i64,
+        key_id: &str,
+        audit: impl FnOnce(&ApiKey) -> Audit,
+    ) -> Result<ApiKey, StoreError> {
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "UPDATE api_keys SET revoked_at = $1
              WHERE app_id = $2 AND key_id = $3 AND revoked_at IS NULL",
@@ -256,23 +281,46 @@ impl Store {
         .bind(now_ms())
         .bind(app)
         .bind(key_id)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        self.key(app, key_id).await
+        let key = select_key(&mut tx, app, key_id).await?;
+        insert_audit(&mut tx, app, &audit(&key)).await?;
+        tx.commit().await?;
+        Ok(key)
     }
 
-    /// Makes a live key of `app` expire at `at` (unix ms) unless it expires sooner; returns it.
-    pub async fn expire_key(&self, app: i64, key_id: &str, at: i64) -> Result<ApiKey, StoreError> {
+    /// Rotates a key of `app`: a new key with its name, scopes and expiry, while the old one
+    /// expires at `old_until` (unix ms) unless it expires sooner; with the audit entry `audit`
+    /// makes of the new key and the old. Returns the new key, the key itself (not stored, cannot
+    /// be shown again), and the old key.
+    pub async fn rotate_key(
+        &self,
+        app: i64,
+        key_id: &str,
+        old_until: i64,
+        audit: impl FnOnce(&ApiKey, &ApiKey) -> Audit,
+    ) -> Result<(ApiKey, String, ApiKey), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let old = select_key(&mut tx, app, key_id).await?;
+        let new = NewKey {
+            name: old.name,
+            scopes: old.scopes,
+            expires_at: old.expires_at,
+        };
+        let (key, secret) = insert_key(&mut tx, app, &new).await?;
         sqlx::query(
             "UPDATE api_keys SET expires_at = $1
              WHERE app_id = $2 AND key_id = $3 AND revoked_at IS NULL
                AND (expires_at IS NULL OR expires_at > $1)",
         )
-        .bind(at)
+        .bind(old_until)
         .bind(app)
         .bind(key_id)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        self.key(app, key_id).await
+        let old = select_key(&mut tx, app, key_id).await?;
+        insert_audit(&mut tx, app, &audit(&key, &old)).await?;
+        tx.commit().await?;
+        Ok((key, secret, old))
     }
 }

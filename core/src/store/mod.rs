@@ -29,7 +29,7 @@ mod vendors;
 mod tests;
 
 pub use announce::{Change, Changes};
-pub use audit::AuditEntry;
+pub use audit::{Audit, AuditEntry};
 pub use campaigns::{
     BadRow, Campaign, CampaignBatch, CampaignChunk, CampaignRun, CampaignState, NewCampaign,
 };

@@ -15,6 +15,7 @@
 //! (`send_ledger.state` also holds `scheduled` and the policy states since this module; the
 //! comment in `0001_init.sql` predates them.)
 
+use super::audit::{Audit, insert_audit};
 use super::ledger::upsert_ledger;
 use super::{LedgerState, Store, StoreError, now_ms, placeholders, value_rows};
 use crate::domain::{Channel, MessageId};
@@ -208,9 +209,16 @@ impl Store {
         Ok((policy, allowlisted))
     }
 
-    /// Replaces app `app_id`'s policy document; returns its new version.
-    pub async fn put_app_policy(&self, app_id: i64, policy: &AppPolicy) -> Result<i64, StoreError> {
+    /// Replaces app `app_id`'s policy document, with the audit entry `audit` makes of its new
+    /// version; returns that version.
+    pub async fn put_app_policy(
+        &self,
+        app_id: i64,
+        policy: &AppPolicy,
+        audit: impl FnOnce(i64) -> Audit,
+    ) -> Result<i64, StoreError> {
         let json = serde_json::to_string(policy).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut tx = self.pool.begin().await?;
         let version: i64 = sqlx::query_scalar(
             "INSERT INTO app_policies (app_id, policy, version, updated_at) VALUES ($1, $2, 1, $3) \
              ON CONFLICT (app_id) DO UPDATE SET policy = excluded.policy, \
@@ -220,14 +228,57 @@ impl Store {
         .bind(app_id)
         .bind(json)
         .bind(now_ms())
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await?;
+        insert_audit(&mut tx, app_id, &audit(version)).await?;
+        tx.commit().await?;
         Ok(version)
     }
 
-    /// Adds `receivers` to a list; returns how many were not on it yet.
+    /// Adds `receivers` to a list, with the audit entry `audit` makes of how many were not on it
+    /// yet; returns that number.
     pub async fn add_to_list(
         &self,
+        app_id: i64,
+        channel: Channel,
+        list: ListName,
+        receivers: &[String],
+        audit: impl FnOnce(u64) -> Audit,
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let added = self
+            .insert_into_list(&mut tx, app_id, channel, list, receivers)
+            .await?;
+        insert_audit(&mut tx, app_id, &audit(added)).await?;
+        tx.commit().await?;
+        Ok(added)
+    }
+
+    /// Adds a receiver to the `unsubscribed` list of `channel` at its own request (a signed
+    /// link): a change by the receiver, not by the app, so it makes no audit entry.
+    pub async fn unsubscribe(
+        &self,
+        app_id: i64,
+        channel: Channel,
+        receiver: &str,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let receivers = [receiver.to_string()];
+        self.insert_into_list(
+            &mut conn,
+            app_id,
+            channel,
+            ListName::Unsubscribed,
+            &receivers,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Adds `receivers` to a list on `conn`; returns how many were not on it yet.
+    async fn insert_into_list(
+        &self,
+        conn: &mut sqlx::AnyConnection,
         app_id: i64,
         channel: Channel,
         list: ListName,
@@ -235,7 +286,6 @@ impl Store {
     ) -> Result<u64, StoreError> {
         let now = now_ms();
         let mut added = 0;
-        let mut tx = self.pool.begin().await?;
         for chunk in receivers.chunks(self.rows_per_statement(5)) {
             let sql = format!(
                 "INSERT INTO receiver_lists (app_id, channel, list, receiver, created_at) \
@@ -251,20 +301,22 @@ impl Store {
                     .bind(r)
                     .bind(now);
             }
-            added += q.execute(&mut *tx).await?.rows_affected();
+            added += q.execute(&mut *conn).await?.rows_affected();
         }
-        tx.commit().await?;
         Ok(added)
     }
 
-    /// Removes `receivers` from a list; returns how many were on it.
+    /// Removes `receivers` from a list, with the audit entry `audit` makes of how many were on
+    /// it; returns that number.
     pub async fn remove_from_list(
         &self,
         app_id: i64,
         channel: Channel,
         list: ListName,
         receivers: &[String],
+        audit: impl FnOnce(u64) -> Audit,
     ) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
         let mut removed = 0;
         for chunk in receivers.chunks(self.rows_per_statement(1)) {
             let sql = format!(
@@ -279,8 +331,10 @@ impl Store {
             for r in chunk {
                 q = q.bind(r);
             }
-            removed += q.execute(&self.pool).await?.rows_affected();
+            removed += q.execute(&mut *tx).await?.rows_affected();
         }
+        insert_audit(&mut tx, app_id, &audit(removed)).await?;
+        tx.commit().await?;
         Ok(removed)
     }
 

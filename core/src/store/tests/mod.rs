@@ -48,6 +48,11 @@ async fn postgres() -> Fresh {
     }
 }
 
+/// An audit entry for a change a check makes when the entry itself is not checked.
+fn noted() -> Audit {
+    Audit::new("test", "test", "test", json!({}))
+}
+
 /// Runs each check once on SQLite and once on PostgreSQL.
 macro_rules! on_both {
     ($($check:ident),* $(,)?) => {
@@ -89,7 +94,11 @@ on_both!(
     message_states_for_tracing,
     processes_share_one_record_signing_key,
     retention_forgets_old_messages_only,
+    changes_and_their_audit_entries_commit_together,
 );
+
+mod audit;
+use audit::changes_and_their_audit_entries_commit_together;
 
 mod campaigns;
 use campaigns::{
@@ -160,6 +169,14 @@ async fn apps_and_keys(store: Store) {
                 scopes: Scopes::of(&[Scope::Send, Scope::Read]),
                 expires_at: Some(now_ms() + 60_000),
             },
+            |k| {
+                Audit::new(
+                    &first.key_id,
+                    "key.create",
+                    format!("key:{}", k.key_id),
+                    json!({}),
+                )
+            },
         )
         .await
         .unwrap();
@@ -176,55 +193,84 @@ async fn apps_and_keys(store: Store) {
     );
     let listed = store.keys(app_id).await.unwrap();
     assert_eq!(listed.len(), 2);
-    let revoked = store.revoke_key(app_id, &first.key_id).await.unwrap();
+    let revoked = store
+        .revoke_key(app_id, &first.key_id, |k| {
+            Audit::new(
+                &first.key_id,
+                "key.revoke",
+                format!("key:{}", k.key_id),
+                json!({}),
+            )
+        })
+        .await
+        .unwrap();
     assert!(revoked.revoked_at.is_some() && !revoked.live_at(now_ms()));
     assert_eq!(store.key_by_hash(&hash_key(&key)).await.unwrap(), None);
-    // Expiry only moves earlier; a key of another app is not found.
-    let expired = store.expire_key(app_id, &second.key_id, 1).await.unwrap();
+    // A rotation makes a key like the old one; the old one's expiry only moves earlier.
+    let rotate = |until: i64| {
+        store.rotate_key(app_id, &second.key_id, until, |new, old| {
+            let detail = json!({"new_key": new.key_id, "old_key_expires_at": old.expires_at});
+            Audit::new(
+                &first.key_id,
+                "key.rotate",
+                format!("key:{}", old.key_id),
+                detail,
+            )
+        })
+    };
+    let (third, key3, expired) = rotate(1).await.unwrap();
     assert_eq!(expired.expires_at, Some(1));
     assert!(!expired.live_at(now_ms()));
-    let later = store
-        .expire_key(app_id, &second.key_id, i64::MAX)
-        .await
-        .unwrap();
+    assert_eq!(
+        (&third.name, third.scopes, third.expires_at),
+        (&second.name, second.scopes, second.expires_at)
+    );
+    assert_eq!(
+        store
+            .key_by_hash(&hash_key(&key3))
+            .await
+            .unwrap()
+            .unwrap()
+            .1,
+        third
+    );
+    let (_, _, later) = rotate(i64::MAX).await.unwrap();
     assert_eq!(later.expires_at, Some(1));
+    // A key of another app is not found, and the failed change makes no entry.
     let (other, _) = store.create_app("other").await.unwrap();
     assert!(matches!(
-        store.revoke_key(other.id, &second.key_id).await,
+        store
+            .revoke_key(other.id, &second.key_id, |_| noted())
+            .await,
         Err(StoreError::NotFound)
     ));
+    assert!(
+        store
+            .audit_log(other.id, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // The audit log: newest first, per app, paged by id.
-    for n in 0..3 {
-        store
-            .record_audit(
-                app_id,
-                &first.key_id,
-                "template.update",
-                &format!("template:{n}"),
-                &serde_json::json!({"n": n}),
-            )
-            .await
-            .unwrap();
-    }
-    store
-        .record_audit(
-            other.id,
-            "cli",
-            "key.create",
-            "key:x",
-            &serde_json::json!({}),
-        )
-        .await
-        .unwrap();
     let log = store.audit_log(app_id, None, 2).await.unwrap();
     assert_eq!(
-        log.iter().map(|e| e.target.as_str()).collect::<Vec<_>>(),
-        ["template:2", "template:1"]
+        log.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(),
+        ["key.rotate", "key.rotate"]
     );
+    assert_eq!(log[0].target, format!("key:{}", second.key_id));
+    assert_eq!(log[0].detail["old_key_expires_at"], 1);
     let rest = store.audit_log(app_id, Some(log[1].id), 10).await.unwrap();
-    assert_eq!(rest.len(), 1);
-    assert_eq!(rest[0].detail, serde_json::json!({"n": 0}));
+    assert_eq!(
+        rest.iter()
+            .map(|e| (e.action.as_str(), e.target.clone()))
+            .collect::<Vec<_>>(),
+        [
+            ("key.revoke", format!("key:{}", first.key_id)),
+            ("key.create", format!("key:{}", second.key_id))
+        ]
+    );
+    assert!(rest.iter().all(|e| e.actor == first.key_id));
     assert_eq!(
         store.app_by_name("shop").await.unwrap().map(|a| a.id),
         Some(app_id)
@@ -243,6 +289,7 @@ async fn secrets_are_sealed_at_rest(store: Store) {
             "old",
             Channel::Webhook,
             &json!({"secret": "clear-secret"}),
+            |_| noted(),
         )
         .await
         .unwrap();
@@ -258,6 +305,7 @@ async fn secrets_are_sealed_at_rest(store: Store) {
             "new",
             Channel::Webhook,
             &json!({"secret": "hunter2"}),
+            |_| noted(),
         )
         .await
         .unwrap();
@@ -330,7 +378,7 @@ async fn accounts_and_templates(store: Store) {
     let (bank, _) = store.create_app("bank").await.unwrap();
     let config = json!({"url": "https://example.com/hook"});
     let acc = store
-        .create_account(shop.id, "hook", Channel::Webhook, &config)
+        .create_account(shop.id, "hook", Channel::Webhook, &config, |_| noted())
         .await
         .unwrap();
     assert_eq!((acc.channel, &acc.config), (Channel::Webhook, &config));
@@ -354,29 +402,43 @@ async fn accounts_and_templates(store: Store) {
         account_id: Some(acc.id),
         content: json!({"body": "hi {$name}"}),
     };
-    let first = store.create_template(shop.id, &t).await.unwrap();
+    let first = store
+        .create_template(shop.id, &t, |_| noted())
+        .await
+        .unwrap();
     assert_eq!((first.version, first.account_id), (1, Some(acc.id)));
     t.name = "welcome-2".into();
     t.account_id = None;
-    let second = store.update_template(shop.id, first.id, &t).await.unwrap();
+    let second = store
+        .update_template(shop.id, first.id, &t, |_| noted())
+        .await
+        .unwrap();
     assert_eq!((second.version, second.account_id), (2, None));
     assert_eq!(second.name, "welcome-2");
     assert!(matches!(
-        store.update_template(bank.id, first.id, &t).await,
+        store
+            .update_template(bank.id, first.id, &t, |_| noted())
+            .await,
         Err(StoreError::NotFound)
     ));
-    let other = store.create_template(shop.id, &t).await.unwrap();
+    let other = store
+        .create_template(shop.id, &t, |_| noted())
+        .await
+        .unwrap();
     let page = store.templates(shop.id, 0, 1).await.unwrap();
     assert_eq!(page, vec![second.clone()]);
     let page = store.templates(shop.id, first.id, 10).await.unwrap();
     assert_eq!(page, vec![other.clone()]);
-    store.delete_template(shop.id, first.id).await.unwrap();
+    store
+        .delete_template(shop.id, first.id, noted())
+        .await
+        .unwrap();
     assert!(matches!(
         store.template(shop.id, first.id).await,
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
-        store.delete_template(shop.id, first.id).await,
+        store.delete_template(shop.id, first.id, noted()).await,
         Err(StoreError::NotFound)
     ));
 }

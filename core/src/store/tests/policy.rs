@@ -36,8 +36,10 @@ pub(super) async fn policy_documents_and_lists(store: Store) {
         (AppPolicy::default(), 0)
     );
     let doc: AppPolicy = serde_json::from_value(json!({"content_dedup_secs": 60})).unwrap();
-    assert_eq!(store.put_app_policy(app.id, &doc).await.unwrap(), 1);
-    assert_eq!(store.put_app_policy(app.id, &doc).await.unwrap(), 2);
+    for version in [1, 2] {
+        let put = store.put_app_policy(app.id, &doc, |_| noted());
+        assert_eq!(put.await.unwrap(), version);
+    }
     assert_eq!(store.app_policy(app.id).await.unwrap(), (doc.clone(), 2));
 
     let receivers: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
@@ -47,7 +49,7 @@ pub(super) async fn policy_documents_and_lists(store: Store) {
         (ListName::Allow, &receivers[2..], 1),
     ] {
         let n = store
-            .add_to_list(app.id, Channel::Sms, list, rs)
+            .add_to_list(app.id, Channel::Sms, list, rs, |_| noted())
             .await
             .unwrap();
         assert_eq!(n, added, "{list:?}");
@@ -59,7 +61,13 @@ pub(super) async fn policy_documents_and_lists(store: Store) {
     assert_eq!(page, ["b", "c"]);
     assert_eq!(
         store
-            .remove_from_list(app.id, Channel::Sms, ListName::Block, &receivers[1..2])
+            .remove_from_list(
+                app.id,
+                Channel::Sms,
+                ListName::Block,
+                &receivers[1..2],
+                |_| noted()
+            )
             .await
             .unwrap(),
         1
