@@ -478,11 +478,11 @@ impl Store {
             return Ok(false);
         }
         for rows in batch.bad.chunks(self.rows_per_statement(5)) {
-            let sql = format!(
+            let sql = self.bindable(format!(
                 "INSERT INTO campaign_bad_rows (campaign_id, run, line, receiver, reason) \
                  VALUES {} ON CONFLICT DO NOTHING",
                 value_rows(rows.len(), 5)
-            );
+            ));
             let mut q = sqlx::query(&sql);
             for b in rows {
                 q = q

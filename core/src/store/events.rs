@@ -41,11 +41,11 @@ impl Store {
         }
         let mut tx = self.pool.begin().await?;
         for chunk in events.chunks(self.rows_per_statement(5)) {
-            let sql = format!(
+            let sql = self.bindable(format!(
                 "INSERT INTO message_events (message_id, event_id, ts, state, event) VALUES {} \
                  ON CONFLICT DO NOTHING",
                 value_rows(chunk.len(), 5)
-            );
+            ));
             let mut q = sqlx::query(&sql);
             for e in chunk {
                 q = q
@@ -70,7 +70,7 @@ impl Store {
         }
         let messages: Vec<_> = messages.into_iter().collect();
         for chunk in messages.chunks(self.rows_per_statement(11)) {
-            let sql = upsert_states_sql(chunk.len());
+            let sql = self.bindable(upsert_states_sql(chunk.len()));
             let mut q = sqlx::query(&sql);
             for (id, (accepted_at, e)) in chunk {
                 let (state_at, attempt, rank) = e.trace_order();
@@ -100,10 +100,10 @@ impl Store {
     ) -> Result<HashSet<String>, StoreError> {
         let mut out = HashSet::new();
         for chunk in ids.chunks(self.rows_per_statement(2)) {
-            let sql = format!(
+            let sql = self.bindable(format!(
                 "SELECT event_id FROM message_events WHERE (message_id, event_id) IN (VALUES {})",
                 value_rows(chunk.len(), 2)
-            );
+            ));
             let mut q = sqlx::query(&sql);
             for (m, e) in chunk {
                 q = q.bind(m.to_string()).bind(e);

@@ -6,7 +6,7 @@
 //! possible, which dispatch counts. Inbox messages are written in the same transaction as their
 //! `sent` row, so the inbox channel is exactly-once.
 
-use super::{Store, StoreError, now_ms, placeholders, value_rows};
+use super::{Backend, Store, StoreError, bindable, now_ms, placeholders, value_rows};
 use crate::domain::MessageId;
 use crate::wire::MessageRecord;
 use sqlx::Row;
@@ -104,11 +104,11 @@ impl Store {
     ) -> Result<HashMap<MessageId, (LedgerState, u32, Option<i64>)>, StoreError> {
         let mut out = HashMap::new();
         for chunk in ids.chunks(self.rows_per_statement(1)) {
-            let sql = format!(
+            let sql = self.bindable(format!(
                 "SELECT message_id, state, attempt, done_at FROM send_ledger \
                  WHERE message_id IN ({})",
                 placeholders(1, chunk.len())
-            );
+            ));
             let mut q = sqlx::query(&sql);
             for id in chunk {
                 q = q.bind(id.to_string());
@@ -155,13 +155,21 @@ impl Store {
             .iter()
             .map(|id| (**id, last[id].0, last[id].1))
             .collect();
-        upsert_ledger(&mut tx, &rows, done_at, now, self.rows_per_statement(5)).await?;
+        upsert_ledger(
+            self.backend,
+            &mut tx,
+            &rows,
+            done_at,
+            now,
+            self.rows_per_statement(5),
+        )
+        .await?;
         for chunk in inbox.chunks(self.rows_per_statement(6)) {
-            let sql = format!(
+            let sql = self.bindable(format!(
                 "INSERT INTO inbox (message_id, app, receiver, template_id, content, created_at) \
                  VALUES {} ON CONFLICT DO NOTHING",
                 value_rows(chunk.len(), 6)
-            );
+            ));
             let mut q = sqlx::query(&sql);
             for m in chunk {
                 q = q
@@ -175,11 +183,11 @@ impl Store {
             q.execute(&mut *tx).await?;
         }
         for chunk in failed.chunks(self.rows_per_statement(5)) {
-            let sql = format!(
+            let sql = self.bindable(format!(
                 "INSERT INTO failed_messages (message_id, app, template_id, failed_at, record) \
                  VALUES {} ON CONFLICT (message_id) DO UPDATE SET failed_at = excluded.failed_at",
                 value_rows(chunk.len(), 5)
-            );
+            ));
             let mut q = sqlx::query(&sql);
             for r in chunk {
                 q = q
@@ -201,6 +209,7 @@ impl Store {
 /// Writes ledger rows (distinct messages) in `tx`, `rows_per_statement` at a time; a row's
 /// `done_at` is kept when the new row brings none.
 pub(super) async fn upsert_ledger(
+    backend: Backend,
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     rows: &[(MessageId, LedgerState, u32)],
     done_at: &HashMap<MessageId, i64>,
@@ -208,12 +217,15 @@ pub(super) async fn upsert_ledger(
     rows_per_statement: usize,
 ) -> Result<(), StoreError> {
     for chunk in rows.chunks(rows_per_statement) {
-        let sql = format!(
-            "INSERT INTO send_ledger (message_id, state, attempt, updated_at, done_at) VALUES {} \
+        let sql = bindable(
+            backend,
+            format!(
+                "INSERT INTO send_ledger (message_id, state, attempt, updated_at, done_at) VALUES {} \
              ON CONFLICT (message_id) DO UPDATE SET state = excluded.state, \
              attempt = excluded.attempt, updated_at = excluded.updated_at, \
              done_at = COALESCE(excluded.done_at, send_ledger.done_at)",
-            value_rows(chunk.len(), 5)
+                value_rows(chunk.len(), 5)
+            ),
         );
         let mut q = sqlx::query(&sql);
         for (id, state, attempt) in chunk {

@@ -17,7 +17,7 @@
 
 use super::audit::{Audit, insert_audit};
 use super::ledger::upsert_ledger;
-use super::{LedgerState, Store, StoreError, now_ms, placeholders, value_rows};
+use super::{Backend, LedgerState, Store, StoreError, bindable, now_ms, placeholders, value_rows};
 use crate::domain::{Channel, MessageId};
 use crate::policy::AppPolicy;
 use chrono::{DateTime, Utc};
@@ -287,11 +287,11 @@ impl Store {
         let now = now_ms();
         let mut added = 0;
         for chunk in receivers.chunks(self.rows_per_statement(5)) {
-            let sql = format!(
+            let sql = self.bindable(format!(
                 "INSERT INTO receiver_lists (app_id, channel, list, receiver, created_at) \
                  VALUES {} ON CONFLICT DO NOTHING",
                 value_rows(chunk.len(), 5)
-            );
+            ));
             let mut q = sqlx::query(&sql);
             for r in chunk {
                 q = q
@@ -319,11 +319,11 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let mut removed = 0;
         for chunk in receivers.chunks(self.rows_per_statement(1)) {
-            let sql = format!(
+            let sql = self.bindable(format!(
                 "DELETE FROM receiver_lists WHERE app_id = $1 AND channel = $2 AND list = $3 \
                  AND receiver IN ({})",
                 placeholders(4, chunk.len())
-            );
+            ));
             let mut q = sqlx::query(&sql)
                 .bind(app_id)
                 .bind(channel.as_str())
@@ -369,11 +369,11 @@ impl Store {
     ) -> Result<HashSet<(Channel, ListName, String)>, StoreError> {
         let mut out = HashSet::new();
         for chunk in receivers.chunks(self.rows_per_statement(1)) {
-            let sql = format!(
+            let sql = self.bindable(format!(
                 "SELECT l.channel, l.list, l.receiver FROM receiver_lists l \
                  JOIN apps a ON a.id = l.app_id WHERE a.name = $1 AND l.receiver IN ({})",
                 placeholders(2, chunk.len())
-            );
+            ));
             let mut q = sqlx::query(&sql).bind(app);
             for r in chunk {
                 q = q.bind(*r);
@@ -402,11 +402,11 @@ impl Store {
         let mut won: HashSet<MessageId> = HashSet::new();
         let fresh: Vec<&MessageClaim> = claims.iter().filter(|c| c.from.is_none()).collect();
         for chunk in fresh.chunks(self.rows_per_statement(4)) {
-            let sql = format!(
+            let sql = self.bindable(format!(
                 "INSERT INTO send_ledger (message_id, state, attempt, updated_at) VALUES {} \
                  ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
                 value_rows(chunk.len(), 4)
-            );
+            ));
             let mut q = sqlx::query(&sql);
             for c in chunk {
                 q = q
@@ -431,11 +431,11 @@ impl Store {
         }
         for ((from, state), group) in moving {
             for chunk in group.chunks(self.rows_per_statement(1)) {
-                let sql = format!(
+                let sql = self.bindable(format!(
                     "UPDATE send_ledger SET state = $1, updated_at = $2 \
                      WHERE state = $3 AND message_id IN ({}) RETURNING message_id",
                     placeholders(4, chunk.len())
-                );
+                ));
                 let mut q = sqlx::query(&sql)
                     .bind(state.as_str())
                     .bind(now)
@@ -461,11 +461,18 @@ impl Store {
             .filter_map(|(c, _)| c.schedule.as_ref())
             .collect();
         for chunk in waiting.chunks(self.rows_per_statement(5)) {
-            insert_schedule(&mut tx, chunk).await?;
+            insert_schedule(self.backend, &mut tx, chunk).await?;
         }
 
-        let (passed, stopped) =
-            count_limits(&mut tx, claims, &winners, now, self.rows_per_statement(5)).await?;
+        let (passed, stopped) = count_limits(
+            self.backend,
+            &mut tx,
+            claims,
+            &winners,
+            now,
+            self.rows_per_statement(5),
+        )
+        .await?;
         for (i, state) in stopped.iter().enumerate() {
             let Some(state) = state else { continue };
             // Give back what the stopped message took from its other limits.
@@ -544,10 +551,10 @@ impl Store {
         }
         for (lease, ids) in by_lease {
             for chunk in ids.chunks(self.rows_per_statement(1)) {
-                let sql = format!(
+                let sql = self.bindable(format!(
                     "DELETE FROM schedule WHERE claimed_until = $1 AND message_id IN ({})",
                     placeholders(2, chunk.len())
-                );
+                ));
                 let mut q = sqlx::query(&sql).bind(lease);
                 for id in chunk {
                     q = q.bind(id.to_string());
@@ -633,6 +640,7 @@ impl Store {
             .map(|(entry, attempt)| (entry.message_id, LedgerState::Retrying, *attempt))
             .collect();
         upsert_ledger(
+            self.backend,
             &mut tx,
             &rows,
             &HashMap::new(),
@@ -642,7 +650,7 @@ impl Store {
         .await?;
         let entries: Vec<&ScheduledMessage> = retries.iter().map(|(e, _)| e).collect();
         for chunk in entries.chunks(self.rows_per_statement(5)) {
-            insert_schedule(&mut tx, chunk).await?;
+            insert_schedule(self.backend, &mut tx, chunk).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -660,12 +668,12 @@ impl Store {
     ) -> Result<Vec<MessageId>, StoreError> {
         let rows = match selection {
             Redrive::Messages(ids) => {
-                let sql = format!(
+                let sql = self.bindable(format!(
                     "SELECT message_id, record FROM failed_messages WHERE app = $1 \
                      AND message_id IN ({}) LIMIT ${}",
                     placeholders(2, ids.len()),
                     ids.len() + 2
-                );
+                ));
                 let mut q = sqlx::query(&sql).bind(app);
                 for id in ids {
                     q = q.bind(id.to_string());
@@ -718,7 +726,7 @@ impl Store {
                     record: row.get(1),
                     lease: 0,
                 };
-                insert_schedule(&mut tx, &[&entry]).await?;
+                insert_schedule(self.backend, &mut tx, &[&entry]).await?;
                 redriven.push(id);
             }
         }
@@ -746,14 +754,18 @@ impl Store {
 /// Writes schedule entries (distinct messages). An entry that exists gets the new time and
 /// loses its lease, so that a scheduler releasing it right now does not delete it afterwards.
 async fn insert_schedule(
+    backend: Backend,
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     entries: &[&ScheduledMessage],
 ) -> Result<(), StoreError> {
-    let sql = format!(
-        "INSERT INTO schedule (message_id, app, due_at, kind, record) VALUES {} \
+    let sql = bindable(
+        backend,
+        format!(
+            "INSERT INTO schedule (message_id, app, due_at, kind, record) VALUES {} \
          ON CONFLICT (message_id) DO UPDATE SET due_at = excluded.due_at, \
          kind = excluded.kind, record = excluded.record, claimed_until = 0",
-        value_rows(entries.len(), 5)
+            value_rows(entries.len(), 5)
+        ),
     );
     let mut q = sqlx::query(&sql);
     for s in entries {
@@ -798,6 +810,7 @@ fn scheduled_of(r: &AnyRow) -> Result<ScheduledMessage, StoreError> {
 /// message stopped by one limit is not counted against the next. Returns per claim the limits it
 /// passed and the state it was stopped with.
 async fn count_limits<'c>(
+    backend: Backend,
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     claims: &'c [MessageClaim],
     winners: &[bool],
@@ -833,9 +846,9 @@ async fn count_limits<'c>(
                 .collect();
             for chunk in ops.chunks(rows) {
                 let ok = if content {
-                    upsert_content(tx, claims, chunk, now).await?
+                    upsert_content(backend, tx, claims, chunk, now).await?
                 } else {
-                    upsert_frequency(tx, chunk).await?
+                    upsert_frequency(backend, tx, chunk).await?
                 };
                 for &(i, limit) in chunk {
                     if ok.contains(&limit.sort_key()) {
@@ -856,17 +869,21 @@ async fn count_limits<'c>(
 
 /// Takes the content keys of `ops` (distinct) that are free or expired; returns those taken.
 async fn upsert_content(
+    backend: Backend,
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     claims: &[MessageClaim],
     ops: &[(usize, &Limit)],
     now: i64,
 ) -> Result<HashSet<(i64, i64)>, StoreError> {
-    let sql = format!(
-        "INSERT INTO content_dedup (key, message_id, expires_at) VALUES {} \
+    let sql = bindable(
+        backend,
+        format!(
+            "INSERT INTO content_dedup (key, message_id, expires_at) VALUES {} \
          ON CONFLICT (key) DO UPDATE SET message_id = excluded.message_id, \
          expires_at = excluded.expires_at WHERE content_dedup.expires_at <= ${} RETURNING key",
-        value_rows(ops.len(), 3),
-        ops.len() * 3 + 1
+            value_rows(ops.len(), 3),
+            ops.len() * 3 + 1
+        ),
     );
     let mut q = sqlx::query(&sql);
     for &(i, limit) in ops {
@@ -884,15 +901,19 @@ async fn upsert_content(
 /// Counts one message against each cap of `ops` (distinct scopes) that is under its maximum;
 /// returns the (scope, window) of those counted.
 async fn upsert_frequency(
+    backend: Backend,
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     ops: &[(usize, &Limit)],
 ) -> Result<HashSet<(i64, i64)>, StoreError> {
-    let sql = format!(
-        "INSERT INTO frequency_counts (scope, window_start, count, cap, expires_at) VALUES {} \
+    let sql = bindable(
+        backend,
+        format!(
+            "INSERT INTO frequency_counts (scope, window_start, count, cap, expires_at) VALUES {} \
          ON CONFLICT (scope, window_start) DO UPDATE SET count = frequency_counts.count + 1, \
          cap = excluded.cap WHERE frequency_counts.count < excluded.cap \
          RETURNING scope, window_start",
-        value_rows(ops.len(), 5)
+            value_rows(ops.len(), 5)
+        ),
     );
     let mut q = sqlx::query(&sql);
     for &(_, limit) in ops {

@@ -24,7 +24,8 @@ impl Store {
         for chunk in ids.chunks(self.rows_per_statement(1)) {
             let list = placeholders(1, chunk.len());
             for table in ["message_events", "vendor_messages", "message_states"] {
-                let sql = format!("DELETE FROM {table} WHERE message_id IN ({list})");
+                let sql =
+                    self.bindable(format!("DELETE FROM {table} WHERE message_id IN ({list})"));
                 let mut q = sqlx::query(&sql);
                 for id in chunk {
                     q = q.bind(id);

@@ -83,12 +83,12 @@ impl Store {
         }
         let mut tx = self.pool.begin().await?;
         for chunk in rows.chunks(self.rows_per_statement(9)) {
-            let sql = format!(
+            let sql = self.bindable(format!(
                 "INSERT INTO vendor_messages \
                  (vendor, vendor_message_id, receiver, message_id, account_id, sent_at, event, \
                  app, template_id) VALUES {} ON CONFLICT DO NOTHING",
                 value_rows(chunk.len(), 9)
-            );
+            ));
             let mut q = sqlx::query(&sql);
             for e in chunk {
                 q = q
