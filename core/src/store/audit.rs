@@ -36,6 +36,7 @@ pub struct Audit {
 }
 
 impl Audit {
+    /// An entry saying that `actor` (a key id, or `cli`) did `action` to `target`.
     pub fn new(
         actor: &str,
         action: &'static str,
