@@ -133,13 +133,7 @@ async fn kill_9_midway_loses_nothing_and_sends_nothing_twice() {
     let all: HashSet<String> = inbox_ids.iter().chain(&email_ids).cloned().collect();
     let deadline = Instant::now() + Duration::from_secs(120);
     let sent: HashMap<String, u64> = loop {
-        let csv = crate::support::sql_csv(&warehouse, "SELECT CAST(message_id AS VARCHAR) AS m, count(*) AS n FROM delivery_events WHERE state = 'sent' GROUP BY message_id").await;
-        let sent: HashMap<String, u64> = csv
-            .lines()
-            .skip(1)
-            .filter_map(|l| l.split_once(','))
-            .map(|(m, n)| (m.to_string(), n.trim().parse().unwrap()))
-            .collect();
+        let sent = sent_counts(&warehouse).await;
         if all.iter().all(|id| sent.contains_key(id)) {
             break sent;
         }
@@ -290,6 +284,19 @@ async fn scheduled_messages_survive_a_kill_and_go_on_time() {
     );
     second.child.kill().unwrap();
     second.child.wait().unwrap();
+}
+
+/// How many `sent` events the warehouse holds per message id.
+async fn sent_counts(warehouse: &std::path::Path) -> HashMap<String, u64> {
+    let sql = "SELECT CAST(message_id AS VARCHAR) AS m, count(*) AS n FROM delivery_events \
+               WHERE state = 'sent' GROUP BY message_id";
+    crate::support::sql_csv(warehouse, sql)
+        .await
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(','))
+        .map(|(m, n)| (m.to_string(), n.trim().parse().unwrap()))
+        .collect()
 }
 
 /// GETs `base` + `path` with `key`; the JSON answer of a `200`.
@@ -497,15 +504,7 @@ async fn a_campaign_killed_midway_resumes_and_sends_every_row_once() {
     let warehouse = dir.path().join("warehouse");
     let deadline = Instant::now() + Duration::from_secs(60);
     let sent: HashMap<String, u64> = loop {
-        let sql = "SELECT CAST(message_id AS VARCHAR) AS m, count(*) AS n FROM delivery_events \
-                   WHERE state = 'sent' GROUP BY message_id";
-        let csv = crate::support::sql_csv(&warehouse, sql).await;
-        let sent: HashMap<String, u64> = csv
-            .lines()
-            .skip(1)
-            .filter_map(|l| l.split_once(','))
-            .map(|(m, n)| (m.to_string(), n.trim().parse().unwrap()))
-            .collect();
+        let sent = sent_counts(&warehouse).await;
         if sent.len() >= CAMPAIGN_ROWS {
             break sent;
         }
