@@ -56,7 +56,8 @@ fn corrupt(e: impl std::fmt::Display) -> StoreError {
 
 impl Store {
     /// Creates an app and its first API key (scope `admin`, no expiry); returns the key,
-    /// which is not stored and cannot be shown again.
+    /// which is not stored and cannot be shown again. The app's audit log starts with an
+    /// `app.create` entry by `cli` (apps are made from the command line only).
     pub async fn create_app(&self, name: &str) -> Result<(App, String), StoreError> {
         let mut tx = self.pool.begin().await?;
         let id: i64 =
@@ -76,7 +77,14 @@ impl Store {
             scopes: Scopes::ADMIN,
             expires_at: None,
         };
-        let (_, key) = insert_key(&mut tx, id, &first).await?;
+        let (stored, key) = insert_key(&mut tx, id, &first).await?;
+        let audit = Audit::new(
+            "cli",
+            "app.create",
+            format!("app:{id}"),
+            serde_json::json!({"name": name, "key": stored.key_id}),
+        );
+        insert_audit(&mut tx, id, &audit).await?;
         tx.commit().await?;
         let app = App {
             id,
@@ -340,7 +348,7 @@ impl Store {
                 .bind(secrets.seal(kind, &plain))
                 .bind(&id)
                 .bind(&stored)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await?;
                 resealed += done.rows_affected();
             }

@@ -125,6 +125,7 @@ pub(super) async fn changes_and_their_audit_entries_commit_together(store: Store
         .collect();
     written.reverse();
     let want = [
+        ("app.create", format!("app:{a}")),
         ("account.create", format!("account:{}", account.id)),
         ("template.create", format!("template:{}", template.id)),
         ("template.create", format!("template:{}", doomed.id)),
@@ -142,8 +143,16 @@ pub(super) async fn changes_and_their_audit_entries_commit_together(store: Store
     ]
     .map(|(action, target)| (action.to_string(), target));
     assert_eq!(written, want);
+    // The app's own creation comes first, by the command line, naming its first key.
+    let (created, changes) = log.split_last().unwrap();
+    assert_eq!(created.actor, "cli");
+    assert_eq!(created.detail["name"], "shop");
+    let keys = store.keys(a).await.unwrap();
+    let initial = keys.iter().find(|k| k.name == "initial").unwrap();
+    assert_eq!(created.detail["key"], json!(initial.key_id));
     assert!(
-        log.iter()
+        changes
+            .iter()
             .all(|e| e.actor == "k1" && e.detail == json!({"n": 1}))
     );
 
