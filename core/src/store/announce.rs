@@ -74,7 +74,7 @@ impl Store {
         sqlx::query("SELECT count(*) FROM (SELECT pg_notify($1, $2)) AS sent")
             .bind(CHANNEL)
             .bind(change.payload())
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(())
     }

@@ -174,7 +174,7 @@ impl Store {
             .bind(columns)
             .bind(c.first_run_at)
             .bind(now)
-            .fetch_one(&self.pool)
+            .fetch_one(&self.writer)
             .await?;
         campaign_of(&row)
     }
@@ -185,7 +185,7 @@ impl Store {
         campaign: i64,
         chunk: &CampaignChunk,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let uploading = sqlx::query(
             "UPDATE campaigns SET updated_at = $1 WHERE id = $2 AND state = 'uploading'",
         )
@@ -226,7 +226,7 @@ impl Store {
             .bind(total_rows)
             .bind(now_ms())
             .bind(campaign)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.writer)
             .await?
             .ok_or(StoreError::NotFound)?;
         campaign_of(&row)
@@ -249,7 +249,7 @@ impl Store {
 
     /// Deletes a campaign still `uploading` and its chunks (an upload that failed).
     pub async fn delete_upload(&self, campaign: i64) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         // Marking it first locks the row: an upload finishing meanwhile finds it gone.
         let marked = sqlx::query(
             "UPDATE campaigns SET state = 'failed' WHERE id = $1 AND state = 'uploading'",
@@ -345,7 +345,7 @@ impl Store {
     /// progress stops at its next batch; its file is deleted. Cancelling a cancelled campaign
     /// changes nothing; a finished or failed one is a `Conflict`.
     pub async fn cancel_campaign(&self, app_id: i64, id: i64) -> Result<Campaign, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let sql = format!(
             "UPDATE campaigns SET state = 'cancelled', next_run_at = NULL, claimed_until = 0, \
              updated_at = $1 WHERE app_id = $2 AND id = $3 AND state IN ('waiting', 'running') \
@@ -394,7 +394,7 @@ impl Store {
         let row = sqlx::query(&sql)
             .bind(lease_until)
             .bind(now)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.writer)
             .await?;
         let Some(c) = row.as_ref().map(campaign_of).transpose()? else {
             return Ok(None);
@@ -406,7 +406,7 @@ impl Store {
             ))
             .bind(c.id)
             .bind(c.runs - RUNS_KEPT)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         }
         Ok(Some(c))
@@ -457,7 +457,7 @@ impl Store {
         new_lease: i64,
         batch: &CampaignBatch,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let held = sqlx::query(
             "UPDATE campaigns SET processed_rows = processed_rows + $1, accepted = accepted + $2, \
              bad_rows = bad_rows + $3, claimed_until = $4, updated_at = $5 \
@@ -509,7 +509,7 @@ impl Store {
         next_run_at: Option<i64>,
     ) -> Result<bool, StoreError> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let state = if next_run_at.is_some() {
             CampaignState::Waiting
         } else {
@@ -560,7 +560,7 @@ impl Store {
         lease: i64,
         error: &str,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let held = sqlx::query(
             "UPDATE campaigns SET state = 'failed', error = $1, next_run_at = NULL, \
              claimed_until = 0, updated_at = $2 \
@@ -590,7 +590,7 @@ impl Store {
         )
         .bind(campaign)
         .bind(lease)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }

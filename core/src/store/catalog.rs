@@ -59,7 +59,7 @@ impl Store {
     /// which is not stored and cannot be shown again. The app's audit log starts with an
     /// `app.create` entry by `cli` (apps are made from the command line only).
     pub async fn create_app(&self, name: &str) -> Result<(App, String), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let id: i64 =
             sqlx::query_scalar("INSERT INTO apps (name, created_at) VALUES ($1, $2) RETURNING id")
                 .bind(name)
@@ -115,7 +115,7 @@ impl Store {
         audit: impl FnOnce(&Account) -> Audit,
     ) -> Result<Account, StoreError> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO accounts (app_id, name, channel, config, created_at, updated_at)
              VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
@@ -204,7 +204,7 @@ impl Store {
         audit: impl FnOnce(&Template) -> Audit,
     ) -> Result<Template, StoreError> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO templates (app_id, name, channel, msg_type, account_id, content, created_at, updated_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
@@ -234,7 +234,7 @@ impl Store {
         t: &NewTemplate,
         audit: impl FnOnce(&Template) -> Audit,
     ) -> Result<Template, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let done = sqlx::query(
             "UPDATE templates SET name = $1, channel = $2, msg_type = $3, account_id = $4, content = $5,
              version = version + 1, updated_at = $6 WHERE app_id = $7 AND id = $8 AND deleted_at IS NULL",
@@ -261,7 +261,7 @@ impl Store {
     /// Soft-deletes a template, with the audit entry `audit`: it disappears from the API and can
     /// no longer be sent.
     pub async fn delete_template(&self, app: i64, id: i64, audit: Audit) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let done = sqlx::query(
             "UPDATE templates SET deleted_at = $1 WHERE app_id = $2 AND id = $3 AND deleted_at IS NULL",
         )

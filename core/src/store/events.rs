@@ -39,7 +39,7 @@ impl Store {
         if events.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         for chunk in events.chunks(self.rows_per_statement(5)) {
             let sql = self.bindable(format!(
                 "INSERT INTO message_events (message_id, event_id, ts, state, event) VALUES {} \

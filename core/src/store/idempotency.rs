@@ -42,7 +42,7 @@ impl Store {
         .bind(request_hash)
         .bind(now)
         .bind(now - CLAIM_TIMEOUT_MS)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?
         .rows_affected();
         if inserted == 1 {
@@ -82,7 +82,7 @@ impl Store {
         .bind(response)
         .bind(app)
         .bind(key)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -92,7 +92,7 @@ impl Store {
         sqlx::query("DELETE FROM idempotency WHERE app_id = $1 AND key = $2 AND status IS NULL")
             .bind(app)
             .bind(key)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(())
     }

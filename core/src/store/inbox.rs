@@ -74,7 +74,7 @@ impl Store {
             .bind(now)
             .bind(app)
             .bind(receiver)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?
             .rows_affected();
         }
@@ -86,7 +86,7 @@ impl Store {
             .bind(app)
             .bind(receiver)
             .bind(id)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?
             .rows_affected();
         }

@@ -221,7 +221,7 @@ impl Store {
         new: &NewKey,
         audit: impl FnOnce(&ApiKey) -> Audit,
     ) -> Result<(ApiKey, String), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let (key, secret) = insert_key(&mut tx, app, new).await?;
         insert_audit(&mut tx, app, &audit(&key)).await?;
         tx.commit().await?;
@@ -273,7 +273,7 @@ impl Store {
         key_id: &str,
         audit: impl FnOnce(&ApiKey) -> Audit,
     ) -> Result<ApiKey, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         sqlx::query(
             "UPDATE api_keys SET revoked_at = $1
              WHERE app_id = $2 AND key_id = $3 AND revoked_at IS NULL",
@@ -300,7 +300,7 @@ impl Store {
         old_until: i64,
         audit: impl FnOnce(&ApiKey, &ApiKey) -> Audit,
     ) -> Result<(ApiKey, String, ApiKey), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let old = select_key(&mut tx, app, key_id).await?;
         let new = NewKey {
             name: old.name,

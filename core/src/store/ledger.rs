@@ -150,7 +150,7 @@ impl Store {
                 order.push(id);
             }
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let rows: Vec<(MessageId, LedgerState, u32)> = order
             .iter()
             .map(|id| (**id, last[id].0, last[id].1))

@@ -218,7 +218,7 @@ impl Store {
         audit: impl FnOnce(i64) -> Audit,
     ) -> Result<i64, StoreError> {
         let json = serde_json::to_string(policy).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let version: i64 = sqlx::query_scalar(
             "INSERT INTO app_policies (app_id, policy, version, updated_at) VALUES ($1, $2, 1, $3) \
              ON CONFLICT (app_id) DO UPDATE SET policy = excluded.policy, \
@@ -245,7 +245,7 @@ impl Store {
         receivers: &[String],
         audit: impl FnOnce(u64) -> Audit,
     ) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let added = self
             .insert_into_list(&mut tx, app_id, channel, list, receivers)
             .await?;
@@ -262,7 +262,7 @@ impl Store {
         channel: Channel,
         receiver: &str,
     ) -> Result<(), StoreError> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.writer.acquire().await?;
         let receivers = [receiver.to_string()];
         self.insert_into_list(
             &mut conn,
@@ -316,7 +316,7 @@ impl Store {
         receivers: &[String],
         audit: impl FnOnce(u64) -> Audit,
     ) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let mut removed = 0;
         for chunk in receivers.chunks(self.rows_per_statement(1)) {
             let sql = self.bindable(format!(
@@ -396,7 +396,7 @@ impl Store {
             return Ok(outcome);
         }
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
 
         // Claim the ledger rows: insert where there is none, move on from `scheduled`.
         let mut won: HashSet<MessageId> = HashSet::new();
@@ -537,7 +537,7 @@ impl Store {
         .bind(now)
         .bind(due_by.timestamp_millis())
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.writer)
         .await?;
         rows.iter().map(scheduled_of).collect()
     }
@@ -559,7 +559,7 @@ impl Store {
                 for id in chunk {
                     q = q.bind(id.to_string());
                 }
-                q.execute(&self.pool).await?;
+                q.execute(&self.writer).await?;
             }
         }
         Ok(())
@@ -574,7 +574,7 @@ impl Store {
         app: &str,
         id: MessageId,
     ) -> Result<ScheduledMessage, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let row = sqlx::query(
             "DELETE FROM schedule WHERE message_id = $1 AND app = $2 \
              RETURNING message_id, app, due_at, kind, record, claimed_until",
@@ -634,7 +634,7 @@ impl Store {
             return Ok(());
         }
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let rows: Vec<(MessageId, LedgerState, u32)> = retries
             .iter()
             .map(|(entry, attempt)| (entry.message_id, LedgerState::Retrying, *attempt))
@@ -701,7 +701,7 @@ impl Store {
         };
         let now = chrono::Utc::now();
         let mut redriven = Vec::new();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         for row in rows {
             let id = parse_id(row.get(0))?;
             let moved = sqlx::query(
@@ -739,12 +739,12 @@ impl Store {
         let now = now_ms();
         let a = sqlx::query("DELETE FROM content_dedup WHERE expires_at <= $1")
             .bind(now)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?
             .rows_affected();
         let b = sqlx::query("DELETE FROM frequency_counts WHERE expires_at <= $1")
             .bind(now)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?
             .rows_affected();
         Ok(a + b)

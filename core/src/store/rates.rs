@@ -109,7 +109,7 @@ impl Store {
     pub async fn prune_receiver_rates(&self, now_us: i64) -> Result<u64, StoreError> {
         Ok(sqlx::query("DELETE FROM receiver_rates WHERE next_at < $1")
             .bind(now_us - 86_400_000_000)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?
             .rows_affected())
     }
@@ -146,7 +146,7 @@ impl Store {
                 .bind(now_us - burst_us)
                 .bind(span)
                 .bind(now_us + horizon_us)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.writer)
                 .await?;
             if let Some(row) = granted {
                 let next: i64 = row.get(0);
@@ -165,7 +165,7 @@ impl Store {
                          ON CONFLICT ({column}) DO NOTHING"
                     ))
                     .bind(key)
-                    .execute(&self.pool)
+                    .execute(&self.writer)
                     .await?;
                 }
             }

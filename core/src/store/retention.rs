@@ -10,7 +10,7 @@ impl Store {
     /// Forgets up to `limit` messages whose latest state is before `before_us` (unix µs): their
     /// indexed events, state row and vendor ids, in one transaction. Returns how many.
     pub async fn prune_index(&self, before_us: i64, limit: i64) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let ids: Vec<String> = sqlx::query(
             "SELECT message_id FROM message_states WHERE state_at < $1 ORDER BY state_at LIMIT $2",
         )

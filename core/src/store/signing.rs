@@ -27,7 +27,7 @@ impl Store {
                 .bind(KIND)
                 .bind(self.seal(KIND, &STANDARD.encode(key)))
                 .bind(now_ms())
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await?;
                 let row = sqlx::query("SELECT secret FROM internal_keys WHERE name = $1")
                     .bind(KIND)

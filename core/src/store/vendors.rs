@@ -45,7 +45,7 @@ impl Store {
         .bind(key)
         .bind(self.seal(TOKEN, token))
         .bind(expires_at)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -64,7 +64,7 @@ impl Store {
             sqlx::query("DELETE FROM vendor_tokens WHERE key = $1 AND token = $2")
                 .bind(key)
                 .bind(&stored)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await?;
         }
         Ok(())
@@ -81,7 +81,7 @@ impl Store {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         for chunk in rows.chunks(self.rows_per_statement(9)) {
             let sql = self.bindable(format!(
                 "INSERT INTO vendor_messages \
@@ -199,7 +199,7 @@ impl Store {
     /// once their events are published, so pollers stop asking for them.
     pub async fn mark_receipts(&self, events: &[DeliveryEvent]) -> Result<(), StoreError> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         for e in events {
             sqlx::query(
                 "UPDATE vendor_messages SET receipt_at = $1 \
@@ -304,7 +304,7 @@ impl Store {
         .bind(vendor)
         .bind(vendor_message_id)
         .bind(account_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.writer)
         .await?;
         rows.iter()
             .map(|r| {
