@@ -913,6 +913,42 @@ async fn a_full_or_unreachable_store_is_unavailable() {
     assert!(StoreError::from(unreachable).is_unavailable());
 }
 
+/// Commits do not checkpoint the WAL, and a steady writer never lets it start again from its
+/// beginning by itself (it does only when a write begins after a complete checkpoint): the
+/// store's checkpointer must. 256 MB written in 100-row transactions, with a read after each as
+/// in a running herald, leave the WAL near its 64 MiB restart mark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_stays_bounded_under_a_steady_writer() {
+    let fresh = sqlite().await;
+    let store = &fresh.store;
+    let wal = fresh._dir.as_ref().unwrap().path().join("herald.db-wal");
+    sqlx::query("CREATE TABLE filler (id INTEGER PRIMARY KEY, data BLOB NOT NULL)")
+        .execute(&store.writer)
+        .await
+        .unwrap();
+    let page = vec![7u8; 4000];
+    let mut largest = 0;
+    for round in 0..640_i64 {
+        let mut tx = store.writer.begin().await.unwrap();
+        for i in 0..100 {
+            sqlx::query("INSERT INTO filler (id, data) VALUES ($1, $2)")
+                .bind(round * 100 + i)
+                .bind(&page)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+        }
+        tx.commit().await.unwrap();
+        let _: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM apps")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        largest = largest.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
+    }
+    assert!(largest > 0, "no WAL file at {}", wal.display());
+    assert!(largest < 160 << 20, "the WAL grew to {largest} bytes");
+}
+
 #[test]
 fn sqlite_statements_with_ordered_parameters_bind_anonymously() {
     let sql = |s: &str| bindable(Backend::Sqlite, s.to_string());
