@@ -479,9 +479,9 @@ impl Store {
             for limit in &passed[i] {
                 match limit {
                     Limit::Content { key, .. } => {
-                        sqlx::query("DELETE FROM content_dedup WHERE key = $1 AND message_id = $2")
+                        sqlx::query("DELETE FROM content_dedup WHERE key = $1 AND owner = $2")
                             .bind(*key)
-                            .bind(claims[i].message_id.to_string())
+                            .bind(dedup_owner(&claims[i].message_id))
                             .execute(&mut *tx)
                             .await?;
                     }
@@ -878,8 +878,8 @@ async fn upsert_content(
     let sql = bindable(
         backend,
         format!(
-            "INSERT INTO content_dedup (key, message_id, expires_at) VALUES {} \
-         ON CONFLICT (key) DO UPDATE SET message_id = excluded.message_id, \
+            "INSERT INTO content_dedup (key, owner, expires_at) VALUES {} \
+         ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, \
          expires_at = excluded.expires_at WHERE content_dedup.expires_at <= ${} RETURNING key",
             value_rows(ops.len(), 3),
             ops.len() * 3 + 1
@@ -890,7 +890,7 @@ async fn upsert_content(
         if let Limit::Content { key, expires_at } = limit {
             q = q
                 .bind(*key)
-                .bind(claims[i].message_id.to_string())
+                .bind(dedup_owner(&claims[i].message_id))
                 .bind(*expires_at);
         }
     }
@@ -937,6 +937,12 @@ async fn upsert_frequency(
         .iter()
         .map(|r| (r.get::<i64, _>(0), r.get::<i64, _>(1)))
         .collect())
+}
+
+/// The owner a content-dedup key records: the low 64 bits of the message id (random bits of a
+/// time-ordered id; it only tells the message that took a key from any other taking it).
+fn dedup_owner(id: &MessageId) -> i64 {
+    id.0.as_u64_pair().1 as i64
 }
 
 fn parse_policy(json: &str) -> Result<AppPolicy, StoreError> {
