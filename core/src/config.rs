@@ -224,6 +224,14 @@ pub struct DispatchConfig {
     /// goes on.
     #[serde(deserialize_with = "duration")]
     pub rate_wait: Duration,
+    /// How long a batch waits for its vendor calls; calls still running then (a slow or
+    /// hanging vendor) are handed off: they finish in the background, guarded in the schedule
+    /// against a crash, while the worker commits the batch and takes the next one.
+    #[serde(deserialize_with = "duration")]
+    pub handoff_after: Duration,
+    /// Most messages whose calls a worker finishes in the background at once; beyond it, a
+    /// batch waits for its calls (0: never hand off).
+    pub max_handed_off: usize,
 }
 
 /// When a vendor account's circuit breaker opens, and how it closes again. A call counts as
@@ -324,6 +332,8 @@ impl Default for DispatchConfig {
             breaker: BreakerConfig::default(),
             sensitive_words_file: None,
             rate_wait: Duration::from_secs(1),
+            handoff_after: Duration::from_secs(5),
+            max_handed_off: 4096,
         }
     }
 }

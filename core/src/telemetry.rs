@@ -42,6 +42,8 @@ pub struct Metrics {
     pub redelivery_absorbed: Counter,
     /// Messages sent again because a crash hit during the vendor call (possible duplicates).
     pub possible_duplicates: Counter,
+    /// Messages whose vendor calls outlived their batch and finished in the background.
+    pub calls_handed_off: Counter,
     /// Delivery events written to the warehouse.
     pub warehouse_events: Counter,
     /// Re-emitted delivery events the warehouse sink dropped as copies.
@@ -141,6 +143,7 @@ impl Metrics {
             queue_lag: Family::default(),
             redelivery_absorbed: Counter::default(),
             possible_duplicates: Counter::default(),
+            calls_handed_off: Counter::default(),
             warehouse_events: Counter::default(),
             warehouse_duplicates_dropped: Counter::default(),
             receipts: Family::default(),
@@ -210,6 +213,11 @@ impl Metrics {
             "possible_duplicates",
             "Messages sent again after a crash during the vendor call",
             m.possible_duplicates.clone(),
+        );
+        registry.register(
+            "calls_handed_off",
+            "Messages whose vendor calls outlived their batch and finished in the background",
+            m.calls_handed_off.clone(),
         );
         registry.register(
             "warehouse_events",

@@ -34,7 +34,8 @@ use crate::outcomes::OutcomeWriter;
 use crate::policy::{Policies, Stop, Verdict, expire};
 use crate::ratelimit::{Acquired, RateLimiter};
 use crate::requests::{ExpandError, Refusal, RequestExpander, dead_letter};
-use futures::stream::{self, StreamExt};
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
 use herald_core::bus::{Bus, BusError, Consumer, Delivered, Position, Record, next_positions};
 use herald_core::config::DispatchConfig;
 use herald_core::policy::rate_limits::most_urgent;
@@ -46,8 +47,10 @@ use herald_core::store::{
 use herald_core::telemetry::{AccountLabel, ChannelLabel, ErrorCode, Metrics};
 use herald_core::wire::{DELIVERY_TOPIC, REQUESTS_DLQ_TOPIC, REQUESTS_TOPIC};
 use herald_core::{Channel, DeliveryEvent, MessageId, MessageRecord, State};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -57,6 +60,13 @@ pub const GROUP: &str = herald_core::wire::DISPATCH_GROUP;
 
 /// How long a cached channel account is used before it is read again.
 const ACCOUNT_TTL: Duration = Duration::from_secs(5);
+
+/// How far ahead a handed-off message's guard is due: the longest a call outlives a dead
+/// worker before its message is released again.
+const IN_FLIGHT_GUARD: chrono::Duration = chrono::Duration::seconds(30);
+
+/// How often the guards of running handed-off calls are moved on.
+const IN_FLIGHT_RENEW: Duration = Duration::from_secs(10);
 
 /// A wait for a rate limit's slot at least this long is a `rate_limited` event.
 const REPORTED_RATE_WAIT: Duration = Duration::from_millis(50);
@@ -106,9 +116,12 @@ pub struct Dispatcher {
     rates: RateLimiter,
     /// Prices `sent` events (`cost_micros`, `currency`).
     prices: PriceTable,
+    /// Messages whose calls were handed off and are not recorded yet.
+    in_flight: Mutex<HashSet<MessageId>>,
 }
 
 /// One message of a batch and what became of it.
+#[derive(Clone)]
 struct Work {
     record: MessageRecord,
     /// The ledger said this message was seen before.
@@ -129,12 +142,15 @@ struct Work {
     masked: Option<Vec<String>>,
     /// Another worker (or an earlier delivery) claimed it: no sending, no events.
     skip: bool,
+    /// Its vendor call outlived the batch: a straggler records it, and the batch does not.
+    handed_off: bool,
     /// The accounts it may be sent through, in the order it tries them (its route's, else its
     /// template's); empty for the inbox.
     plan: Vec<i64>,
 }
 
 /// One vendor call for one message.
+#[derive(Clone)]
 struct Try {
     attempt: u32,
     sending_at: chrono::DateTime<chrono::Utc>,
@@ -180,13 +196,18 @@ impl Work {
             wait: None,
             masked: None,
             skip: false,
+            handed_off: false,
             plan: Vec::new(),
         }
     }
 
     /// Whether this batch sends the message.
     fn to_send(&self) -> bool {
-        self.done.is_none() && self.stop.is_none() && self.wait.is_none() && !self.skip
+        self.done.is_none()
+            && self.stop.is_none()
+            && self.wait.is_none()
+            && !self.skip
+            && !self.handed_off
     }
 
     /// The last call's result, once the message was tried.
@@ -196,22 +217,42 @@ impl Work {
 }
 
 /// Messages for one account, sent together.
-struct Group<'a> {
+struct Group {
     channel: Channel,
-    items: Vec<Item<'a>>,
+    items: Vec<Item>,
 }
 
-/// A message handed to `deliver`.
-#[derive(Clone, Copy)]
-struct Item<'a> {
+/// A message handed to `deliver`; owned, so that its calls can outlive the batch.
+struct Item {
     /// Its index in the batch.
     index: usize,
-    record: &'a MessageRecord,
+    record: MessageRecord,
     /// The attempt number of its first call.
     first_attempt: u32,
     /// The accounts it may use, in order.
-    plan: &'a [i64],
+    plan: Vec<i64>,
 }
+
+/// The vendor calls of one chunk of a round: each message's index in the batch and its calls.
+type Delivery<'s> = BoxFuture<'s, Vec<(usize, Vec<Try>)>>;
+
+/// A chunk's delivery and the batch indexes of its messages, so that an unfinished one can be
+/// handed off.
+struct Chunk<'s> {
+    indexes: Vec<usize>,
+    delivery: Delivery<'s>,
+}
+
+impl Future for Chunk<'_> {
+    type Output = Vec<(usize, Vec<Try>)>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.delivery.as_mut().poll(cx)
+    }
+}
+
+/// Handed-off vendor calls of an earlier batch, recording their outcomes when they end.
+type Straggler<'s> = BoxFuture<'s, ()>;
 
 /// Messages of a delivery (indexes into its items) to send through one account (`None`: the
 /// message has none).
@@ -298,6 +339,7 @@ impl Dispatcher {
             outcomes: OutcomeWriter::start(store_for_outcomes),
             requests: None,
             prices: PriceTable::default(),
+            in_flight: Mutex::default(),
         }
     }
 
@@ -313,12 +355,18 @@ impl Dispatcher {
         self
     }
 
-    /// Consumes `herald.requests` until `shutdown` turns true; the batch in hand is finished first.
+    /// Consumes `herald.requests` until `shutdown` turns true; the batch in hand, and the calls
+    /// handed off by earlier batches, are finished first.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), DispatchError> {
         let mut consumer = self.bus.subscribe(REQUESTS_TOPIC, GROUP).await?;
+        let mut stragglers = FuturesUnordered::new();
         while !*shutdown.borrow() {
+            let polled = beside(
+                consumer.poll(self.config.batch_size, Duration::from_millis(200)),
+                &mut stragglers,
+            );
             let records = tokio::select! {
-                r = consumer.poll(self.config.batch_size, Duration::from_millis(200)) => r?,
+                r = polled => r?,
                 _ = shutdown.changed() => break,
             };
             if records.is_empty() {
@@ -326,17 +374,28 @@ impl Dispatcher {
             }
             let mut backoff = Duration::from_millis(100);
             loop {
-                match self.process_batch(&records).await {
-                    Ok(_) => break,
+                match beside(self.process_batch(&records), &mut stragglers).await {
+                    Ok((_, handed_off)) => {
+                        stragglers.extend(handed_off);
+                        break;
+                    }
                     Err(e) => {
                         // The batch is retried as a whole; the ledger makes that harmless.
                         tracing::error!(error = %e, "batch failed; retrying");
-                        tokio::time::sleep(backoff).await;
+                        beside(tokio::time::sleep(backoff), &mut stragglers).await;
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
                 }
             }
-            commit(consumer.as_mut(), &next_positions(&records)).await;
+            let positions = next_positions(&records);
+            beside(commit(consumer.as_mut(), &positions), &mut stragglers).await;
+        }
+        if !stragglers.is_empty() {
+            tracing::info!(
+                chunks = stragglers.len(),
+                "finishing handed-off vendor calls before stopping"
+            );
+            while stragglers.next().await.is_some() {}
         }
         Ok(())
     }
@@ -358,10 +417,12 @@ impl Dispatcher {
     }
 
     /// Processes one polled batch up to and including publishing its events; the caller commits.
-    pub async fn process_batch(
+    /// Vendor calls that outlived the batch's wait come back as stragglers, to be driven to
+    /// their end beside the next batches.
+    async fn process_batch(
         &self,
         records: &[Delivered],
-    ) -> Result<BatchOutcome, DispatchError> {
+    ) -> Result<(BatchOutcome, Vec<Straggler<'_>>), DispatchError> {
         let mut outcome = BatchOutcome::default();
         let received_at = chrono::Utc::now();
         let mut work = Vec::with_capacity(records.len());
@@ -400,6 +461,9 @@ impl Dispatcher {
         }
 
         let ids: Vec<MessageId> = work.iter().map(|w| w.record.message_id).collect();
+        // Taken before the ledger is read: a call that lands meanwhile leaves a row read as
+        // `sending` that must not be sent again.
+        let in_flight = self.in_flight_among(&ids);
         let ledger = self.store.ledger_states(&ids).await?;
         let mut candidates = Vec::new();
         for (i, w) in work.iter_mut().enumerate() {
@@ -416,6 +480,13 @@ impl Dispatcher {
                     w.redelivered = true;
                     w.done = Some((state, attempt));
                     w.done_at = done_at.and_then(chrono::DateTime::from_timestamp_micros);
+                    outcome.absorbed += 1;
+                    self.metrics.redelivery_absorbed.inc();
+                }
+                Some(_) if in_flight.contains(&w.record.message_id) => {
+                    // A copy of a message whose handed-off call is still running here.
+                    w.redelivered = true;
+                    w.skip = true;
                     outcome.absorbed += 1;
                     self.metrics.redelivery_absorbed.inc();
                 }
@@ -439,16 +510,29 @@ impl Dispatcher {
         }
         self.pace_receivers(&mut work).await?;
 
-        self.send_all(&mut work).await;
+        let stragglers = self.send_all(&mut work, received_at).await;
         // The final write below must not be overtaken by a queued earlier state.
         self.outcomes.flush().await;
+        self.record_outcomes(&work, received_at, &mut outcome).await;
+        Ok((outcome, stragglers))
+    }
 
+    /// Records what became of `work` once its vendor calls are made: the ledger's final states
+    /// (and the inbox), the retry schedule, vendor message ids, then the delivery events. A
+    /// failure is retried step by step, not by redelivering the batch: a message whose outcome
+    /// the ledger did not take (the store went down after the call) would be sent again.
+    async fn record_outcomes(
+        &self,
+        work: &[Work],
+        received_at: chrono::DateTime<chrono::Utc>,
+        outcome: &mut BatchOutcome,
+    ) {
         let mut final_rows = Vec::new();
         let mut done_at = HashMap::new();
         let mut inbox = Vec::new();
         let mut failed = Vec::new();
         let mut retries = Vec::new();
-        for w in &work {
+        for w in work {
             if !w.to_send() {
                 continue;
             }
@@ -516,9 +600,6 @@ impl Dispatcher {
             .cloned()
             .collect();
         let events: Vec<Record> = events.iter().map(DeliveryEvent::to_record).collect();
-        // The vendors were called. From here a failure is retried step by step, not by
-        // redelivering the batch: a message whose outcome the ledger did not take (the store
-        // went down after the call) would be sent again.
         let (rows, at, inbox, failed) = (&final_rows, &done_at, &inbox, &failed);
         let (retries, with_receipts, events) = (&retries, &with_receipts, &events);
         until_done("the send ledger", || async move {
@@ -537,7 +618,6 @@ impl Dispatcher {
             Ok(self.bus.publish(DELIVERY_TOPIC, events.clone()).await?)
         })
         .await;
-        Ok(outcome)
     }
 
     /// Runs the policies over `candidates` (index into `work`, the waiting state its ledger row
@@ -678,7 +758,13 @@ impl Dispatcher {
     /// Sends every message that needs it, one receiver's messages in order: the k-th message of
     /// each receiver goes in round k. Within a round, messages for one account are handed to
     /// their channel's batch API together, and different accounts' groups run concurrently.
-    async fn send_all(&self, work: &mut [Work]) {
+    /// A round's calls still running after `handoff_after` are handed off (see
+    /// [`Self::hand_off`]); the next round does not wait for them.
+    async fn send_all(
+        &self,
+        work: &mut [Work],
+        received_at: chrono::DateTime<chrono::Utc>,
+    ) -> Vec<Straggler<'_>> {
         let now = chrono::Utc::now();
         // The k-th inbox message of a receiver in this batch is stamped k microseconds later,
         // so its events order one receiver's messages as the bus did.
@@ -720,23 +806,34 @@ impl Dispatcher {
             }
         }
         let rounds = queues.iter().map(Vec::len).max().unwrap_or(0);
+        let mut stragglers = Vec::new();
         for round in 0..rounds {
             let picked: Vec<usize> = queues
                 .iter()
                 .filter_map(|q| q.get(round))
                 .copied()
                 .collect();
-            let tries = self.send_round(work, &picked).await;
-            for (i, t) in tries {
+            let (finished, unfinished) = self.send_round(work, &picked).await;
+            for (i, t) in finished {
                 work[i].tries = t;
             }
+            if !unfinished.is_empty() {
+                stragglers.extend(self.hand_off(work, unfinished, received_at).await);
+            }
         }
+        stragglers
     }
 
-    /// Sends one round's messages and returns each one's vendor calls.
-    async fn send_round(&self, work: &[Work], picked: &[usize]) -> Vec<(usize, Vec<Try>)> {
+    /// Sends one round's messages, at most `concurrency` chunks at once. Returns each finished
+    /// message's vendor calls, and the chunks unfinished (running or not started) once
+    /// `handoff_after` has passed.
+    async fn send_round(
+        &self,
+        work: &[Work],
+        picked: &[usize],
+    ) -> (Vec<(usize, Vec<Try>)>, Vec<Chunk<'_>>) {
         let mut group_of: HashMap<(Channel, Option<i64>), usize> = HashMap::new();
-        let mut groups: Vec<Group<'_>> = Vec::new();
+        let mut groups: Vec<Group> = Vec::new();
         for &i in picked {
             let w = &work[i];
             let first = w.plan.first().copied();
@@ -751,9 +848,9 @@ impl Dispatcher {
                 });
             groups[g].items.push(Item {
                 index: i,
-                record: &w.record,
+                record: w.record.clone(),
                 first_attempt: w.attempt,
-                plan: &w.plan,
+                plan: w.plan.clone(),
             });
         }
         let mut chunks = Vec::new();
@@ -769,19 +866,168 @@ impl Dispatcher {
                 items = rest;
             }
         }
-        // Futures built up front (not in a stream's closure), which keeps the future `Send`.
-        let calls: Vec<_> = chunks
+        let mut queued: VecDeque<Chunk<'_>> = chunks
             .into_iter()
             .map(|(channel, sender, items)| {
                 let span = tracing::info_span!("send", %channel, count = items.len());
-                self.deliver(channel, sender, items).instrument(span)
+                Chunk {
+                    indexes: items.iter().map(|item| item.index).collect(),
+                    delivery: Box::pin(self.deliver(channel, sender, items).instrument(span)),
+                }
             })
             .collect();
-        let done: Vec<Vec<(usize, Vec<Try>)>> = stream::iter(calls)
-            .buffer_unordered(self.config.concurrency.max(1))
+        let mut running = FuturesUnordered::new();
+        let mut done = Vec::new();
+        let handoff = tokio::time::sleep(self.config.handoff_after);
+        tokio::pin!(handoff);
+        let may_hand_off = self.config.max_handed_off > 0;
+        loop {
+            while running.len() < self.config.concurrency.max(1)
+                && let Some(chunk) = queued.pop_front()
+            {
+                running.push(chunk);
+            }
+            tokio::select! {
+                finished = running.next() => match finished {
+                    Some(results) => done.extend(results),
+                    None => break,
+                },
+                _ = &mut handoff, if may_hand_off => break,
+            }
+        }
+        (done, running.into_iter().chain(queued).collect())
+    }
+
+    /// Hands off `unfinished` chunks so that the batch can end without them: their messages
+    /// are guarded in the schedule (`in_flight`, see [`Store::guard_in_flight`]) and marked
+    /// handed off, and the returned stragglers finish and record them. When the worker already
+    /// holds `max_handed_off` messages, or the guards cannot be written, the batch waits for
+    /// the chunks instead.
+    async fn hand_off<'s>(
+        &'s self,
+        work: &mut [Work],
+        unfinished: Vec<Chunk<'s>>,
+        received_at: chrono::DateTime<chrono::Utc>,
+    ) -> Vec<Straggler<'s>> {
+        let n: usize = unfinished.iter().map(|c| c.indexes.len()).sum();
+        let ids = unfinished.iter().flat_map(|c| &c.indexes);
+        let ids: Vec<MessageId> = ids.map(|&i| work[i].record.message_id).collect();
+        let taken = {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            let room = in_flight.len() + n <= self.config.max_handed_off;
+            if room {
+                in_flight.extend(ids.iter().copied());
+            }
+            room
+        };
+        let guarded = if !taken {
+            Ok(false)
+        } else {
+            let due_at = chrono::Utc::now() + IN_FLIGHT_GUARD;
+            let entries: Vec<ScheduledMessage> = unfinished
+                .iter()
+                .flat_map(|c| &c.indexes)
+                .map(|&i| ScheduledMessage {
+                    message_id: work[i].record.message_id,
+                    app: work[i].record.app.clone(),
+                    due_at,
+                    kind: ScheduleKind::InFlight,
+                    record: serde_json::to_string(&work[i].record).unwrap_or_default(),
+                    lease: 0,
+                })
+                .collect();
+            self.store.guard_in_flight(&entries).await.map(|()| true)
+        };
+        if !matches!(guarded, Ok(true)) {
+            if let Err(e) = guarded {
+                tracing::warn!(error = %e, "cannot guard calls in flight; the batch waits for them");
+            }
+            if taken {
+                self.landed(&ids);
+            }
+            for chunk in unfinished {
+                for (i, tries) in chunk.await {
+                    work[i].tries = tries;
+                }
+            }
+            return Vec::new();
+        }
+        self.metrics.calls_handed_off.inc_by(n as u64);
+        tracing::info!(
+            messages = n,
+            "vendor calls outlived their batch; finishing them in the background"
+        );
+        unfinished
+            .into_iter()
+            .map(|chunk| {
+                let works = chunk
+                    .indexes
+                    .iter()
+                    .map(|&i| {
+                        let w = work[i].clone();
+                        work[i].handed_off = true;
+                        w
+                    })
+                    .collect();
+                Box::pin(self.finish_straggler(chunk, works, received_at)) as Straggler<'s>
+            })
             .collect()
+    }
+
+    /// Drives a handed-off chunk to its end, renewing its messages' guards meanwhile; then
+    /// records its outcomes as its batch would have, and removes the guards.
+    async fn finish_straggler(
+        &self,
+        mut chunk: Chunk<'_>,
+        mut works: Vec<Work>,
+        received_at: chrono::DateTime<chrono::Utc>,
+    ) {
+        let ids: Vec<MessageId> = works.iter().map(|w| w.record.message_id).collect();
+        let results = loop {
+            tokio::select! {
+                results = &mut chunk => break results,
+                _ = tokio::time::sleep(IN_FLIGHT_RENEW) => {
+                    let due_at = chrono::Utc::now() + IN_FLIGHT_GUARD;
+                    if let Err(e) = self.store.renew_in_flight(&ids, due_at).await {
+                        tracing::warn!(error = %e, "could not renew the guards of calls in flight");
+                    }
+                }
+            }
+        };
+        for (i, tries) in results {
+            if let Some(k) = chunk.indexes.iter().position(|&j| j == i) {
+                works[k].tries = tries;
+            }
+        }
+        self.outcomes.flush().await;
+        self.record_outcomes(&works, received_at, &mut BatchOutcome::default())
             .await;
-        done.into_iter().flatten().collect()
+        let ids = &ids;
+        until_done("the guards of calls in flight", || async move {
+            Ok(self.store.end_in_flight(ids).await?)
+        })
+        .await;
+        self.landed(ids);
+    }
+
+    /// Those of `ids` whose vendor calls were handed off here and are not recorded yet.
+    fn in_flight_among(&self, ids: &[MessageId]) -> HashSet<MessageId> {
+        let in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        if in_flight.is_empty() {
+            return HashSet::new();
+        }
+        ids.iter()
+            .filter(|id| in_flight.contains(id))
+            .copied()
+            .collect()
+    }
+
+    /// Forgets handed-off messages once recorded (or taken back by their batch).
+    fn landed(&self, ids: &[MessageId]) {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        for id in ids {
+            in_flight.remove(id);
+        }
     }
 
     /// Sends `items`, each through the first account of its plan whose circuit breaker admits
@@ -793,7 +1039,7 @@ impl Dispatcher {
         &self,
         channel: Channel,
         sender: &dyn Sender,
-        items: Vec<Item<'_>>,
+        items: Vec<Item>,
     ) -> Vec<(usize, Vec<Try>)> {
         let mut tries: Vec<Vec<Try>> = items.iter().map(|_| Vec::new()).collect();
         // Per item: the position in its plan of the account to call next, and how many of its
@@ -806,7 +1052,7 @@ impl Dispatcher {
         while !pending.is_empty() {
             let (calls, refused) = self.assign(&items, &pending, &mut at);
             let answers = futures::future::join_all(calls.iter().map(|(account_id, ks)| {
-                let records: Vec<&MessageRecord> = ks.iter().map(|&k| items[k].record).collect();
+                let records: Vec<&MessageRecord> = ks.iter().map(|&k| &items[k].record).collect();
                 self.limited_call(channel, *account_id, sender, records)
             }))
             .await;
@@ -844,7 +1090,8 @@ impl Dispatcher {
                         first_attempt,
                         plan,
                         ..
-                    } = items[k];
+                    } = &items[k];
+                    let first_attempt = *first_attempt;
                     let attempt = attempts[k];
                     let young_enough = |until: &_| young_enough(&self.config, record, until);
                     let wanted = match &result {
@@ -950,12 +1197,12 @@ impl Dispatcher {
     /// Groups the `pending` items by the account each calls now: from its position `at` in its
     /// plan, the first account whose breaker admits a call (`at` moves there). Items whose every
     /// account is refused come back apart, with the shortest wait until one admits again.
-    fn assign(&self, items: &[Item<'_>], pending: &[usize], at: &mut [usize]) -> (Calls, Refused) {
+    fn assign(&self, items: &[Item], pending: &[usize], at: &mut [usize]) -> (Calls, Refused) {
         let mut admitted: HashMap<i64, Admission> = HashMap::new();
         let mut calls = Calls::new();
         let mut refused = Refused::new();
         for &k in pending {
-            let plan = items[k].plan;
+            let plan = &items[k].plan;
             let mut chosen = None;
             let mut wait = Duration::MAX;
             for step in 0..plan.len() {
@@ -1149,7 +1396,7 @@ impl Dispatcher {
         received_at: chrono::DateTime<chrono::Utc>,
     ) -> Vec<DeliveryEvent> {
         let r = &w.record;
-        if w.skip {
+        if w.skip || w.handed_off {
             return Vec::new();
         }
         let ev = |state: State, attempt: u32, ts| {
@@ -1176,6 +1423,8 @@ impl Dispatcher {
                 ScheduleKind::Deferred => State::Deferred,
                 ScheduleKind::Retry => State::Retrying,
                 ScheduleKind::RateLimited => State::RateLimited,
+                // Never a policy's wait: only handed-off calls are guarded so.
+                ScheduleKind::InFlight => State::Sending,
             };
             let mut e = ev(state, w.attempt, received_at);
             e.error_detail = Some(format!("until {}", until.to_rfc3339()));
@@ -1276,6 +1525,19 @@ impl Dispatcher {
             self.metrics.event(r.channel, e.state);
         }
         out
+    }
+}
+
+/// Awaits `fut` while driving `stragglers` (vendor calls handed off by earlier batches), so
+/// that neither waits for the other and `fut` is never dropped half-done.
+async fn beside<F: Future>(fut: F, stragglers: &mut FuturesUnordered<Straggler<'_>>) -> F::Output {
+    tokio::pin!(fut);
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut fut => return out,
+            Some(()) = stragglers.next(), if !stragglers.is_empty() => {}
+        }
     }
 }
 

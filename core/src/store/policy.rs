@@ -65,15 +65,19 @@ pub enum ScheduleKind {
     Retry,
     /// Held by a vendor account's rate limit until its estimated turn.
     RateLimited,
+    /// Its vendor call outlived its batch and finishes in the worker's background; the entry
+    /// releases it again only if that worker dies first (see [`Store::guard_in_flight`]).
+    InFlight,
 }
 
 impl ScheduleKind {
     /// Every kind.
-    pub const ALL: [ScheduleKind; 4] = [
+    pub const ALL: [ScheduleKind; 5] = [
         ScheduleKind::Scheduled,
         ScheduleKind::Deferred,
         ScheduleKind::Retry,
         ScheduleKind::RateLimited,
+        ScheduleKind::InFlight,
     ];
 
     /// The name stored and shown.
@@ -83,6 +87,7 @@ impl ScheduleKind {
             ScheduleKind::Deferred => "deferred",
             ScheduleKind::Retry => "retry",
             ScheduleKind::RateLimited => "rate_limited",
+            ScheduleKind::InFlight => "in_flight",
         }
     }
 }
@@ -653,6 +658,62 @@ impl Store {
             insert_schedule(self.backend, &mut tx, chunk).await?;
         }
         tx.commit().await?;
+        Ok(())
+    }
+
+    /// Guards messages whose vendor call outlived their batch: the worker commits the batch and
+    /// finishes the call in the background. Each message gets an `in_flight` entry (its ledger
+    /// row stays `sending`) due at `entries`' `due_at`; the worker moves it on while the call
+    /// lasts ([`Store::renew_in_flight`]) and removes it once the outcome is recorded
+    /// ([`Store::end_in_flight`]). If the worker dies first, the scheduler releases the message
+    /// and it is sent again, like any message whose worker crashed during its vendor call.
+    pub async fn guard_in_flight(&self, entries: &[ScheduledMessage]) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.writer.begin().await?;
+        let entries: Vec<&ScheduledMessage> = entries.iter().collect();
+        for chunk in entries.chunks(self.rows_per_statement(5)) {
+            insert_schedule(self.backend, &mut tx, chunk).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Moves the `in_flight` entries of `ids` to `due_at`: their calls are still running.
+    pub async fn renew_in_flight(
+        &self,
+        ids: &[MessageId],
+        due_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        for chunk in ids.chunks(self.rows_per_statement(1)) {
+            let sql = self.bindable(format!(
+                "UPDATE schedule SET due_at = $1 WHERE kind = 'in_flight' AND message_id IN ({})",
+                placeholders(2, chunk.len())
+            ));
+            let mut q = sqlx::query(&sql).bind(due_at.timestamp_millis());
+            for id in chunk {
+                q = q.bind(id.to_string());
+            }
+            q.execute(&self.writer).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes the `in_flight` entries of `ids` once their outcomes are recorded; an entry that
+    /// became a retry meanwhile stays.
+    pub async fn end_in_flight(&self, ids: &[MessageId]) -> Result<(), StoreError> {
+        for chunk in ids.chunks(self.rows_per_statement(1)) {
+            let sql = self.bindable(format!(
+                "DELETE FROM schedule WHERE kind = 'in_flight' AND message_id IN ({})",
+                placeholders(1, chunk.len())
+            ));
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id.to_string());
+            }
+            q.execute(&self.writer).await?;
+        }
         Ok(())
     }
 

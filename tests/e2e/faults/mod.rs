@@ -5,6 +5,7 @@
 //! herald recovered without a restart. Each prints one `faults:` line with its figures.
 
 mod broker;
+mod handoff;
 mod load;
 mod shutdown;
 mod store;
@@ -13,6 +14,7 @@ mod vendor;
 use crate::support::post;
 use load::{Accepted, Answers};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use vendor::Vendor;
 
@@ -41,13 +43,16 @@ const SETTLE: Duration = Duration::from_secs(150);
 /// An app's webhook account on `vendor` (calls time out after `timeout_ms`) and a template on
 /// it; returns the template id.
 async fn webhook_template(base: &str, key: &str, vendor: &Vendor, timeout_ms: u64) -> i64 {
+    // Names are unique per app: number them.
+    static MADE: AtomicUsize = AtomicUsize::new(0);
+    let n = MADE.fetch_add(1, Ordering::Relaxed);
     let http = reqwest::Client::new();
     let (s, account) = post(
         &http,
         base,
         key,
         "/v1/accounts",
-        serde_json::json!({"name": "vendor", "channel": "webhook",
+        serde_json::json!({"name": format!("vendor-{n}"), "channel": "webhook",
                            "config": {"url": vendor.url, "secret": "s", "timeout_ms": timeout_ms}}),
     )
     .await
@@ -58,7 +63,7 @@ async fn webhook_template(base: &str, key: &str, vendor: &Vendor, timeout_ms: u6
         base,
         key,
         "/v1/templates",
-        serde_json::json!({"name": "n", "channel": "webhook", "msg_type": "notice",
+        serde_json::json!({"name": format!("n-{n}"), "channel": "webhook", "msg_type": "notice",
                            "account_id": account["id"], "content": {"n": "1"}}),
     )
     .await
@@ -79,6 +84,17 @@ async fn ledger(store_url: &str) -> HashMap<String, String> {
         .unwrap_or_default();
     pool.close().await;
     rows.into_iter().collect()
+}
+
+/// The counter `name` (as printed, labels included) of the herald at `base`.
+async fn counter_of(base: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    crate::support::counter(&text, name)
 }
 
 /// Whether a ledger state is final: no further vendor call will be made for the message.

@@ -5,8 +5,10 @@
 
 use super::load::Load;
 use super::vendor::Vendor;
-use super::{CALM, NO_ENV, RATE, assert_exactly_once, settle, summary, webhook_template};
-use crate::support::{Serve, counter, create_app};
+use super::{
+    CALM, NO_ENV, RATE, assert_exactly_once, counter_of, settle, summary, webhook_template,
+};
+use crate::support::{Serve, create_app};
 use std::time::{Duration, Instant};
 
 /// The longest a SIGTERMed herald may take to exit.
@@ -75,11 +77,5 @@ async fn sigterm_under_load_loses_nothing_and_sends_nothing_twice() {
 
 /// `herald_possible_duplicates_total` of the herald at `base`.
 async fn possible_duplicates_of(base: &str) -> f64 {
-    let text = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    counter(&text, "herald_possible_duplicates_total")
+    counter_of(base, "herald_possible_duplicates_total").await
 }

@@ -84,6 +84,7 @@ on_both!(
     claims_pass_limits_once,
     concurrent_claims_respect_a_cap,
     schedule_lease_release_and_cancel,
+    in_flight_guards_renew_and_end,
     recall_finds_sent_messages_and_marks_them_once,
     rate_reservations_tile_the_timeline,
     campaign_upload_and_reads,
@@ -109,8 +110,9 @@ mod traces;
 use traces::{message_states_for_tracing, retention_forgets_old_messages_only};
 mod policy;
 use policy::{
-    claims_pass_limits_once, concurrent_claims_respect_a_cap, policy_documents_and_lists,
-    rate_reservations_tile_the_timeline, schedule_lease_release_and_cancel,
+    claims_pass_limits_once, concurrent_claims_respect_a_cap, in_flight_guards_renew_and_end,
+    policy_documents_and_lists, rate_reservations_tile_the_timeline,
+    schedule_lease_release_and_cancel,
 };
 
 async fn processes_share_one_record_signing_key(store: Store) {

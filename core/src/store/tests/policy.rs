@@ -367,3 +367,55 @@ pub async fn rate_reservations_tile_the_timeline(store: Store) {
         Reservation::Granted { first_us: now }
     );
 }
+
+pub(super) async fn in_flight_guards_renew_and_end(store: Store) {
+    let now = Utc::now();
+    let entry = |r: &MessageRecord, kind| ScheduledMessage {
+        message_id: r.message_id,
+        app: "shop".into(),
+        due_at: now + chrono::Duration::seconds(30),
+        kind,
+        record: serde_json::to_string(r).unwrap(),
+        lease: 0,
+    };
+    let (a, b) = (
+        record("shop", "+8613800000001"),
+        record("shop", "+8613800000002"),
+    );
+    let guards = [
+        entry(&a, ScheduleKind::InFlight),
+        entry(&b, ScheduleKind::InFlight),
+    ];
+    store.guard_in_flight(&guards).await.unwrap();
+    let lease = now + chrono::Duration::seconds(60);
+    assert!(store.claim_due(now, lease, 10).await.unwrap().is_empty());
+    let waiting = store.waiting("shop").await.unwrap();
+    assert_eq!(waiting.len(), 1);
+    assert_eq!((waiting[0].0, waiting[0].1), (ScheduleKind::InFlight, 2));
+
+    // Renewed into the past: a scheduler releases them (their worker is gone).
+    let past = now - chrono::Duration::seconds(1);
+    store
+        .renew_in_flight(&[a.message_id, b.message_id], past)
+        .await
+        .unwrap();
+    let due = store.claim_due(now, lease, 10).await.unwrap();
+    assert_eq!(due.len(), 2);
+    assert!(due.iter().all(|e| e.kind == ScheduleKind::InFlight));
+    store.release_scheduled(&due).await.unwrap();
+
+    // Guarded again; `b`'s call asks for a long retry, which replaces its guard and outlives
+    // the end of the guards.
+    store.guard_in_flight(&guards).await.unwrap();
+    store
+        .defer_retries(&[(entry(&b, ScheduleKind::Retry), 2)])
+        .await
+        .unwrap();
+    store
+        .end_in_flight(&[a.message_id, b.message_id])
+        .await
+        .unwrap();
+    let waiting = store.waiting("shop").await.unwrap();
+    assert_eq!(waiting.len(), 1);
+    assert_eq!((waiting[0].0, waiting[0].1), (ScheduleKind::Retry, 1));
+}

@@ -1,0 +1,170 @@
+//! Vendor calls that outlive their batch (`dispatch.handoff_after`, 5 s by default) are handed
+//! off: they finish in the background, guarded by an `in_flight` schedule entry, while the
+//! worker goes on with the next batches. These tests show that a slow vendor no longer holds
+//! up another account's messages, and that a crash with calls handed off loses nothing: each
+//! guard releases its message again.
+
+use super::load::Load;
+use super::vendor::{Behaviour, SLOW_ANSWER, Vendor};
+use super::{NO_ENV, RATE, assert_exactly_once, counter_of, settle, summary, webhook_template};
+use crate::support::{Serve, create_app};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// How long the loads run.
+const LOAD: Duration = Duration::from_secs(8);
+
+/// The longest the healthy account's last message may take to arrive after the loads stop:
+/// its batch may wait `handoff_after` for the slow calls, and so may the batch before.
+const HEALTHY_WITHIN: Duration = Duration::from_secs(12);
+
+/// Messages a second to the slow account.
+const SLOW_RATE: usize = 20;
+
+/// How many of `accepted` (receiver → message id) `vendor` has received.
+fn arrived(vendor: &Vendor, accepted: &HashMap<String, String>) -> usize {
+    let received = vendor.received();
+    accepted
+        .iter()
+        .filter(|(r, id)| received.get(*r).is_some_and(|ids| ids.contains(id)))
+        .count()
+}
+
+/// One account's vendor answers only after 30 s, the other at once; both get a steady load.
+/// Every message of the healthy account arrives well before the slow vendor's first answer,
+/// and in the end each message of both is received exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_vendor_does_not_hold_up_another_accounts_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = Vendor::start(Duration::ZERO).await;
+    slow.set(Behaviour::Slow);
+    let healthy = Vendor::start(Duration::ZERO).await;
+    let (key, herald) = tokio::task::block_in_place(|| {
+        let key = create_app(dir.path(), &[]);
+        (key, Serve::start(dir.path(), &[], &NO_ENV))
+    });
+    // The slow account waits out its vendor's 30 s.
+    let slow_template = webhook_template(&herald.base, &key, &slow, 40_000).await;
+    let healthy_template = webhook_template(&herald.base, &key, &healthy, 5_000).await;
+    let started = Instant::now();
+    let slow_load = Load::start(&herald.base, &key, slow_template, SLOW_RATE, "s");
+    let healthy_load = Load::start(&herald.base, &key, healthy_template, RATE, "h");
+    tokio::time::sleep(LOAD).await;
+    let (slow_accepted, slow_answers) = slow_load.finish().await;
+    let (healthy_accepted, healthy_answers) = healthy_load.finish().await;
+    let stopped = Instant::now();
+    loop {
+        let got = arrived(&healthy, &healthy_accepted);
+        if got == healthy_accepted.len() {
+            break;
+        }
+        assert!(
+            stopped.elapsed() < HEALTHY_WITHIN,
+            "{} of {} healthy messages had not arrived {:?} after the loads stopped",
+            healthy_accepted.len() - got,
+            healthy_accepted.len(),
+            stopped.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let healthy_in = stopped.elapsed();
+    // No slow call has been answered yet: the healthy messages did not wait for one.
+    assert!(started.elapsed() < SLOW_ANSWER, "{:?}", started.elapsed());
+    assert_eq!(arrived(&slow, &slow_accepted), 0);
+    let handed_off = counter_of(&herald.base, "herald_calls_handed_off_total").await;
+    assert!(handed_off > 0.0, "no call was handed off");
+
+    let store = format!("sqlite://{}", dir.path().join("herald.db").display());
+    let healthy_tally = settle(&store, &healthy_accepted, &healthy, stopped).await;
+    let slow_tally = settle(&store, &slow_accepted, &slow, stopped).await;
+    let extra = format!(
+        " healthy_done_in={:.1}s handed_off={handed_off}",
+        healthy_in.as_secs_f64()
+    );
+    eprintln!(
+        "{}",
+        summary(
+            "slow-beside-healthy:healthy",
+            None,
+            &healthy_answers,
+            &healthy_tally,
+            &extra
+        )
+    );
+    eprintln!(
+        "{}",
+        summary(
+            "slow-beside-healthy:slow",
+            None,
+            &slow_answers,
+            &slow_tally,
+            ""
+        )
+    );
+    assert_exactly_once(
+        "slow-beside-healthy:healthy",
+        &healthy_answers,
+        &healthy_tally,
+    );
+    assert_exactly_once("slow-beside-healthy:slow", &slow_answers, &slow_tally);
+}
+
+/// Calls are handed off to a slow vendor, and herald is SIGKILLed before any answers; the
+/// restarted herald finds the messages' guards due 30 s after the hand-off and sends each
+/// message again. The killed calls' answers never reach herald, so the stand-in does not count
+/// them: each message arrives exactly once, and every one is counted a possible duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_with_calls_handed_off_sends_each_of_them_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let vendor = Vendor::start(Duration::ZERO).await;
+    vendor.set(Behaviour::Slow);
+    let (key, mut herald) = tokio::task::block_in_place(|| {
+        let key = create_app(dir.path(), &[]);
+        (key, Serve::start(dir.path(), &[], &NO_ENV))
+    });
+    let template = webhook_template(&herald.base, &key, &vendor, 40_000).await;
+    let load = Load::start(&herald.base, &key, template, SLOW_RATE, "c");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (accepted, answers) = load.finish().await;
+    // Every accepted message handed off (after 5 s), none answered (after 30 s).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let handed_off = counter_of(&herald.base, "herald_calls_handed_off_total").await;
+        if handed_off as usize >= accepted.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {handed_off} calls handed off"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::task::block_in_place(|| {
+        herald.child.kill().unwrap();
+        herald.child.wait().unwrap();
+    });
+    let killed = Instant::now();
+    vendor.set(Behaviour::Normal);
+    tokio::task::block_in_place(|| herald.restart());
+    let store = format!("sqlite://{}", dir.path().join("herald.db").display());
+    let tally = settle(&store, &accepted, &vendor, killed).await;
+    let again = counter_of(&herald.base, "herald_possible_duplicates_total").await;
+    eprintln!(
+        "{}",
+        summary(
+            "crash-with-calls-handed-off",
+            None,
+            &answers,
+            &tally,
+            &format!(" possible_duplicates={again}")
+        )
+    );
+    assert_exactly_once("crash-with-calls-handed-off", &answers, &tally);
+    assert_eq!(again as usize, accepted.len());
+    // Released by their guards (due 30 s after the hand-off), not redelivered by the bus.
+    assert!(
+        tally.drained_in > Duration::from_secs(10),
+        "sent again {:?} after the crash: not by the guards",
+        tally.drained_in
+    );
+}
