@@ -548,15 +548,7 @@ impl Dispatcher {
                     }
                     None => (ScheduleKind::Retry, t.attempt + 1),
                 };
-                let entry = ScheduledMessage {
-                    message_id: w.record.message_id,
-                    app: w.record.app.clone(),
-                    due_at: until,
-                    kind,
-                    record: serde_json::to_string(&w.record).unwrap_or_default(),
-                    lease: 0,
-                };
-                retries.push((entry, next));
+                retries.push((ScheduledMessage::of(&w.record, kind, until), next));
                 outcome.waiting += 1;
                 continue;
             }
@@ -666,14 +658,7 @@ impl Dispatcher {
                     Verdict::Wait { kind, until } => {
                         // The record as it came: its age still counts from its acceptance (or
                         // its own `send_at`).
-                        let entry = ScheduledMessage {
-                            message_id: w.record.message_id,
-                            app: w.record.app.clone(),
-                            due_at: *until,
-                            kind: *kind,
-                            record: serde_json::to_string(&w.record).unwrap_or_default(),
-                            lease: 0,
-                        };
+                        let entry = ScheduledMessage::of(&w.record, *kind, *until);
                         (LedgerState::Scheduled, Some(entry), Vec::new())
                     }
                 };
@@ -909,42 +894,37 @@ impl Dispatcher {
         unfinished: Vec<Chunk<'s>>,
         received_at: chrono::DateTime<chrono::Utc>,
     ) -> Vec<Straggler<'s>> {
-        let n: usize = unfinished.iter().map(|c| c.indexes.len()).sum();
-        let ids = unfinished.iter().flat_map(|c| &c.indexes);
-        let ids: Vec<MessageId> = ids.map(|&i| work[i].record.message_id).collect();
+        let indexes: Vec<usize> = unfinished
+            .iter()
+            .flat_map(|c| &c.indexes)
+            .copied()
+            .collect();
+        let ids: Vec<MessageId> = indexes.iter().map(|&i| work[i].record.message_id).collect();
         let taken = {
             let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-            let room = in_flight.len() + n <= self.config.max_handed_off;
+            let room = in_flight.len() + ids.len() <= self.config.max_handed_off;
             if room {
                 in_flight.extend(ids.iter().copied());
             }
             room
         };
-        let guarded = if !taken {
-            Ok(false)
-        } else {
-            let due_at = chrono::Utc::now() + IN_FLIGHT_GUARD;
-            let entries: Vec<ScheduledMessage> = unfinished
-                .iter()
-                .flat_map(|c| &c.indexes)
-                .map(|&i| ScheduledMessage {
-                    message_id: work[i].record.message_id,
-                    app: work[i].record.app.clone(),
-                    due_at,
-                    kind: ScheduleKind::InFlight,
-                    record: serde_json::to_string(&work[i].record).unwrap_or_default(),
-                    lease: 0,
-                })
-                .collect();
-            self.store.guard_in_flight(&entries).await.map(|()| true)
-        };
-        if !matches!(guarded, Ok(true)) {
-            if let Err(e) = guarded {
-                tracing::warn!(error = %e, "cannot guard calls in flight; the batch waits for them");
-            }
-            if taken {
-                self.landed(&ids);
-            }
+        let guarded = taken
+            && {
+                let due_at = chrono::Utc::now() + IN_FLIGHT_GUARD;
+                let entries: Vec<ScheduledMessage> = indexes
+                    .iter()
+                    .map(|&i| ScheduledMessage::of(&work[i].record, ScheduleKind::InFlight, due_at))
+                    .collect();
+                match self.store.guard_in_flight(&entries).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot guard calls in flight; the batch waits for them");
+                        self.landed(&ids);
+                        false
+                    }
+                }
+            };
+        if !guarded {
             for chunk in unfinished {
                 for (i, tries) in chunk.await {
                     work[i].tries = tries;
@@ -952,9 +932,9 @@ impl Dispatcher {
             }
             return Vec::new();
         }
-        self.metrics.calls_handed_off.inc_by(n as u64);
+        self.metrics.calls_handed_off.inc_by(ids.len() as u64);
         tracing::info!(
-            messages = n,
+            messages = ids.len(),
             "vendor calls outlived their batch; finishing them in the background"
         );
         unfinished

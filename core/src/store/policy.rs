@@ -20,6 +20,7 @@ use super::ledger::upsert_ledger;
 use super::{Backend, LedgerState, Store, StoreError, bindable, now_ms, placeholders, value_rows};
 use crate::domain::{Channel, MessageId};
 use crate::policy::AppPolicy;
+use crate::wire::MessageRecord;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 use sqlx::any::AnyRow;
@@ -103,6 +104,20 @@ pub struct ScheduledMessage {
     pub record: String,
     /// Until when (unix ms) a scheduler holds the entry; 0 when none does.
     pub lease: i64,
+}
+
+impl ScheduledMessage {
+    /// A new entry for `record`, due at `due_at`, that no scheduler holds yet.
+    pub fn of(record: &MessageRecord, kind: ScheduleKind, due_at: DateTime<Utc>) -> Self {
+        ScheduledMessage {
+            message_id: record.message_id,
+            app: record.app.clone(),
+            due_at,
+            kind,
+            record: serde_json::to_string(record).unwrap_or_default(),
+            lease: 0,
+        }
+    }
 }
 
 /// A stateful limit a message must pass to be sent.

@@ -35,7 +35,7 @@ async fn the_broker_down_loses_nothing_and_sends_nothing_twice() {
     let tally = settle(&d.store_url, &accepted, &vendor, fault_end).await;
     eprintln!(
         "{}",
-        summary("broker-down", Some(window()), &answers, &tally, "")
+        summary("broker-down", RATE, Some(window()), &answers, &tally, "")
     );
     assert_exactly_once("broker-down", &answers, &tally);
 }

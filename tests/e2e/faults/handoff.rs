@@ -85,6 +85,7 @@ async fn a_slow_vendor_does_not_hold_up_another_accounts_messages() {
         "{}",
         summary(
             "slow-beside-healthy:healthy",
+            RATE,
             None,
             &healthy_answers,
             &healthy_tally,
@@ -95,6 +96,7 @@ async fn a_slow_vendor_does_not_hold_up_another_accounts_messages() {
         "{}",
         summary(
             "slow-beside-healthy:slow",
+            SLOW_RATE,
             None,
             &slow_answers,
             &slow_tally,
@@ -153,6 +155,7 @@ async fn a_crash_with_calls_handed_off_sends_each_of_them_again() {
         "{}",
         summary(
             "crash-with-calls-handed-off",
+            SLOW_RATE,
             None,
             &answers,
             &tally,

@@ -170,9 +170,11 @@ async fn settle(
     t
 }
 
-/// The `faults:` line of a test's figures; `fault` names how long the fault lasted, if it did.
+/// The `faults:` line of a test's figures, under `load` messages/s; `fault` names how long the
+/// fault lasted, if it did.
 fn summary(
     name: &str,
+    load: usize,
     fault: Option<Duration>,
     answers: &Answers,
     t: &Tally,
@@ -180,7 +182,7 @@ fn summary(
 ) -> String {
     let fault = fault.map_or(String::new(), |d| format!(" window={}s", d.as_secs()));
     format!(
-        "faults: {name} load={RATE}/s{fault} requests={} accepted={} sent_once={} lost={} \
+        "faults: {name} load={load}/s{fault} requests={} accepted={} sent_once={} lost={} \
          dup={} ghosts={} not_sent={} answers={:?} conn_errors={} drained_in={:.1}s{extra}",
         answers.tries,
         t.accepted,

@@ -60,6 +60,7 @@ async fn sigterm_under_load_loses_nothing_and_sends_nothing_twice() {
         "{}",
         summary(
             "sigterm",
+            RATE,
             None,
             &answers,
             &tally,

@@ -167,6 +167,7 @@ async fn outage(name: &str, url: &str, break_it: impl FnOnce(), mend: impl FnOnc
         "{}",
         summary(
             name,
+            RATE,
             Some(window()),
             &answers,
             &tally,

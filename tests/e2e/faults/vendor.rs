@@ -240,7 +240,7 @@ async fn run(fault: Fault) -> (Fault, Answers, Tally) {
     let faulted = format!(" faulted_calls={}", vendor.faulted());
     eprintln!(
         "{}",
-        summary(fault.name, Some(window()), &answers, &tally, &faulted)
+        summary(fault.name, RATE, Some(window()), &answers, &tally, &faulted)
     );
     (fault, answers, tally)
 }

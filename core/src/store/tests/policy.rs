@@ -370,13 +370,8 @@ pub async fn rate_reservations_tile_the_timeline(store: Store) {
 
 pub(super) async fn in_flight_guards_renew_and_end(store: Store) {
     let now = Utc::now();
-    let entry = |r: &MessageRecord, kind| ScheduledMessage {
-        message_id: r.message_id,
-        app: "shop".into(),
-        due_at: now + chrono::Duration::seconds(30),
-        kind,
-        record: serde_json::to_string(r).unwrap(),
-        lease: 0,
+    let entry = |r: &MessageRecord, kind| {
+        ScheduledMessage::of(r, kind, now + chrono::Duration::seconds(30))
     };
     let (a, b) = (
         record("shop", "+8613800000001"),
