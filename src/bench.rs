@@ -43,6 +43,12 @@ pub struct BenchArgs {
     /// Delivery events on disk for the hourly aggregate (herald's SQL beside DuckDB's).
     #[arg(long, default_value_t = 10_000_000)]
     pub aggregate_events: usize,
+    /// Delivery events in the hour of the statistics figure.
+    #[arg(long, default_value_t = 3_600_000)]
+    pub stats_events: usize,
+    /// Files that hour's events are in (the sink writes about one a second).
+    #[arg(long, default_value_t = 3_600)]
+    pub stats_files: usize,
     /// Sends in the month of the reconciliation figure, and lines of its bill.
     #[arg(long, default_value_t = 10_000_000)]
     pub reconcile_sends: usize,
@@ -50,7 +56,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3)]
     pub query_runs: usize,
     /// Only run these figures (comma-separated: accept, batch, e2e, policies, vendor, kafka,
-    /// ratelimit, sink, aggregate, reconcile).
+    /// ratelimit, sink, aggregate, stats, reconcile).
     #[arg(long, default_value = FIGURES)]
     pub only: String,
     /// Internal: serve the bare baseline handler on this address and nothing else.
@@ -62,7 +68,8 @@ pub struct BenchArgs {
 }
 
 /// Every figure `--only` can name, in the order they run.
-const FIGURES: &str = "accept,batch,e2e,policies,vendor,kafka,ratelimit,sink,aggregate,reconcile";
+const FIGURES: &str =
+    "accept,batch,e2e,policies,vendor,kafka,ratelimit,sink,aggregate,stats,reconcile";
 
 /// Runs the harness.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -191,6 +198,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if only.contains(&"aggregate") {
         rows.extend(aggregate::figures(&args).await?);
+    }
+    if only.contains(&"stats") {
+        rows.extend(stats::figures(&args).await?);
     }
     if only.contains(&"reconcile") {
         rows.extend(reconcile::figures(&args).await?);
@@ -660,6 +670,7 @@ mod kafka;
 mod ratelimit;
 mod reconcile;
 mod sink;
+mod stats;
 mod vendor;
 mod warehouse;
 

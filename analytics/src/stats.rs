@@ -41,9 +41,16 @@
 //!
 //! # Cost
 //!
-//! A recomputation reads the whole hour of events (the minute table too: its file holds the
-//! hour), so during steady traffic each pass reads the current hour once. Percentiles are
-//! exact, so the hour's latencies of one group are held in memory during a pass.
+//! The aggregator keeps, for each hour that may still change, what its counted files add up
+//! to per minute window and group ([`hour::HourState`]: counts, sums and every latency, since
+//! the percentiles are exact), and which files those are. A pass reads only the files added
+//! since the last one and computes both tables of the hour from memory, as
+//! `sql/delivery_stats.sql` computes them from the files (the tests check both agree). The
+//! hour is read whole again only when a file it counted is gone (compaction merged it), and
+//! after a restart. Memory: 8 bytes per event with a latency, plus one entry per minute window
+//! and group, for each open hour (with the default lateness of 1 h, two hours).
+
+mod hour;
 
 use crate::error::AnalyticsError;
 use crate::parts::hidden;
@@ -51,15 +58,10 @@ use crate::schema::{TABLE, schema};
 use crate::sink::SinkStats;
 use crate::warehouse::Warehouse;
 use chrono::{DateTime, TimeDelta, Utc};
-use datafusion::arrow::array::RecordBatch;
-use datafusion::arrow::compute::concat_batches;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::datasource::MemTable;
-use datafusion::datasource::file_format::parquet::ParquetFormat;
-use datafusion::datasource::listing::{
-    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
-};
 use datafusion::execution::context::SessionContext;
+use hour::HourState;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -78,10 +80,6 @@ const STATS_SQL: &str = include_str!("../../sql/delivery_stats.sql");
 const STAGING: &str = "_stats_staging";
 /// The watermark of the last completed pass.
 const CHECKPOINT: &str = "_stats/checkpoint.json";
-/// The event files counted in both tables (the names [`Lateness::of_file`] finds on time).
-const ON_TIME_GLOB: &str = "part-*[0-9].parquet";
-/// The event files counted in the hour table only ([`Lateness::LateMinute`]).
-const LATE_MINUTE_GLOB: &str = "part-*-late_minute.parquet";
 
 const MINUTE: TimeDelta = TimeDelta::minutes(1);
 const HOUR: TimeDelta = TimeDelta::hours(1);
@@ -231,6 +229,10 @@ pub struct Aggregator {
     checkpoint: Option<Checkpoint>,
     /// Per hour (its start), the counted event files its stats were last computed from.
     computed: BTreeMap<DateTime<Utc>, Vec<String>>,
+    /// Per hour that may still change, what its counted files add up to.
+    hours: BTreeMap<DateTime<Utc>, HourState>,
+    /// The schemas of the minute table and of the hour table (the query's).
+    schemas: [SchemaRef; 2],
     /// Tests: fail as if the process died after this many more stats files were written.
     #[cfg(test)]
     pub(crate) crash_after_writes: Option<usize>,
@@ -262,12 +264,18 @@ impl Aggregator {
             }
         })
         .await?;
+        let schemas = [
+            stats_schema(Width::Minute).await?,
+            stats_schema(Width::Hour).await?,
+        ];
         Ok(Aggregator {
             wh,
             sink,
             allowed_lateness,
             checkpoint,
             computed: BTreeMap::new(),
+            hours: BTreeMap::new(),
+            schemas,
             #[cfg(test)]
             crash_after_writes: None,
         })
@@ -333,6 +341,7 @@ impl Aggregator {
                 self.checkpoint = Some(checkpoint);
                 if let Some(w) = watermark(event_time, self.allowed_lateness) {
                     self.computed.retain(|start, _| *start + HOUR > w);
+                    self.hours.retain(|start, _| *start + HOUR > w);
                 }
             }
         }
@@ -340,24 +349,43 @@ impl Aggregator {
     }
 
     /// Replaces the stats files of the hour starting at `start`, whose counted event files
-    /// are `files`.
+    /// are `files`: adds the files new since the hour's last pass to its state (all of them
+    /// when one it counted is gone), and computes both tables from the state.
     async fn recompute(
         &mut self,
         start: DateTime<Utc>,
         files: &[String],
     ) -> Result<(), AnalyticsError> {
         let dir = Warehouse::partition_of(start);
+        let mut state = self.hours.remove(&start).unwrap_or_default();
+        let new = match state.new_files(files) {
+            Some(new) => new,
+            None => {
+                state = HourState::default();
+                files.to_vec()
+            }
+        };
         let on_time = files
             .iter()
             .any(|f| Lateness::of_file(f) == Some(Lateness::OnTime));
-        for (width, globs) in [
-            (Width::Minute, &[ON_TIME_GLOB][..]),
-            (Width::Hour, &[ON_TIME_GLOB, LATE_MINUTE_GLOB][..]),
-        ] {
-            if width == Width::Minute && !on_time {
-                continue;
+        let schemas = self.schemas.clone();
+        // A failure drops the state: the next pass builds it again from the files.
+        let (state, tables) = blocking(&self.wh, move |wh| {
+            for name in &new {
+                state.add_file(wh, &dir, name)?;
             }
-            let batch = aggregate(&self.wh, &dir, globs, width).await?;
+            let mut tables = Vec::new();
+            for (width, schema) in [Width::Minute, Width::Hour].into_iter().zip(schemas) {
+                if width == Width::Minute && !on_time {
+                    continue;
+                }
+                tables.push((width, state.table(width, schema)?));
+            }
+            Ok((state, tables))
+        })
+        .await?;
+        self.hours.insert(start, state);
+        for (width, batch) in tables {
             #[cfg(test)]
             if let Some(left) = self.crash_after_writes.as_mut() {
                 if *left == 0 {
@@ -426,30 +454,6 @@ fn open_hours(
         }
     }
     Ok(out)
-}
-
-/// Runs the query of `width` over the event files in `dir` that match one of `globs`.
-async fn aggregate(
-    wh: &Warehouse,
-    dir: &str,
-    globs: &[&str],
-    width: Width,
-) -> Result<RecordBatch, AnalyticsError> {
-    let ctx = SessionContext::new();
-    wh.register_store(&ctx)?;
-    let urls = globs
-        .iter()
-        .map(|g| ListingTableUrl::parse(wh.table_url(dir))?.with_glob(g))
-        .collect::<Result<Vec<_>, _>>()?;
-    let options =
-        ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
-    let config = ListingTableConfig::new_with_multi_paths(urls)
-        .with_listing_options(options)
-        .with_schema(schema());
-    ctx.register_table(TABLE, Arc::new(ListingTable::try_new(config)?))?;
-    let frame = ctx.sql(&width.sql()).await?;
-    let out_schema = Arc::new(frame.schema().as_arrow().clone());
-    Ok(concat_batches(&out_schema, &frame.collect().await?)?)
 }
 
 /// Runs `f` on a blocking thread (warehouse operations block).

@@ -38,6 +38,7 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::execution::context::SessionContext;
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::parquet::arrow::ArrowWriter;
+use datafusion::parquet::arrow::ProjectionMask;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::{EnabledStatistics, WriterProperties};
@@ -341,7 +342,7 @@ impl Warehouse {
     ) -> Result<(W, u64), AnalyticsError> {
         let (mut out, mut writer, mut rows) = (Some(out), None, 0);
         for input in inputs {
-            self.read_batches(input, &mut |batch| {
+            self.read_batches(input, None, &mut |batch| {
                 if let Some(out) = out.take() {
                     let props = Some(writer_properties());
                     writer = Some(ArrowWriter::try_new(out, batch.schema(), props)?);
@@ -363,17 +364,33 @@ impl Warehouse {
     }
 
     /// Hands each record batch of the Parquet file `key` to `f` (an object-store file is
-    /// fetched whole).
-    fn read_batches(
+    /// fetched whole): every column, or those named in `columns` that the file has (a file
+    /// written before a column existed lacks it).
+    pub(crate) fn read_batches(
         &self,
         key: &str,
+        columns: Option<&[&str]>,
         f: &mut dyn FnMut(RecordBatch) -> Result<(), AnalyticsError>,
     ) -> Result<(), AnalyticsError> {
         fn each(
             file: impl ChunkReader + 'static,
+            columns: Option<&[&str]>,
             f: &mut dyn FnMut(RecordBatch) -> Result<(), AnalyticsError>,
         ) -> Result<(), AnalyticsError> {
-            for batch in ParquetRecordBatchReaderBuilder::try_new(file)?.build()? {
+            let mut builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
+            if let Some(columns) = columns {
+                let roots: Vec<usize> = builder
+                    .schema()
+                    .fields()
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, field)| columns.contains(&field.name().as_str()))
+                    .map(|(i, _)| i)
+                    .collect();
+                let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
+                builder = builder.with_projection(mask);
+            }
+            for batch in builder.build()? {
                 f(batch?)?;
             }
             Ok(())
@@ -381,12 +398,13 @@ impl Warehouse {
         match &self.backend {
             Backend::Local(root) => {
                 let path = root.join(key);
-                each(File::open(&path).at(&path)?, f)
+                each(File::open(&path).at(&path)?, columns, f)
             }
             Backend::Remote(r) => {
                 let path = r.object(key)?;
                 each(
                     r.block_on(key, async { r.store.get(&path).await?.bytes().await })?,
+                    columns,
                     f,
                 )
             }
@@ -396,7 +414,7 @@ impl Warehouse {
     /// Reads the events of a `delivery_events` Parquet file.
     pub(crate) fn read_events(&self, key: &str) -> Result<Vec<DeliveryEvent>, AnalyticsError> {
         let mut out = Vec::new();
-        self.read_batches(key, &mut |batch| {
+        self.read_batches(key, None, &mut |batch| {
             out.extend(batch_to_events(&batch)?);
             Ok(())
         })?;

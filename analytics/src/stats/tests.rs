@@ -1,4 +1,5 @@
 use super::*;
+use crate::compact::{CompactConfig, Compactor};
 use crate::schema::events_to_batch;
 use crate::sink::{Sink, SinkConfig};
 use crate::sql::{OutputFormat, format, query_warehouse};
@@ -453,4 +454,49 @@ async fn s3_stats_are_computed_in_an_object_store() {
         assert_eq!(table(wh, width).await, expected, "{name}");
     }
     assert_eq!(agg.pass().await.unwrap(), 0);
+}
+
+/// Passes between flushes add only the new files to an hour's state; a compaction that merges
+/// files a state counted makes the next pass read that hour again. After every pass both
+/// tables equal the shipped query over the files (events of several apps, templates,
+/// channels, vendors and states; some late for their minute).
+#[tokio::test]
+async fn incremental_passes_and_compaction_give_the_querys_tables() {
+    let (wh, bus) = (TestWarehouse::local(), MemBus::default());
+    let wh = &wh.wh;
+    let mut sink = sink(&bus, wh).await;
+    let mut agg = aggregator(wh, sink.stats()).await;
+    let round = |k: usize| {
+        let mut events = sample_events(40, k * 40);
+        for (i, e) in events.iter_mut().enumerate() {
+            // Spread over 07:00–08:59, each round all over both hours.
+            let s = ((k * 40 + i) * 4517) % 7200;
+            e.ts = t0() + TimeDelta::seconds(s as i64) + TimeDelta::microseconds(i as i64);
+        }
+        events
+    };
+    let check = async |what: &str| {
+        let [minute, hour] = expected_from_events(wh).await;
+        assert_eq!(table(wh, Width::Minute).await, minute, "{what}");
+        assert_eq!(table(wh, Width::Hour).await, hour, "{what}");
+    };
+    for k in 0..6 {
+        flush(&bus, &mut sink, &round(k)).await;
+        assert_eq!(agg.pass().await.unwrap(), 2, "round {k}: hours 07 and 08");
+        check(&format!("round {k}")).await;
+    }
+    let late = sink.stats().late_for_minute.load(Ordering::Relaxed);
+    assert!(late > 0, "no event was late for its minute");
+    let config = CompactConfig {
+        after: Duration::ZERO,
+        min_files: 2,
+        target_bytes: u64::MAX,
+    };
+    let merged = Compactor::new(wh.clone(), config).pass().await.unwrap();
+    assert!(merged.files_merged > 0, "{merged:?}");
+    assert_eq!(agg.pass().await.unwrap(), 1, "hour 07, compacted");
+    check("after compaction").await;
+    flush(&bus, &mut sink, &round(6)).await;
+    agg.pass().await.unwrap();
+    check("a round after compaction").await;
 }
