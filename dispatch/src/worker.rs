@@ -123,7 +123,8 @@ pub struct Dispatcher {
 /// One message of a batch and what became of it.
 #[derive(Clone)]
 struct Work {
-    record: MessageRecord,
+    /// Shared with its vendor calls, which may outlive the batch (a hand-off).
+    record: Arc<MessageRecord>,
     /// The ledger said this message was seen before.
     redelivered: bool,
     /// The ledger's final state, when the message must not be sent again.
@@ -146,7 +147,7 @@ struct Work {
     handed_off: bool,
     /// The accounts it may be sent through, in the order it tries them (its route's, else its
     /// template's); empty for the inbox.
-    plan: Vec<i64>,
+    plan: Arc<[i64]>,
 }
 
 /// One vendor call for one message.
@@ -186,7 +187,7 @@ impl Work {
     /// A message not yet looked up in the ledger.
     fn new(record: MessageRecord) -> Self {
         Work {
-            record,
+            record: Arc::new(record),
             redelivered: false,
             done: None,
             done_at: None,
@@ -197,7 +198,7 @@ impl Work {
             masked: None,
             skip: false,
             handed_off: false,
-            plan: Vec::new(),
+            plan: Arc::from([]),
         }
     }
 
@@ -222,15 +223,16 @@ struct Group {
     items: Vec<Item>,
 }
 
-/// A message handed to `deliver`; owned, so that its calls can outlive the batch.
+/// A message handed to `deliver`; it shares its batch's record and plan, so that its calls
+/// can outlive the batch.
 struct Item {
     /// Its index in the batch.
     index: usize,
-    record: MessageRecord,
+    record: Arc<MessageRecord>,
     /// The attempt number of its first call.
     first_attempt: u32,
     /// The accounts it may use, in order.
-    plan: Vec<i64>,
+    plan: Arc<[i64]>,
 }
 
 /// The vendor calls of one chunk of a round: each message's index in the batch and its calls.
@@ -505,7 +507,7 @@ impl Dispatcher {
         self.claim(&mut work, &candidates, &mut outcome).await?;
         for w in work.iter_mut() {
             if w.to_send() && w.record.channel != Channel::Inbox {
-                w.plan = self.policies.accounts_for(&w.record).await?;
+                w.plan = self.policies.accounts_for(&w.record).await?.into();
             }
         }
         self.pace_receivers(&mut work).await?;
@@ -574,7 +576,7 @@ impl Dispatcher {
                     if let Some(t) = last {
                         done_at.insert(w.record.message_id, t.done_at.timestamp_micros());
                     }
-                    failed.push(&w.record);
+                    failed.push(&*w.record);
                 }
             }
         }
@@ -629,7 +631,7 @@ impl Dispatcher {
         let records: Vec<&MessageRecord> = candidates
             .iter()
             .filter(|(_, from)| !retry(from))
-            .map(|&(i, _)| &work[i].record)
+            .map(|&(i, _)| &*work[i].record)
             .collect();
         let mut evaluated = self.policies.evaluate(&records, now).await?.into_iter();
         let verdicts: Vec<Verdict> = candidates
@@ -679,7 +681,7 @@ impl Dispatcher {
                 (ClaimOutcome::Lost, _) => w.skip = true,
                 (ClaimOutcome::Claimed(LedgerState::Sending), Verdict::Send { masked, .. }) => {
                     if let Some((content, words)) = masked {
-                        w.record.content = content;
+                        Arc::make_mut(&mut w.record).content = content;
                         w.masked = Some(words);
                     }
                 }
@@ -833,9 +835,9 @@ impl Dispatcher {
                 });
             groups[g].items.push(Item {
                 index: i,
-                record: w.record.clone(),
+                record: Arc::clone(&w.record),
                 first_attempt: w.attempt,
-                plan: w.plan.clone(),
+                plan: Arc::clone(&w.plan),
             });
         }
         let mut chunks = Vec::new();
@@ -851,7 +853,7 @@ impl Dispatcher {
                 items = rest;
             }
         }
-        let mut queued: VecDeque<Chunk<'_>> = chunks
+        let chunks = chunks
             .into_iter()
             .map(|(channel, sender, items)| {
                 let span = tracing::info_span!("send", %channel, count = items.len());
@@ -861,11 +863,24 @@ impl Dispatcher {
                 }
             })
             .collect();
+        let may_hand_off = self.config.max_handed_off > 0;
+        self.run_chunks(chunks, may_hand_off.then_some(self.config.handoff_after))
+            .await
+    }
+
+    /// Runs `chunks` in order, at most `concurrency` at once, until all are finished or
+    /// `deadline` has passed. Returns the finished messages' vendor calls and the chunks
+    /// unfinished (the running ones first).
+    async fn run_chunks<'s>(
+        &self,
+        chunks: Vec<Chunk<'s>>,
+        deadline: Option<Duration>,
+    ) -> (Vec<(usize, Vec<Try>)>, Vec<Chunk<'s>>) {
+        let mut queued = VecDeque::from(chunks);
         let mut running = FuturesUnordered::new();
         let mut done = Vec::new();
-        let handoff = tokio::time::sleep(self.config.handoff_after);
-        tokio::pin!(handoff);
-        let may_hand_off = self.config.max_handed_off > 0;
+        let expired = tokio::time::sleep(deadline.unwrap_or_default());
+        tokio::pin!(expired);
         loop {
             while running.len() < self.config.concurrency.max(1)
                 && let Some(chunk) = queued.pop_front()
@@ -877,7 +892,7 @@ impl Dispatcher {
                     Some(results) => done.extend(results),
                     None => break,
                 },
-                _ = &mut handoff, if may_hand_off => break,
+                _ = &mut expired, if deadline.is_some() => break,
             }
         }
         (done, running.into_iter().chain(queued).collect())
@@ -925,10 +940,9 @@ impl Dispatcher {
                 }
             };
         if !guarded {
-            for chunk in unfinished {
-                for (i, tries) in chunk.await {
-                    work[i].tries = tries;
-                }
+            let (finished, _) = self.run_chunks(unfinished, None).await;
+            for (i, tries) in finished {
+                work[i].tries = tries;
             }
             return Vec::new();
         }
@@ -1032,7 +1046,7 @@ impl Dispatcher {
         while !pending.is_empty() {
             let (calls, refused) = self.assign(&items, &pending, &mut at);
             let answers = futures::future::join_all(calls.iter().map(|(account_id, ks)| {
-                let records: Vec<&MessageRecord> = ks.iter().map(|&k| &items[k].record).collect();
+                let records: Vec<&MessageRecord> = ks.iter().map(|&k| &*items[k].record).collect();
                 self.limited_call(channel, *account_id, sender, records)
             }))
             .await;
