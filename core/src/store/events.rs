@@ -33,12 +33,24 @@ fn upsert_states_sql(rows: usize) -> String {
     )
 }
 
+/// Events indexed per transaction. A sink flush holds up to 20,000 events; written in one
+/// transaction they held SQLite's single writer for the longest stretch of any, while dispatch
+/// waited to claim messages. Each part stands alone: indexing is idempotent and a message's state
+/// only moves forward, so a crash between parts leaves a prefix that the sink's recovery
+/// completes.
+const EVENTS_PER_TRANSACTION: usize = 2_000;
+
 impl Store {
     /// Adds events to the index; events already there are left as they are.
     pub async fn index_events(&self, events: &[DeliveryEvent]) -> Result<(), StoreError> {
-        if events.is_empty() {
-            return Ok(());
+        for part in events.chunks(EVENTS_PER_TRANSACTION) {
+            self.index_events_at_once(part).await?;
         }
+        Ok(())
+    }
+
+    /// Adds events to the index in one transaction.
+    async fn index_events_at_once(&self, events: &[DeliveryEvent]) -> Result<(), StoreError> {
         let mut tx = self.writer.begin().await?;
         for chunk in events.chunks(self.rows_per_statement(5)) {
             let sql = self.bindable(format!(
