@@ -14,7 +14,7 @@ use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTableUrl};
 use datafusion::datasource::provider_as_source;
 use datafusion::error::DataFusionError;
-use datafusion::execution::context::{SQLOptions, SessionContext};
+use datafusion::execution::context::{SQLOptions, SessionConfig, SessionContext};
 use datafusion::logical_expr::{LogicalPlanBuilder, col, lit};
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::scalar::ScalarValue;
@@ -114,7 +114,7 @@ async fn plan(
     sql: &str,
     rows: &Rows,
 ) -> Result<datafusion::dataframe::DataFrame, AnalyticsError> {
-    let ctx = SessionContext::new();
+    let ctx = session()?;
     warehouse.register_store(&ctx)?;
     register_tables(&ctx, warehouse).await?;
     let ctx = match rows {
@@ -143,7 +143,7 @@ async fn plan(
 /// over `app`'s rows only. The views hold the tables themselves, not their names, so no name a
 /// query can write reaches another app's rows.
 async fn app_views(all: &SessionContext, app: &str) -> Result<SessionContext, AnalyticsError> {
-    let scoped = SessionContext::new();
+    let scoped = session()?;
     for name in all.catalog_names() {
         let Some(catalog) = all.catalog(&name) else {
             continue;
@@ -168,6 +168,13 @@ async fn app_views(all: &SessionContext, app: &str) -> Result<SessionContext, An
         }
     }
     Ok(scoped)
+}
+
+/// A DataFusion context with DataFusion's defaults, each overridden by its `DATAFUSION_*`
+/// environment variable (`DATAFUSION_EXECUTION_TARGET_PARTITIONS=4` sets
+/// `datafusion.execution.target_partitions`), so that operators can tune queries without `SET`.
+fn session() -> Result<SessionContext, AnalyticsError> {
+    Ok(SessionContext::new_with_config(SessionConfig::from_env()?))
 }
 
 async fn register_tables(ctx: &SessionContext, wh: &Warehouse) -> Result<(), AnalyticsError> {
