@@ -1,8 +1,8 @@
 //! Vendor calls that outlive their batch (`dispatch.handoff_after`, 5 s by default) are handed
 //! off: they finish in the background, guarded by an `in_flight` schedule entry, while the
 //! worker goes on with the next batches. These tests show that a slow vendor no longer holds
-//! up another account's messages, and that a crash with calls handed off loses nothing: each
-//! guard releases its message again.
+//! up another account's messages, that a crash with calls handed off loses nothing (each
+//! guard releases its message again), and that SIGTERM waits for handed-off calls.
 
 use super::load::Load;
 use super::vendor::{Behaviour, SLOW_ANSWER, Vendor};
@@ -169,5 +169,73 @@ async fn a_crash_with_calls_handed_off_sends_each_of_them_again() {
         tally.drained_in > Duration::from_secs(10),
         "sent again {:?} after the crash: not by the guards",
         tally.drained_in
+    );
+}
+
+/// SIGTERM while calls to a hanging vendor are handed off: herald waits for them (the vendor
+/// answers 30 s after each call began) and records them before it exits, so the restarted
+/// process finds nothing left mid-call: each message arrives once, and none is a possible
+/// duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_calls_handed_off_finishes_them_before_exiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let vendor = Vendor::start(Duration::ZERO).await;
+    vendor.set(Behaviour::Slow);
+    let (key, mut herald) = tokio::task::block_in_place(|| {
+        let key = create_app(dir.path(), &[]);
+        (key, Serve::start(dir.path(), &[], &NO_ENV))
+    });
+    let template = webhook_template(&herald.base, &key, &vendor, 40_000).await;
+    let started = Instant::now();
+    let load = Load::start(&herald.base, &key, template, SLOW_RATE, "t");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (accepted, answers) = load.finish().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while (counter_of(&herald.base, "herald_calls_handed_off_total").await as usize)
+        < accepted.len()
+    {
+        assert!(Instant::now() < deadline, "the calls were not handed off");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        arrived(&vendor, &accepted),
+        0,
+        "answered before the SIGTERM"
+    );
+    let (took, status) = tokio::task::block_in_place(|| herald.terminate());
+    assert!(
+        status.success(),
+        "herald exited with {status} after SIGTERM"
+    );
+    // It waited for the vendor's answers, and not much longer.
+    assert!(
+        started.elapsed() > SLOW_ANSWER,
+        "herald exited {took:?} after SIGTERM, before the vendor answered"
+    );
+    assert!(took < SLOW_ANSWER, "herald took {took:?} to exit");
+    assert_eq!(arrived(&vendor, &accepted), accepted.len());
+    let stopped = Instant::now();
+    tokio::task::block_in_place(|| herald.restart());
+    let store = format!("sqlite://{}", dir.path().join("herald.db").display());
+    let tally = settle(&store, &accepted, &vendor, stopped).await;
+    let again = counter_of(&herald.base, "herald_possible_duplicates_total").await;
+    eprintln!(
+        "{}",
+        summary(
+            "sigterm-with-calls-handed-off",
+            SLOW_RATE,
+            None,
+            &answers,
+            &tally,
+            &format!(
+                " exit_after_sigterm={:.1}s possible_duplicates={again}",
+                took.as_secs_f64()
+            )
+        )
+    );
+    assert_exactly_once("sigterm-with-calls-handed-off", &answers, &tally);
+    assert_eq!(
+        again, 0.0,
+        "the restarted process found calls left mid-call"
     );
 }
