@@ -50,6 +50,21 @@ struct Group {
     currency: Option<String>,
 }
 
+impl Group {
+    /// Its window, app, template and channel.
+    fn channel_key(&self) -> ChannelKey<'_> {
+        (
+            self.window_start,
+            &self.app,
+            self.template_id,
+            &self.channel,
+        )
+    }
+}
+
+/// A window, app, template and channel: the partition of the query's `success_rate`.
+type ChannelKey<'a> = (i64, &'a str, i64, &'a str);
+
 /// What the events of a group add up to.
 #[derive(Debug, Default, Clone)]
 struct Sums {
@@ -219,22 +234,13 @@ impl HourState {
         // The query's window functions: per window, app, template and channel the sent and
         // tried (sent or failed) events; per window, app, template, channel and vendor the sent
         // and delivered ones.
-        let mut per_channel: HashMap<(i64, &str, i64, &str), (i64, i64)> = HashMap::new();
-        let mut per_vendor: HashMap<(i64, &str, i64, &str, Option<&str>), (i64, i64)> =
-            HashMap::new();
+        let mut per_channel: HashMap<ChannelKey<'_>, (i64, i64)> = HashMap::new();
+        let mut per_vendor: HashMap<(ChannelKey<'_>, Option<&str>), (i64, i64)> = HashMap::new();
         for (g, s) in &windows {
             let state = g.state.as_str();
-            let channel = per_channel
-                .entry((g.window_start, &g.app, g.template_id, &g.channel))
-                .or_default();
+            let channel = per_channel.entry(g.channel_key()).or_default();
             let vendor = per_vendor
-                .entry((
-                    g.window_start,
-                    &g.app,
-                    g.template_id,
-                    &g.channel,
-                    g.vendor.as_deref(),
-                ))
+                .entry((g.channel_key(), g.vendor.as_deref()))
                 .or_default();
             if state == "sent" {
                 channel.0 += s.events;
@@ -270,19 +276,8 @@ impl HourState {
             Vec::with_capacity(n),
         ];
         for (g, s) in &windows {
-            let (sent, tried) = per_channel[&(
-                g.window_start,
-                g.app.as_str(),
-                g.template_id,
-                g.channel.as_str(),
-            )];
-            let (vendor_sent, delivered) = per_vendor[&(
-                g.window_start,
-                g.app.as_str(),
-                g.template_id,
-                g.channel.as_str(),
-                g.vendor.as_deref(),
-            )];
+            let (sent, tried) = per_channel[&g.channel_key()];
+            let (vendor_sent, delivered) = per_vendor[&(g.channel_key(), g.vendor.as_deref())];
             window_start.push(g.window_start);
             app.push(g.app.as_str());
             template_id.push(g.template_id);
