@@ -6,10 +6,9 @@
 //! files.
 
 use super::Row;
-use super::warehouse::{Scratch, cpu_seconds, event, t0};
+use super::warehouse::{Scratch, cpu_seconds, event, on_two_threads, t0};
 use herald_analytics::{Aggregator, Warehouse, events_to_batch};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// The query of both statistics tables; `{window}` is the window width.
@@ -95,34 +94,22 @@ fn write_files(
     which: std::ops::Range<u64>,
     seq_offset: u64,
 ) -> anyhow::Result<()> {
-    let next = AtomicUsize::new(which.start as usize);
     let hour_us = 3_600_000_000u64;
-    let work = || -> anyhow::Result<()> {
-        loop {
-            let k = next.fetch_add(1, Ordering::Relaxed) as u64;
-            if k >= which.end {
-                return Ok(());
-            }
-            let (first, end) = ((n * k).div_ceil(files), (n * (k + 1)).div_ceil(files));
-            let events: Vec<_> = (first..end)
-                .map(|i| {
-                    let us = (i as u128 * hour_us as u128 / n as u128) as i64;
-                    event(i, t0() + chrono::Duration::microseconds(us))
-                })
-                .collect();
-            let seq = k + seq_offset;
-            let key = format!(
-                "{}/dt=2026-11-02/hour=00/part-{seq:020}-{}.parquet",
-                herald_analytics::TABLE,
-                events.len()
-            );
-            wh.write_parquet(&key, &events_to_batch(&events))?;
-        }
-    };
-    std::thread::scope(|s| {
-        let workers: Vec<_> = (0..2).map(|_| s.spawn(work)).collect();
-        workers
-            .into_iter()
-            .try_for_each(|w| w.join().expect("a generator thread panicked"))
+    on_two_threads(which, |k| {
+        let (first, end) = ((n * k).div_ceil(files), (n * (k + 1)).div_ceil(files));
+        let events: Vec<_> = (first..end)
+            .map(|i| {
+                let us = (i as u128 * hour_us as u128 / n as u128) as i64;
+                event(i, t0() + chrono::Duration::microseconds(us))
+            })
+            .collect();
+        let seq = k + seq_offset;
+        let key = format!(
+            "{}/dt=2026-11-02/hour=00/part-{seq:020}-{}.parquet",
+            herald_analytics::TABLE,
+            events.len()
+        );
+        wh.write_parquet(&key, &events_to_batch(&events))
+            .map_err(Into::into)
     })
 }

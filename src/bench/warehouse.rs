@@ -110,21 +110,33 @@ pub fn write_hours(
     hours: u64,
     make: impl Fn(u64) -> DeliveryEvent + Sync,
 ) -> anyhow::Result<()> {
-    let next = AtomicUsize::new(0);
+    on_two_threads(0..hours, |hour| {
+        let (first, end) = ((n * hour).div_ceil(hours), (n * (hour + 1)).div_ceil(hours));
+        if first == end {
+            return Ok(());
+        }
+        let events: Vec<DeliveryEvent> = (first..end).map(&make).collect();
+        let dir = events[0].ts.format("dt=%Y-%m-%d/hour=%H").to_string();
+        let key = format!("{}/{dir}/part-{hour:05}.parquet", herald_analytics::TABLE);
+        wh.write_parquet(&key, &events_to_batch(&events))
+            .map_err(Into::into)
+    })
+}
+
+/// Runs `each` for every item of `items` on two threads, each taking the next item in turn;
+/// the first error ends both.
+pub fn on_two_threads(
+    items: std::ops::Range<u64>,
+    each: impl Fn(u64) -> anyhow::Result<()> + Sync,
+) -> anyhow::Result<()> {
+    let next = AtomicUsize::new(items.start as usize);
     let work = || -> anyhow::Result<()> {
         loop {
-            let hour = next.fetch_add(1, Ordering::Relaxed) as u64;
-            if hour >= hours {
+            let item = next.fetch_add(1, Ordering::Relaxed) as u64;
+            if item >= items.end {
                 return Ok(());
             }
-            let (first, end) = ((n * hour).div_ceil(hours), (n * (hour + 1)).div_ceil(hours));
-            if first == end {
-                continue;
-            }
-            let events: Vec<DeliveryEvent> = (first..end).map(&make).collect();
-            let dir = events[0].ts.format("dt=%Y-%m-%d/hour=%H").to_string();
-            let key = format!("{}/{dir}/part-{hour:05}.parquet", herald_analytics::TABLE);
-            wh.write_parquet(&key, &events_to_batch(&events))?;
+            each(item)?;
         }
     };
     std::thread::scope(|s| {

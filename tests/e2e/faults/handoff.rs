@@ -4,11 +4,12 @@
 //! up another account's messages, that a crash with calls handed off loses nothing (each
 //! guard releases its message again), and that SIGTERM waits for handed-off calls.
 
-use super::load::Load;
+use super::load::{Answers, Load};
 use super::vendor::{Behaviour, SLOW_ANSWER, Vendor};
 use super::{NO_ENV, RATE, assert_exactly_once, counter_of, settle, summary, webhook_template};
 use crate::support::{Serve, create_app};
 use std::collections::HashMap;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// How long the loads run.
@@ -118,29 +119,7 @@ async fn a_slow_vendor_does_not_hold_up_another_accounts_messages() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_with_calls_handed_off_sends_each_of_them_again() {
     let dir = tempfile::tempdir().unwrap();
-    let vendor = Vendor::start(Duration::ZERO).await;
-    vendor.set(Behaviour::Slow);
-    let (key, mut herald) = tokio::task::block_in_place(|| {
-        let key = create_app(dir.path(), &[]);
-        (key, Serve::start(dir.path(), &[], &NO_ENV))
-    });
-    let template = webhook_template(&herald.base, &key, &vendor, 40_000).await;
-    let load = Load::start(&herald.base, &key, template, SLOW_RATE, "c");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (accepted, answers) = load.finish().await;
-    // Every accepted message handed off (after 5 s), none answered (after 30 s).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let handed_off = counter_of(&herald.base, "herald_calls_handed_off_total").await;
-        if handed_off as usize >= accepted.len() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {handed_off} calls handed off"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (vendor, mut herald, accepted, answers) = calls_handed_off(dir.path(), "c").await;
     tokio::task::block_in_place(|| {
         herald.child.kill().unwrap();
         herald.child.wait().unwrap();
@@ -179,24 +158,8 @@ async fn a_crash_with_calls_handed_off_sends_each_of_them_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_calls_handed_off_finishes_them_before_exiting() {
     let dir = tempfile::tempdir().unwrap();
-    let vendor = Vendor::start(Duration::ZERO).await;
-    vendor.set(Behaviour::Slow);
-    let (key, mut herald) = tokio::task::block_in_place(|| {
-        let key = create_app(dir.path(), &[]);
-        (key, Serve::start(dir.path(), &[], &NO_ENV))
-    });
-    let template = webhook_template(&herald.base, &key, &vendor, 40_000).await;
     let started = Instant::now();
-    let load = Load::start(&herald.base, &key, template, SLOW_RATE, "t");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (accepted, answers) = load.finish().await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while (counter_of(&herald.base, "herald_calls_handed_off_total").await as usize)
-        < accepted.len()
-    {
-        assert!(Instant::now() < deadline, "the calls were not handed off");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (vendor, mut herald, accepted, answers) = calls_handed_off(dir.path(), "t").await;
     assert_eq!(
         arrived(&vendor, &accepted),
         0,
@@ -238,4 +201,35 @@ async fn sigterm_with_calls_handed_off_finishes_them_before_exiting() {
         again, 0.0,
         "the restarted process found calls left mid-call"
     );
+}
+
+/// A herald on `dir` whose only account's vendor answers after 30 s, after 2 s of load (message
+/// ids tagged `tag`) and once every accepted message's call is handed off (after 5 s).
+async fn calls_handed_off(
+    dir: &Path,
+    tag: &str,
+) -> (Vendor, Serve, HashMap<String, String>, Answers) {
+    let vendor = Vendor::start(Duration::ZERO).await;
+    vendor.set(Behaviour::Slow);
+    let (key, herald) = tokio::task::block_in_place(|| {
+        let key = create_app(dir, &[]);
+        (key, Serve::start(dir, &[], &NO_ENV))
+    });
+    let template = webhook_template(&herald.base, &key, &vendor, 40_000).await;
+    let load = Load::start(&herald.base, &key, template, SLOW_RATE, tag);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (accepted, answers) = load.finish().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let handed_off = counter_of(&herald.base, "herald_calls_handed_off_total").await;
+        if handed_off as usize >= accepted.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {handed_off} calls handed off"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    (vendor, herald, accepted, answers)
 }
