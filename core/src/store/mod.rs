@@ -229,9 +229,14 @@ fn sqlite_pool(connections: u32, cache_kib: u32) -> AnyPoolOptions {
         // drop fails. The connection's next transactions would be savepoints in one
         // that never commits: writes that look committed, seen by no other
         // connection, lost at exit. Such a connection is closed instead of reused
-        // (the ping first lets a queued rollback run).
+        // (the ping first lets a queued rollback run). A connection that counts no
+        // transaction goes back to the pool without the ping's round trip to its
+        // worker thread: a queued rollback can only lower the count.
         .after_release(|conn, _| {
             Box::pin(async move {
+                if !conn.is_in_transaction() {
+                    return Ok(true);
+                }
                 conn.ping().await?;
                 Ok(!conn.is_in_transaction())
             })
