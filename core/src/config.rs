@@ -229,6 +229,11 @@ pub struct DispatchConfig {
     /// against a crash, while the worker commits the batch and takes the next one.
     #[serde(deserialize_with = "duration")]
     pub handoff_after: Duration,
+    /// A chunk of calls running eight times longer than this worker's calls usually take, and
+    /// at least this long, is handed off before `handoff_after`: a slow account's calls do
+    /// not hold up its round's other accounts that long.
+    #[serde(deserialize_with = "duration")]
+    pub handoff_min: Duration,
     /// Most messages whose calls a worker finishes in the background at once; beyond it, a
     /// batch waits for its calls (0: never hand off).
     pub max_handed_off: usize,
@@ -333,6 +338,7 @@ impl Default for DispatchConfig {
             sensitive_words_file: None,
             rate_wait: Duration::from_secs(1),
             handoff_after: Duration::from_secs(5),
+            handoff_min: Duration::from_secs(1),
             max_handed_off: 4096,
         }
     }

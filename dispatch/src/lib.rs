@@ -9,6 +9,7 @@ pub mod ratelimit;
 pub mod receipts;
 pub mod requests;
 pub mod scheduler;
+mod stragglers;
 pub mod worker;
 
 pub use receipts::ReceiptPoller;

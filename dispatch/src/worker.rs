@@ -34,6 +34,7 @@ use crate::outcomes::OutcomeWriter;
 use crate::policy::{Policies, Stop, Verdict, expire};
 use crate::ratelimit::{Acquired, RateLimiter};
 use crate::requests::{ExpandError, Refusal, RequestExpander, dead_letter};
+use crate::stragglers::CallTimes;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use herald_core::bus::{Bus, BusError, Consumer, Delivered, Position, Record, next_positions};
@@ -118,6 +119,12 @@ pub struct Dispatcher {
     prices: PriceTable,
     /// Messages whose calls were handed off and are not recorded yet.
     in_flight: Mutex<HashSet<MessageId>>,
+    /// How long this worker's chunks of calls take: what a straggler is slower than.
+    call_times: CallTimes,
+    /// Per receiver timeline (`Policies::receiver_limits`): the latest time (unix µs) this
+    /// worker sent one of its messages to the schedule for, so that the next comes back one
+    /// interval later, not with it.
+    receiver_turns: Mutex<HashMap<i64, i64>>,
 }
 
 /// One message of a batch and what became of it.
@@ -243,6 +250,23 @@ type Delivery<'s> = BoxFuture<'s, Vec<(usize, Vec<Try>)>>;
 struct Chunk<'s> {
     indexes: Vec<usize>,
     delivery: Delivery<'s>,
+    /// When it was first polled.
+    started: Option<Instant>,
+}
+
+/// A chunk run until it finished or outran its limit.
+enum Ran<'s> {
+    Finished(Vec<(usize, Vec<Try>)>),
+    Unfinished(Chunk<'s>),
+}
+
+/// How long a round waits for its chunks before handing them off.
+#[derive(Clone, Copy)]
+struct HandOffLimits {
+    /// For each chunk, from its start: a straggler's limit (see `stragglers`).
+    per_chunk: Duration,
+    /// For the whole round: chunks not started by then are not started.
+    round: Duration,
 }
 
 impl Future for Chunk<'_> {
@@ -342,6 +366,8 @@ impl Dispatcher {
             requests: None,
             prices: PriceTable::default(),
             in_flight: Mutex::default(),
+            call_times: CallTimes::default(),
+            receiver_turns: Mutex::default(),
         }
     }
 
@@ -467,6 +493,19 @@ impl Dispatcher {
         // `sending` that must not be sent again.
         let in_flight = self.in_flight_among(&ids);
         let ledger = self.store.ledger_states(&ids).await?;
+        // Messages left `sending` whose call another worker handed off and is still finishing
+        // (a batch read again after a rebalance, its offsets not committed yet).
+        let mid_call: Vec<MessageId> = ids
+            .iter()
+            .filter(|&id| !in_flight.contains(id))
+            .filter(|&id| matches!(ledger.get(id), Some(&(LedgerState::Sending, _, _))))
+            .copied()
+            .collect();
+        let guarded_elsewhere = if mid_call.is_empty() {
+            HashSet::new()
+        } else {
+            self.store.guarded_in_flight(&mid_call).await?
+        };
         let mut candidates = Vec::new();
         for (i, w) in work.iter_mut().enumerate() {
             match ledger.get(&w.record.message_id) {
@@ -485,8 +524,12 @@ impl Dispatcher {
                     outcome.absorbed += 1;
                     self.metrics.redelivery_absorbed.inc();
                 }
-                Some(_) if in_flight.contains(&w.record.message_id) => {
-                    // A copy of a message whose handed-off call is still running here.
+                Some(_)
+                    if in_flight.contains(&w.record.message_id)
+                        || guarded_elsewhere.contains(&w.record.message_id) =>
+                {
+                    // A copy of a message whose handed-off call is still running, here or in
+                    // another worker; its guard releases it should that worker die.
                     w.redelivered = true;
                     w.skip = true;
                     outcome.absorbed += 1;
@@ -705,9 +748,16 @@ impl Dispatcher {
 
     /// Takes each message's slot on its receiver's timelines (the app's `receiver_rate_limits`).
     /// A message whose receiver has no free slot makes no call: it waits in the schedule until
-    /// the next slot (`rate_limited`), or fails if that is past its age limit.
+    /// its turn (`rate_limited`), or fails if that is past its age limit. The turn is the next
+    /// free slot, or one interval after the last turn this worker gave on that timeline: k
+    /// messages held together come back one by one, not together (which would hold all but
+    /// one again, about k²/2 round trips).
     async fn pace_receivers(&self, work: &mut [Work]) -> Result<(), DispatchError> {
         let now = chrono::Utc::now();
+        self.receiver_turns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, turn| *turn > now.timestamp_micros());
         for w in work.iter_mut().filter(|w| w.to_send()) {
             for (key, interval, burst) in self.policies.receiver_limits(&w.record).await? {
                 let reserved = self
@@ -717,7 +767,16 @@ impl Dispatcher {
                 let Reservation::Busy { next_us } = reserved else {
                     continue;
                 };
-                let until = chrono::DateTime::from_timestamp_micros(next_us).unwrap_or(now);
+                let turn_us = {
+                    let mut turns = self
+                        .receiver_turns
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    let turn = turns.entry(key).or_insert(i64::MIN);
+                    *turn = next_us.max(turn.saturating_add(interval));
+                    *turn
+                };
+                let until = chrono::DateTime::from_timestamp_micros(turn_us).unwrap_or(now);
                 let deferred_until =
                     Some(until).filter(|u| young_enough(&self.config, &w.record, u));
                 w.tries.push(Try {
@@ -745,8 +804,9 @@ impl Dispatcher {
     /// Sends every message that needs it, one receiver's messages in order: the k-th message of
     /// each receiver goes in round k. Within a round, messages for one account are handed to
     /// their channel's batch API together, and different accounts' groups run concurrently.
-    /// A round's calls still running after `handoff_after` are handed off (see
-    /// [`Self::hand_off`]); the next round does not wait for them.
+    /// A round's calls that outrun their straggler limit (see `stragglers`), or are still
+    /// running after `handoff_after`, are handed off (see [`Self::hand_off`]); the next round
+    /// does not wait for them.
     async fn send_all(
         &self,
         work: &mut [Work],
@@ -812,8 +872,8 @@ impl Dispatcher {
     }
 
     /// Sends one round's messages, at most `concurrency` chunks at once. Returns each finished
-    /// message's vendor calls, and the chunks unfinished (running or not started) once
-    /// `handoff_after` has passed.
+    /// message's vendor calls, and the chunks unfinished: stragglers, and those running or not
+    /// started once `handoff_after` has passed.
     async fn send_round(
         &self,
         work: &[Work],
@@ -860,42 +920,71 @@ impl Dispatcher {
                 Chunk {
                     indexes: items.iter().map(|item| item.index).collect(),
                     delivery: Box::pin(self.deliver(channel, sender, items).instrument(span)),
+                    started: None,
                 }
             })
             .collect();
-        let may_hand_off = self.config.max_handed_off > 0;
-        self.run_chunks(chunks, may_hand_off.then_some(self.config.handoff_after))
-            .await
+        let limits = (self.config.max_handed_off > 0).then(|| HandOffLimits {
+            per_chunk: self
+                .call_times
+                .straggler_limit(self.config.handoff_min, self.config.handoff_after),
+            round: self.config.handoff_after,
+        });
+        self.run_chunks(chunks, limits).await
     }
 
-    /// Runs `chunks` in order, at most `concurrency` at once, until all are finished or
-    /// `deadline` has passed. Returns the finished messages' vendor calls and the chunks
-    /// unfinished (the running ones first).
+    /// Runs `chunks` in order, at most `concurrency` at once. With `limits`, a chunk still
+    /// running after its `per_chunk` limit, or once the `round` limit has passed, is no longer
+    /// waited for, and chunks not started by the end of the round are not started. Returns
+    /// the finished messages' vendor calls and the chunks unfinished (the started ones first).
     async fn run_chunks<'s>(
         &self,
         chunks: Vec<Chunk<'s>>,
-        deadline: Option<Duration>,
+        limits: Option<HandOffLimits>,
     ) -> (Vec<(usize, Vec<Try>)>, Vec<Chunk<'s>>) {
+        let round_end = limits.map(|l| tokio::time::Instant::now() + l.round);
         let mut queued = VecDeque::from(chunks);
         let mut running = FuturesUnordered::new();
         let mut done = Vec::new();
-        let expired = tokio::time::sleep(deadline.unwrap_or_default());
-        tokio::pin!(expired);
+        let mut unfinished = Vec::new();
         loop {
-            while running.len() < self.config.concurrency.max(1)
+            let now = tokio::time::Instant::now();
+            while round_end.is_none_or(|end| now < end)
+                && running.len() < self.config.concurrency.max(1)
                 && let Some(chunk) = queued.pop_front()
             {
-                running.push(chunk);
+                let until = limits
+                    .zip(round_end)
+                    .map(|(l, end)| end.min(now + l.per_chunk));
+                running.push(self.run_chunk(chunk, until));
             }
-            tokio::select! {
-                finished = running.next() => match finished {
-                    Some(results) => done.extend(results),
-                    None => break,
-                },
-                _ = &mut expired, if deadline.is_some() => break,
+            match running.next().await {
+                Some(Ran::Finished(results)) => done.extend(results),
+                Some(Ran::Unfinished(chunk)) => unfinished.push(chunk),
+                None => break,
             }
         }
-        (done, running.into_iter().chain(queued).collect())
+        unfinished.extend(queued);
+        (done, unfinished)
+    }
+
+    /// Runs `chunk` until it finishes, or gives it back unfinished at `until`; a finished
+    /// chunk's duration counts in [`CallTimes`].
+    async fn run_chunk<'s>(
+        &self,
+        mut chunk: Chunk<'s>,
+        until: Option<tokio::time::Instant>,
+    ) -> Ran<'s> {
+        let started = *chunk.started.get_or_insert_with(Instant::now);
+        let results = match until {
+            None => (&mut chunk).await,
+            Some(until) => match tokio::time::timeout_at(until, &mut chunk).await {
+                Ok(results) => results,
+                Err(_) => return Ran::Unfinished(chunk),
+            },
+        };
+        self.call_times.record(started.elapsed());
+        Ran::Finished(results)
     }
 
     /// Hands off `unfinished` chunks so that the batch can end without them: their messages
@@ -977,9 +1066,13 @@ impl Dispatcher {
         received_at: chrono::DateTime<chrono::Utc>,
     ) {
         let ids: Vec<MessageId> = works.iter().map(|w| w.record.message_id).collect();
+        let started = *chunk.started.get_or_insert_with(Instant::now);
         let results = loop {
             tokio::select! {
-                results = &mut chunk => break results,
+                results = &mut chunk => {
+                    self.call_times.record(started.elapsed());
+                    break results;
+                }
                 _ = tokio::time::sleep(IN_FLIGHT_RENEW) => {
                     let due_at = chrono::Utc::now() + IN_FLIGHT_GUARD;
                     if let Err(e) = self.store.renew_in_flight(&ids, due_at).await {

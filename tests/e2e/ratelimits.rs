@@ -190,6 +190,27 @@ async fn a_receiver_limit_spaces_one_receivers_messages_and_drops_none() {
         states(&last).contains(&"rate_limited".to_string()),
         "{last}"
     );
+    // The three held messages were each given their own turn, a second apart, so that they
+    // come back one by one rather than together (when all but one would be held again).
+    let mut turns = Vec::new();
+    for id in &ids[2..] {
+        let trace = app.wait_for_state(id, "sent").await;
+        let held = trace["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["state"] == "rate_limited")
+            .unwrap_or_else(|| panic!("{trace}"));
+        let detail = held["error_detail"].as_str().unwrap();
+        let (_, at) = detail.rsplit_once("next try at ").expect(detail);
+        turns.push(chrono::DateTime::parse_from_rfc3339(at).unwrap());
+    }
+    assert!(
+        turns
+            .windows(2)
+            .all(|w| w[1] - w[0] >= chrono::Duration::milliseconds(900)),
+        "turns {turns:?}"
+    );
     // In order, and the fifth at least ~3 s after the first (burst of two, then 1/s).
     assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
     let spread = times[4] - times[0];

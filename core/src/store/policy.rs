@@ -715,6 +715,31 @@ impl Store {
         Ok(())
     }
 
+    /// Those of `ids` whose `in_flight` guard is live: not due yet, so the worker that handed
+    /// off their call is finishing it (or, if it died, the scheduler will release them).
+    pub async fn guarded_in_flight(
+        &self,
+        ids: &[MessageId],
+    ) -> Result<HashSet<MessageId>, StoreError> {
+        let mut guarded = HashSet::new();
+        let now = now_ms();
+        for chunk in ids.chunks(self.rows_per_statement(1)) {
+            let sql = self.bindable(format!(
+                "SELECT message_id FROM schedule WHERE kind = 'in_flight' AND due_at > $1 \
+                 AND message_id IN ({})",
+                placeholders(2, chunk.len())
+            ));
+            let mut q = sqlx::query_scalar::<_, String>(&sql).bind(now);
+            for id in chunk {
+                q = q.bind(id.to_string());
+            }
+            for id in q.fetch_all(&self.pool).await? {
+                guarded.insert(parse_id(&id)?);
+            }
+        }
+        Ok(guarded)
+    }
+
     /// Removes the `in_flight` entries of `ids` once their outcomes are recorded; an entry that
     /// became a retry meanwhile stays.
     pub async fn end_in_flight(&self, ids: &[MessageId]) -> Result<(), StoreError> {

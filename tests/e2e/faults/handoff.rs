@@ -19,8 +19,36 @@ const LOAD: Duration = Duration::from_secs(8);
 /// its batch may wait `handoff_after` for the slow calls, and so may the batch before.
 const HEALTHY_WITHIN: Duration = Duration::from_secs(12);
 
+/// The longest a healthy message sent after the slow load started may take to arrive: the
+/// worker knows by then how long its calls usually take, so a batch waits about
+/// `dispatch.handoff_min` (1 s) for slow calls, not `handoff_after` (5 s).
+const HEALTHY_LATENCY: Duration = Duration::from_secs(4);
+
 /// Messages a second to the slow account.
 const SLOW_RATE: usize = 20;
+
+/// The healthy load runs alone this long first, so that the worker knows its usual calls.
+const WARM_UP: Duration = Duration::from_secs(1);
+
+/// The longest time a healthy message sent after `since` took to arrive at `vendor`. Receivers
+/// are named `h<n>-<i>` by the n-th request of a load started at `started`, 100 ms apart.
+fn worst_latency(vendor: &Vendor, started: Instant, since: Instant) -> Duration {
+    vendor
+        .first_arrivals()
+        .into_iter()
+        .filter_map(|(receiver, arrived)| {
+            let n: u32 = receiver
+                .strip_prefix('h')?
+                .split('-')
+                .next()?
+                .parse()
+                .ok()?;
+            let sent = started + Duration::from_millis(100) * n;
+            (sent >= since).then(|| arrived.saturating_duration_since(sent))
+        })
+        .max()
+        .unwrap_or_default()
+}
 
 /// How many of `accepted` (receiver → message id) `vendor` has received.
 fn arrived(vendor: &Vendor, accepted: &HashMap<String, String>) -> usize {
@@ -33,7 +61,8 @@ fn arrived(vendor: &Vendor, accepted: &HashMap<String, String>) -> usize {
 
 /// One account's vendor answers only after 30 s, the other at once; both get a steady load.
 /// Every message of the healthy account arrives well before the slow vendor's first answer,
-/// and in the end each message of both is received exactly once.
+/// none later than [`HEALTHY_LATENCY`] after it was sent, and in the end each message of both
+/// is received exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_vendor_does_not_hold_up_another_accounts_messages() {
     let dir = tempfile::tempdir().unwrap();
@@ -48,8 +77,10 @@ async fn a_slow_vendor_does_not_hold_up_another_accounts_messages() {
     let slow_template = webhook_template(&herald.base, &key, &slow, 40_000).await;
     let healthy_template = webhook_template(&herald.base, &key, &healthy, 5_000).await;
     let started = Instant::now();
-    let slow_load = Load::start(&herald.base, &key, slow_template, SLOW_RATE, "s");
     let healthy_load = Load::start(&herald.base, &key, healthy_template, RATE, "h");
+    tokio::time::sleep(WARM_UP).await;
+    let slow_started = Instant::now();
+    let slow_load = Load::start(&herald.base, &key, slow_template, SLOW_RATE, "s");
     tokio::time::sleep(LOAD).await;
     let (slow_accepted, slow_answers) = slow_load.finish().await;
     let (healthy_accepted, healthy_answers) = healthy_load.finish().await;
@@ -69,6 +100,11 @@ async fn a_slow_vendor_does_not_hold_up_another_accounts_messages() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let healthy_in = stopped.elapsed();
+    let worst = worst_latency(&healthy, started, slow_started);
+    assert!(
+        worst < HEALTHY_LATENCY,
+        "a healthy message took {worst:?} to arrive beside the slow vendor"
+    );
     // No slow call has been answered yet: the healthy messages did not wait for one.
     assert!(started.elapsed() < SLOW_ANSWER, "{:?}", started.elapsed());
     assert_eq!(arrived(&slow, &slow_accepted), 0);
@@ -79,8 +115,9 @@ async fn a_slow_vendor_does_not_hold_up_another_accounts_messages() {
     let healthy_tally = settle(&store, &healthy_accepted, &healthy, stopped).await;
     let slow_tally = settle(&store, &slow_accepted, &slow, stopped).await;
     let extra = format!(
-        " healthy_done_in={:.1}s handed_off={handed_off}",
-        healthy_in.as_secs_f64()
+        " healthy_done_in={:.1}s healthy_worst_latency={:.1}s handed_off={handed_off}",
+        healthy_in.as_secs_f64(),
+        worst.as_secs_f64()
     );
     eprintln!(
         "{}",

@@ -48,6 +48,8 @@ struct Shared {
     latency: Duration,
     /// Receiver → message ids delivered to it, in order.
     received: Mutex<HashMap<String, Vec<String>>>,
+    /// Receiver → when its first message arrived.
+    first_arrivals: Mutex<HashMap<String, Instant>>,
     /// Requests answered with a fault.
     faulted: AtomicU64,
     /// Garbage answers given, to take turns.
@@ -63,6 +65,7 @@ impl Vendor {
             behaviour: Mutex::new(Behaviour::Normal),
             latency,
             received: Mutex::default(),
+            first_arrivals: Mutex::default(),
             faulted: AtomicU64::new(0),
             garbage: AtomicU64::new(0),
         });
@@ -83,6 +86,11 @@ impl Vendor {
     /// Receiver → the message ids delivered to it.
     pub fn received(&self) -> HashMap<String, Vec<String>> {
         self.shared.received.lock().unwrap().clone()
+    }
+
+    /// Receiver → when its first message arrived.
+    pub fn first_arrivals(&self) -> HashMap<String, Instant> {
+        self.shared.first_arrivals.lock().unwrap().clone()
     }
 
     /// Requests answered with a fault so far.
@@ -144,6 +152,12 @@ async fn connection(mut stream: TcpStream, shared: Arc<Shared>) {
             let body: serde_json::Value =
                 serde_json::from_slice(&request[body_at..]).unwrap_or_default();
             let (receiver, id) = (body["receiver"].as_str(), body["message_id"].as_str());
+            shared
+                .first_arrivals
+                .lock()
+                .unwrap()
+                .entry(receiver.unwrap_or_default().to_string())
+                .or_insert_with(Instant::now);
             shared
                 .received
                 .lock()

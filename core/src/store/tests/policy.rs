@@ -382,6 +382,10 @@ pub(super) async fn in_flight_guards_renew_and_end(store: Store) {
         entry(&b, ScheduleKind::InFlight),
     ];
     store.guard_in_flight(&guards).await.unwrap();
+    let c = record("shop", "+8613800000003");
+    let ids = [a.message_id, b.message_id, c.message_id];
+    let live = store.guarded_in_flight(&ids).await.unwrap();
+    assert_eq!(live, [a.message_id, b.message_id].into_iter().collect());
     let lease = now + chrono::Duration::seconds(60);
     assert!(store.claim_due(now, lease, 10).await.unwrap().is_empty());
     let waiting = store.waiting("shop").await.unwrap();
@@ -394,6 +398,8 @@ pub(super) async fn in_flight_guards_renew_and_end(store: Store) {
         .renew_in_flight(&[a.message_id, b.message_id], past)
         .await
         .unwrap();
+    // Due guards no longer hold back a copy of their message.
+    assert!(store.guarded_in_flight(&ids).await.unwrap().is_empty());
     let due = store.claim_due(now, lease, 10).await.unwrap();
     assert_eq!(due.len(), 2);
     assert!(due.iter().all(|e| e.kind == ScheduleKind::InFlight));
