@@ -2,6 +2,7 @@
 # A local Kafka-protocol broker (tansu) for herald's Kafka tests and for trying the distributed
 # deployment on one machine.
 #
+#   scripts/broker.sh install   install tansu if missing (a cold build from crates.io)
 #   scripts/broker.sh start     install tansu if missing, start it, wait until it accepts connections
 #   scripts/broker.sh stop      stop the broker this script started
 #   scripts/broker.sh restart   stop, then start (with file-backed storage the data survives)
@@ -66,7 +67,8 @@ port_open() {
 
 install_tansu() {
   [[ -x "$TANSU" ]] && return 0
-  [[ -n "${HERALD_TANSU:-}" ]] && die "HERALD_TANSU=$TANSU is not an executable"
+  # A binary named elsewhere is the user's to provide; the default one is installed here.
+  [[ "$TANSU" != "$TANSU_ROOT/bin/tansu" ]] && die "HERALD_TANSU=$TANSU is not an executable"
   echo "installing tansu $TANSU_VERSION into $TANSU_ROOT (takes a while the first time)"
   CARGO_TARGET_DIR="$HOME/.cache/herald/tansu-build" \
     cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql \
@@ -146,6 +148,7 @@ status() {
 }
 
 case "${1:-}" in
+  install) install_tansu ;;
   start) start ;;
   stop) stop ;;
   restart)
@@ -154,7 +157,7 @@ case "${1:-}" in
     ;;
   status) status ;;
   *)
-    echo "usage: $0 start|stop|restart|status" >&2
+    echo "usage: $0 install|start|stop|restart|status" >&2
     exit 2
     ;;
 esac

@@ -3,7 +3,7 @@
 #   formatting, clippy (deny warnings), unit and integration tests (release profile: the one
 #   profile this project builds, shared with the benchmarks), against real peers: an SMTP server
 #   (aiosmtpd), HTTP receivers, pyarrow as an independent Parquet reader, a Kafka-protocol broker
-#   (tansu, installed and cached under ~/.cache/herald the first time: ~12 minutes), a Kafka
+#   (tansu, built and cached under ~/.cache/herald the first time, beside herald's build), a Kafka
 #   client that is not herald (confluent-kafka), an S3 server (moto), a schema-driven API fuzzer
 #   (schemathesis) and the machine's PostgreSQL.
 set -euo pipefail
@@ -25,9 +25,29 @@ psql "$HERALD_TEST_POSTGRES" -qAt -c \
   "SELECT datname FROM pg_database WHERE datname LIKE 'herald_test_%' OR datname LIKE 'herald_e2e_%'" |
   while read -r db; do psql "$HERALD_TEST_POSTGRES" -q -c "DROP DATABASE IF EXISTS $db" || true; done
 
-# The Kafka-protocol broker: one shared instance for the bus conformance tests; the end-to-end
-# tests start their own from the same binary (they restart it, and herald's topic names are fixed).
+# The Kafka-protocol broker, tansu: on a fresh machine it is built from crates.io while herald
+# builds (two cold builds side by side fill the cores that each one's serial stretches leave
+# idle), and started once herald is built.
 export HERALD_TANSU="${HERALD_TANSU:-$HOME/.cache/herald/tansu/bin/tansu}"
+TANSU_INSTALL_LOG="$HOME/.cache/herald/tansu-install.log"
+mkdir -p "$(dirname "$TANSU_INSTALL_LOG")"
+scripts/broker.sh install >"$TANSU_INSTALL_LOG" 2>&1 &
+TANSU_INSTALL_PID=$!
+if ! command -v cargo-nextest >/dev/null 2>&1; then
+  cargo install --locked cargo-nextest
+fi
+
+cargo fmt --all -- --check
+cargo clippy --release --workspace --all-targets -- -D warnings
+cargo nextest run --release --workspace --no-run
+if ! wait "$TANSU_INSTALL_PID"; then
+  cat "$TANSU_INSTALL_LOG" >&2
+  echo "test.sh: installing tansu failed (log: $TANSU_INSTALL_LOG)" >&2
+  exit 1
+fi
+
+# One shared broker for the bus conformance tests; the end-to-end tests start their own from the
+# same binary (they restart it, and herald's topic names are fixed).
 export HERALD_BROKER_PORT="${HERALD_BROKER_PORT:-19092}"
 export HERALD_BROKER_DIR="${HERALD_BROKER_DIR:-$HOME/.cache/herald/broker}"
 scripts/broker.sh stop >/dev/null
@@ -42,10 +62,5 @@ trap 'kill $S3_PID 2>/dev/null || true; scripts/broker.sh stop >/dev/null || tru
 export HERALD_TEST_S3="http://127.0.0.1:$S3_PORT"
 export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1 AWS_ALLOW_HTTP=true
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$S3_PORT") 2>/dev/null && break; sleep 0.1; done
-if ! command -v cargo-nextest >/dev/null 2>&1; then
-  cargo install --locked cargo-nextest
-fi
 
-cargo fmt --all -- --check
-cargo clippy --release --workspace --all-targets -- -D warnings
 cargo nextest run --release --workspace --no-fail-fast "$@"
