@@ -942,20 +942,19 @@ impl Dispatcher {
         chunks: Vec<Chunk<'s>>,
         limits: Option<HandOffLimits>,
     ) -> (Vec<(usize, Vec<Try>)>, Vec<Chunk<'s>>) {
-        let round_end = limits.map(|l| tokio::time::Instant::now() + l.round);
+        // The round's end, and the limit of one chunk within it.
+        let deadlines = limits.map(|l| (tokio::time::Instant::now() + l.round, l.per_chunk));
         let mut queued = VecDeque::from(chunks);
         let mut running = FuturesUnordered::new();
         let mut done = Vec::new();
         let mut unfinished = Vec::new();
         loop {
             let now = tokio::time::Instant::now();
-            while round_end.is_none_or(|end| now < end)
+            while deadlines.is_none_or(|(round_end, _)| now < round_end)
                 && running.len() < self.config.concurrency.max(1)
                 && let Some(chunk) = queued.pop_front()
             {
-                let until = limits
-                    .zip(round_end)
-                    .map(|(l, end)| end.min(now + l.per_chunk));
+                let until = deadlines.map(|(round_end, per_chunk)| round_end.min(now + per_chunk));
                 running.push(self.run_chunk(chunk, until));
             }
             match running.next().await {
