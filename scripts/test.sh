@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test of herald — the one command `.ci/run` calls.
 #   formatting, clippy (deny warnings), unit and integration tests (release profile: the one
-#   profile this project builds, shared with the benchmarks), against real peers: an SMTP server
+#   profile tests and CI build; the shipped binary is `dist`), against real peers: an SMTP server
 #   (aiosmtpd), HTTP receivers, pyarrow as an independent Parquet reader, a Kafka-protocol broker
 #   (tansu, built and cached under ~/.cache/herald the first time, beside herald's build), a Kafka
 #   client that is not herald (confluent-kafka), an S3 server (moto), a schema-driven API fuzzer
