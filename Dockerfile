@@ -1,5 +1,5 @@
 # herald: one binary, every role. Built with the `dist` profile (release with whole-program
-# optimisation: the binary the benchmark figures are measured with; a slow build); librdkafka
+# optimisation; README, "The `dist` profile": faster and smaller, a slow build); librdkafka
 # is compiled from the rdkafka-sys crate's bundled sources (make + gcc from the rust image) and
 # linked statically.
 #   docker build -t herald .

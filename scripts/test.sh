@@ -26,8 +26,9 @@ psql "$HERALD_TEST_POSTGRES" -qAt -c \
   while read -r db; do psql "$HERALD_TEST_POSTGRES" -q -c "DROP DATABASE IF EXISTS $db" || true; done
 
 # The Kafka-protocol broker, tansu: on a fresh machine it is built from crates.io while herald
-# builds (two cold builds side by side fill the cores that each one's serial stretches leave
-# idle), and started once herald is built.
+# builds (little time is gained: herald's cold build keeps both cores busy almost throughout;
+# but a fmt or clippy error stops the run without waiting for it), and started once herald is
+# built.
 export HERALD_TANSU="${HERALD_TANSU:-$HOME/.cache/herald/tansu/bin/tansu}"
 TANSU_INSTALL_LOG="$HOME/.cache/herald/tansu-install.log"
 mkdir -p "$(dirname "$TANSU_INSTALL_LOG")"
