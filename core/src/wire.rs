@@ -8,6 +8,8 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub mod timestamp;
+
 /// Topic of send requests, keyed by receiver.
 pub const REQUESTS_TOPIC: &str = "herald.requests";
 /// The consumer group of dispatch workers on [`REQUESTS_TOPIC`].
@@ -36,8 +38,13 @@ pub struct MessageRecord {
     pub receiver: String,
     /// The template's content fields with every `{$name}` placeholder replaced.
     pub content: serde_json::Value,
+    #[serde(deserialize_with = "timestamp::deserialize")]
     pub accepted_at: DateTime<Utc>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "timestamp::deserialize_option"
+    )]
     pub send_at: Option<DateTime<Utc>>,
     /// The receiver's IANA time zone for quiet hours, when the request named one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -196,6 +203,7 @@ pub struct DeliveryEvent {
     /// Deterministic: the same state change emitted twice (after a crash) has the same id, which
     /// is how the warehouse sink drops the copy. See [`event_id`].
     pub event_id: String,
+    #[serde(deserialize_with = "timestamp::deserialize")]
     pub ts: DateTime<Utc>,
     pub message_id: MessageId,
     pub request_id: String,
@@ -288,6 +296,7 @@ pub struct Receipt {
     pub error_code: Option<String>,
     pub error_detail: Option<String>,
     /// When the vendor says it happened.
+    #[serde(deserialize_with = "timestamp::deserialize")]
     pub at: DateTime<Utc>,
 }
 
