@@ -85,6 +85,7 @@ on_both!(
     concurrent_claims_respect_a_cap,
     schedule_lease_release_and_cancel,
     in_flight_guards_renew_and_end,
+    the_apps_schedule_count_reads_its_index,
     recall_finds_sent_messages_and_marks_them_once,
     rate_reservations_tile_the_timeline,
     campaign_upload_and_reads,
@@ -112,7 +113,7 @@ mod policy;
 use policy::{
     claims_pass_limits_once, concurrent_claims_respect_a_cap, in_flight_guards_renew_and_end,
     policy_documents_and_lists, rate_reservations_tile_the_timeline,
-    schedule_lease_release_and_cancel,
+    schedule_lease_release_and_cancel, the_apps_schedule_count_reads_its_index,
 };
 
 async fn processes_share_one_record_signing_key(store: Store) {

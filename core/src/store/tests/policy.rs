@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::policy::AppPolicy;
+use sqlx::Row;
 use std::collections::HashSet;
 
 fn claim(id: MessageId, state: LedgerState, limits: Vec<Limit>) -> MessageClaim {
@@ -419,4 +420,34 @@ pub(super) async fn in_flight_guards_renew_and_end(store: Store) {
     let waiting = store.waiting("shop").await.unwrap();
     assert_eq!(waiting.len(), 1);
     assert_eq!((waiting[0].0, waiting[0].1), (ScheduleKind::Retry, 1));
+}
+
+/// `waiting` (the app stats' schedule counts) reads the app's entries from `schedule_by_app`,
+/// not a scan of every app's schedule. PostgreSQL plans a scan of a table this small anyway, so
+/// there sequential scans are switched off for the question.
+pub(super) async fn the_apps_schedule_count_reads_its_index(store: Store) {
+    let query = "EXPLAIN SELECT kind, COUNT(*), MIN(due_at) FROM schedule WHERE app = 'shop' \
+                 GROUP BY kind";
+    let mut tx = store.pool.begin().await.unwrap();
+    let query = match store.backend {
+        Backend::Sqlite => query.replacen("EXPLAIN", "EXPLAIN QUERY PLAN", 1),
+        Backend::Postgres => {
+            sqlx::query("SET LOCAL enable_seqscan = off")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            query.to_owned()
+        }
+    };
+    let plan: Vec<String> = sqlx::query(&query)
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get::<String, _>(row.len() - 1))
+        .collect();
+    assert!(
+        plan.iter().any(|line| line.contains("schedule_by_app")),
+        "{plan:?}"
+    );
 }
