@@ -26,6 +26,11 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 use std::collections::{HashMap, HashSet};
 
+/// [`Store::waiting`]'s query: an app's schedule entries per kind, read through the index
+/// `schedule_by_app` (migration `0013`).
+pub(super) const WAITING_QUERY: &str =
+    "SELECT kind, COUNT(*), MIN(due_at) FROM schedule WHERE app = $1 GROUP BY kind";
+
 /// A list of receivers kept per app and channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ListName {
@@ -627,12 +632,10 @@ impl Store {
     /// The app named `app`'s messages in the schedule: per kind, how many and the earliest due
     /// time (unix ms).
     pub async fn waiting(&self, app: &str) -> Result<Vec<(ScheduleKind, i64, i64)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT kind, COUNT(*), MIN(due_at) FROM schedule WHERE app = $1 GROUP BY kind",
-        )
-        .bind(app)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(WAITING_QUERY)
+            .bind(app)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter()
             .map(|r| {
                 let kind = ScheduleKind::ALL

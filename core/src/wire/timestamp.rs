@@ -11,8 +11,9 @@ use chrono::{DateTime, FixedOffset, NaiveDate, Utc};
 use serde::de::{self, Deserializer, Visitor};
 use std::fmt;
 
-/// Deserialises a `DateTime<Utc>` exactly as chrono's `Deserialize` does, faster for the
-/// layout herald writes. Use with `#[serde(deserialize_with = "…")]`.
+/// Deserialises a `DateTime<Utc>` from a string to the same value, or the same error, as
+/// chrono's `Deserialize`, faster for the layout herald writes. (A value that is not a string
+/// gets serde's type error, worded differently.) Use with `#[serde(deserialize_with = "…")]`.
 pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<DateTime<Utc>, D::Error> {
     deserializer.deserialize_str(Rfc3339)
 }
@@ -25,7 +26,7 @@ pub fn deserialize_option<'de, D: Deserializer<'de>>(
 }
 
 /// Parses `s` as chrono's `DateTime<FixedOffset>` parser would, in UTC.
-pub fn parse(s: &str) -> Result<DateTime<Utc>, chrono::ParseError> {
+fn parse(s: &str) -> Result<DateTime<Utc>, chrono::ParseError> {
     match parse_utc_layout(s.as_bytes()) {
         Some(t) => Ok(t),
         None => s

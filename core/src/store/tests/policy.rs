@@ -426,20 +426,20 @@ pub(super) async fn in_flight_guards_renew_and_end(store: Store) {
 /// not a scan of every app's schedule. PostgreSQL plans a scan of a table this small anyway, so
 /// there sequential scans are switched off for the question.
 pub(super) async fn the_apps_schedule_count_reads_its_index(store: Store) {
-    let query = "EXPLAIN SELECT kind, COUNT(*), MIN(due_at) FROM schedule WHERE app = 'shop' \
-                 GROUP BY kind";
     let mut tx = store.pool.begin().await.unwrap();
-    let query = match store.backend {
-        Backend::Sqlite => query.replacen("EXPLAIN", "EXPLAIN QUERY PLAN", 1),
+    let explain = match store.backend {
+        Backend::Sqlite => "EXPLAIN QUERY PLAN",
         Backend::Postgres => {
             sqlx::query("SET LOCAL enable_seqscan = off")
                 .execute(&mut *tx)
                 .await
                 .unwrap();
-            query.to_owned()
+            "EXPLAIN"
         }
     };
+    let query = format!("{explain} {}", crate::store::policy::WAITING_QUERY);
     let plan: Vec<String> = sqlx::query(&query)
+        .bind("shop")
         .fetch_all(&mut *tx)
         .await
         .unwrap()
