@@ -38,6 +38,24 @@ async fn code(
     )
 }
 
+/// Uploads a one-row campaign of `template` that runs once a year, with `key`; returns the
+/// status and the answer.
+async fn upload_yearly_campaign(app: &TestApp, key: &str, template: i64) -> (u16, Value) {
+    let resp = app
+        .http
+        .post(app.url(&format!(
+            "/v1/campaigns?template_id={template}&cron=0%200%200%201%201%20*"
+        )))
+        .bearer_auth(key)
+        .header("content-type", "text/csv")
+        .body("receiver,name\nbob,B\n")
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or_default())
+}
+
 #[tokio::test]
 async fn keys_carry_scopes_expire_rotate_and_revoke_and_every_change_is_audited() {
     let app = TestApp::spawn().await;
@@ -221,13 +239,22 @@ async fn an_app_reaches_nothing_of_another_app() {
     let id = app.send_to_numbered(template, "r", 1).await.remove(0);
     app.wait_for_state(&id, "sent").await;
     let inbox = app.inbox_template().await;
-    let (s, _) = app
+    let (s, a) = app
         .post(
             "/v1/send",
             json!({"template_id": inbox, "receivers": ["alice"], "variables": {"name": "A"}}),
         )
         .await;
     assert_eq!(s, 202);
+    let alice = message_ids(&a).remove(0);
+    app.wait_for_state(&alice, "sent").await;
+    let (s, c) = upload_yearly_campaign(&app, &app.key, inbox).await;
+    assert_eq!(s, 201, "{c}");
+    let campaign = c["id"].as_i64().unwrap();
+    let (s, _) = app
+        .post("/v1/lists/block/webhook", json!({"receivers": ["r-0"]}))
+        .await;
+    assert_eq!(s, 200);
     let (s, keys) = app.get("/v1/keys").await;
     assert_eq!(s, 200);
     let key_id = keys["keys"][0]["key_id"].as_str().unwrap().to_string();
@@ -273,6 +300,13 @@ async fn an_app_reaches_nothing_of_another_app() {
             format!("/v1/keys/{key_id}/rotate"),
             Some(json!({})),
         ),
+        (
+            Method::GET,
+            format!("/v1/templates/{template}/stats?date=2026-11-28"),
+            None,
+        ),
+        (Method::GET, format!("/v1/campaigns/{campaign}"), None),
+        (Method::DELETE, format!("/v1/campaigns/{campaign}"), None),
     ];
     for (method, path, body) in not_found {
         let (s, v) = app.call_as(&other, method.clone(), &path, body).await;
@@ -287,11 +321,27 @@ async fn an_app_reaches_nothing_of_another_app() {
         assert_eq!(s, 422, "{method} {path}: {v}");
     }
     // Lists come back empty; a redrive by id finds nothing of the other app.
+    let (s, v) = upload_yearly_campaign(&app, &other, inbox).await;
+    assert_eq!((s, &v["error"]["code"]), (404, &json!("unknown_template")));
+    let media = app
+        .http
+        .post(app.url(&format!(
+            "/v1/accounts/{account}/media?type=image&filename=a.png"
+        )))
+        .bearer_auth(&other)
+        .header("content-type", "image/png")
+        .body(b"\x89PNG".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(media.status().as_u16(), 404, "media upload to its account");
     for path in [
         "/v1/templates",
         "/v1/accounts",
         "/v1/inbox/alice",
         "/v1/campaigns",
+        "/v1/receivers/r-0/messages",
+        "/v1/lists/block/webhook",
         "/v1/audit",
     ] {
         let (s, v) = app.call_as(&other, Method::GET, path, None).await;
@@ -327,9 +377,28 @@ async fn an_app_reaches_nothing_of_another_app() {
         .await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["redriven"], 0, "{v}");
+    let (s, v) = app
+        .call_as(
+            &other,
+            Method::POST,
+            "/v1/inbox/alice/read",
+            Some(json!({"message_ids": [alice]})),
+        )
+        .await;
+    assert_eq!((s, &v["marked_read"]), (200, &json!(0)), "{v}");
     // The first app's things are untouched.
     let (s, _) = app.get(&format!("/v1/templates/{template}")).await;
     assert_eq!(s, 200);
+    let (_, unread) = app.get("/v1/inbox/alice?unread=true").await;
+    assert_eq!(
+        unread["messages"][0]["message_id"],
+        alice.as_str(),
+        "{unread}"
+    );
+    let (_, c) = app.get(&format!("/v1/campaigns/{campaign}")).await;
+    assert_eq!(c["state"], "waiting", "{c}");
+    let (_, l) = app.get("/v1/lists/block/webhook").await;
+    assert_eq!(l["receivers"], json!(["r-0"]), "{l}");
     assert_eq!(calls.lock().unwrap().len(), 1);
     app.stop().await;
 }
