@@ -70,6 +70,53 @@ async fn the_policy_document_is_checked_versioned_and_read_back() {
     app.stop().await;
 }
 
+/// `dispatch.sensitive_words_file` is read again when it changes, with no restart; a file
+/// that cannot be read keeps the last good words.
+#[tokio::test]
+async fn the_shared_sensitive_word_file_reloads_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let words = dir.path().join("words.txt");
+    std::fs::write(&words, "# shared by every app\n赌博\n").unwrap();
+    let file = words.clone();
+    let app = TestApp::spawn_with(move |c| {
+        fast_policies(c);
+        c.dispatch.sensitive_words_file = Some(file);
+    })
+    .await;
+    let template = app.inbox_template().await;
+    put_policy(
+        &app,
+        json!({"templates": {template.to_string(): {"sensitive_words": "mask"}}}),
+    )
+    .await;
+    policy_applies().await;
+    let title_for = |receiver: &'static str| {
+        let app = &app;
+        async move {
+            let id = send_one(
+                app,
+                json!({"template_id": template, "receivers": [receiver],
+                       "variables": {"name": "赌博 lottery"}}),
+            )
+            .await;
+            app.wait_for_state(&id, "sent").await;
+            let (_, inbox) = app.get(&format!("/v1/inbox/{receiver}")).await;
+            inbox["messages"][0]["content"]["title"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    assert_eq!(title_for("u1").await, "Hi ** lottery");
+    std::fs::write(&words, "lottery\n").unwrap();
+    policy_applies().await;
+    assert_eq!(title_for("u2").await, "Hi 赌博 *******");
+    std::fs::write(&words, b"\xff\xfe not UTF-8").unwrap();
+    policy_applies().await;
+    assert_eq!(title_for("u3").await, "Hi 赌博 *******");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn kill_switch_lists_dedup_caps_and_sensitive_words_stop_messages_with_their_state() {
     let app = TestApp::spawn_with(fast_policies).await;
