@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs one fuzz target (fuzz/fuzz_targets/) for a while, then minimises its corpus in the repo.
 #   scripts/fuzz.sh <target> [seconds, default 300] [extra libFuzzer flags]
-#   targets: send, send_batch, kafka_record, policy, template
+#   targets: send, send_batch, kafka_record, policy, template, campaign_file
 # On the pinned stable toolchain: RUSTC_BOOTSTRAP=1 makes it accept the -Z flags cargo-fuzz
 # passes. The fuzzer starts from fuzz/seeds/<target>/ (hand-written inputs and past findings,
 # never pruned) and fuzz/corpus/<target>/ (what earlier runs found), and adds new inputs to the

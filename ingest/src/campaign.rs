@@ -8,7 +8,7 @@
 //! ([`run_campaigns`]): see `runner` for the delivery guarantee.
 
 mod cron;
-mod csvfile;
+pub(crate) mod csvfile;
 mod runner;
 
 pub use runner::run_campaigns;

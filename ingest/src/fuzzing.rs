@@ -1,7 +1,8 @@
 //! The checks behind the fuzz targets in `fuzz/` and the replay of their inputs
 //! (`fuzz/seeds/<target>/`, `fuzz/corpus/<target>/`, by this module's tests): the bodies of
-//! `POST /v1/send`, `POST /v1/send/batch` and `PUT /v1/policy`, and the records Kafka producers
-//! write to `herald.requests`, each run through the parsing and validation herald runs on them.
+//! `POST /v1/send`, `POST /v1/send/batch` and `PUT /v1/policy`, the records Kafka producers
+//! write to `herald.requests`, and the receiver files of `POST /v1/campaigns`, each run through
+//! the parsing and validation herald runs on them.
 //! Templates come from a fixed set (chosen by `template_id`) instead of the store; API keys and
 //! the accounts a policy names are not looked up. The renderer's own target is
 //! `herald_core::fuzzing`.
@@ -9,10 +10,12 @@
 //! A check panics when a promise breaks: bad input answered with anything but a `4xx`, a bad
 //! producer's record not refused outright (so never dead-lettered), an accepted message whose
 //! record dispatch could not read back, whose receiver is not in canonical form, or whose
-//! content is over the size limit, or a valid policy that dispatch evaluates wrongly.
+//! content is over the size limit, a valid policy that dispatch evaluates wrongly, or a
+//! campaign file whose rows depend on how its upload was framed or that a run cannot read.
 
 use crate::ApiError;
 use crate::body::parse_json;
+use crate::campaign::csvfile::{self, BadCsv, Splitter};
 use crate::producer::{ProducerError, ProducerRequest, Source};
 use crate::send::{BatchBody, Group, SendBody, Timing, build_records};
 use axum::response::IntoResponse;
@@ -121,6 +124,74 @@ pub fn policy(data: &[u8]) -> Outcome {
         "a word is left after masking"
     );
     Ok(policy.routes.len())
+}
+
+/// A receiver file of `POST /v1/campaigns` (the input after its first byte), split into stored
+/// pieces as the upload handler splits it, in frames of 1 to 256 bytes (the first byte picks
+/// the size), then read back piece by piece as a campaign run reads it. The rows and lines must
+/// be those of the same file in one frame, the data rows those the `csv` crate reads from the
+/// whole file, and every piece of an accepted file must read back.
+pub fn campaign_file(data: &[u8]) -> Outcome {
+    let Some((&step, file)) = data.split_first() else {
+        return Err("no_input");
+    };
+    let framed = split_campaign_file(file, usize::from(step) + 1);
+    let whole = split_campaign_file(file, file.len().max(1));
+    assert_eq!(framed, whole, "the framing of the upload changed its rows");
+    let (_, rows) = framed.map_err(|_| "bad_csv")?;
+    let mut lines = rows.iter().map(|(line, _)| *line);
+    let mut last = 1;
+    assert!(
+        lines.all(|line| std::mem::replace(&mut last, line) < line),
+        "row lines do not increase from 2"
+    );
+    let records: Vec<Vec<Vec<u8>>> = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(file)
+        .into_byte_records()
+        .map(|r| {
+            r.expect("bytes in memory read")
+                .iter()
+                .map(<[u8]>::to_vec)
+                .collect()
+        })
+        .collect();
+    let fields: Vec<&Vec<Vec<u8>>> = rows.iter().map(|(_, f)| f).collect();
+    assert_eq!(
+        fields,
+        records.iter().skip(1).collect::<Vec<_>>(),
+        "the rows differ from the csv crate's reading of the file"
+    );
+    Ok(rows.len())
+}
+
+/// A campaign file's header and rows (line, fields), uploaded in `step`-byte frames.
+type SplitFile = (Vec<String>, Vec<(i64, Vec<Vec<u8>>)>);
+
+fn split_campaign_file(file: &[u8], step: usize) -> Result<SplitFile, BadCsv> {
+    let mut splitter = Splitter::new();
+    let mut pieces = Vec::new();
+    for frame in file.chunks(step) {
+        pieces.extend(splitter.push(frame)?);
+    }
+    pieces.extend(splitter.finish()?);
+    let mut rows = Vec::new();
+    for (i, piece) in pieces.iter().enumerate() {
+        assert_eq!(piece.seq, i as i64, "pieces out of order");
+        assert_eq!(piece.first_row, rows.len() as i64, "piece {i}'s first row");
+        for row in csvfile::rows(piece) {
+            let row = row.expect("a stored piece of an accepted file reads back");
+            rows.push((row.line, row.fields.iter().map(<[u8]>::to_vec).collect()));
+        }
+    }
+    assert_eq!(
+        rows.len() as i64,
+        splitter.rows(),
+        "the upload counted other rows than its pieces hold"
+    );
+    let header = splitter.header().expect("a header once finished").to_vec();
+    Ok((header, rows))
 }
 
 /// Unix times policies are evaluated at: the EU's and the US's daylight-saving changes of 2026,
@@ -256,12 +327,13 @@ mod tests {
     type Check = fn(&[u8]) -> Outcome;
 
     /// Every fuzz target, by its name in `fuzz/fuzz_targets/`, `fuzz/seeds/` and `fuzz/corpus/`.
-    const TARGETS: [(&str, Check); 5] = [
+    const TARGETS: [(&str, Check); 6] = [
         ("send", send),
         ("send_batch", send_batch),
         ("kafka_record", kafka_record),
         ("policy", policy),
         ("template", template),
+        ("campaign_file", campaign_file),
     ];
 
     fn template(data: &[u8]) -> Outcome {
@@ -327,9 +399,39 @@ mod tests {
                      "routes": [{"channel": "sms", "accounts": [{"account_id": 3, "weight": 1}]}]}"#,
                 Ok(1),
             ),
+            (campaign_file, b"", Err("no_input")),
+            (campaign_file, b"\x00name\nx\n", Err("bad_csv")),
+            (campaign_file, b"\x00\xef\xbb\xbfreceiver\r\n\r\nu1\n\"u\n2\"\nu3", Ok(3)),
+            (campaign_file, b"\x02receiver,name\nu1\nu2,a,b\n", Ok(2)),
         ];
         for &(check, input, expected) in cases {
             assert_eq!(check(input), expected, "{}", String::from_utf8_lossy(input));
+        }
+    }
+
+    proptest::proptest! {
+        /// Campaign files made of the pieces that trouble CSV parsers (quotes, separators,
+        /// every line end, blank lines, a byte order mark, bytes that are not UTF-8), half of
+        /// them after a good header, in every framing.
+        #[test]
+        fn campaign_files_read_the_same_in_every_framing(
+            step in 0u8..=255,
+            pieces in proptest::collection::vec(proptest::sample::select(vec![
+                "receiver", "\"receiver\"", "name", "u1", ",", "\"", "\"\"", "\n", "\r\n", "\r", " ",
+                "\u{feff}", "\u{7}", "é", "\u{0}",
+            ]), 0..40),
+            header in proptest::bool::ANY,
+            not_utf8 in proptest::bool::ANY,
+        ) {
+            let mut data = vec![step];
+            if header {
+                data.extend_from_slice(b"receiver,name\n");
+            }
+            data.extend(pieces.concat().bytes());
+            if not_utf8 {
+                data.push(0xff);
+            }
+            let _ = campaign_file(&data);
         }
     }
 

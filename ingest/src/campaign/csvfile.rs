@@ -4,7 +4,8 @@
 //! The upload is parsed as it arrives (a push parser, `csv-core`) only to find where rows end:
 //! each stored piece ends on a row boundary, so a run parses every piece on its own with the
 //! `csv` crate, and resumes at any row by starting from the piece that holds it. Lines are
-//! counted as the file's `\n`s, so a row's line is what an editor shows.
+//! counted as an editor shows them: `\n`, `\r\n` and a `\r` alone (old Mac files) each end
+//! one.
 
 use csv_core::{ReadRecordResult, Reader};
 use herald_core::store::CampaignChunk;
@@ -18,6 +19,9 @@ pub(crate) const MAX_ROW_BYTES: usize = 1024 * 1024;
 /// The column every file has.
 pub(crate) const RECEIVER: &str = "receiver";
 
+/// The UTF-8 byte order mark some editors put at the start of a file.
+const BOM: &[u8] = b"\xef\xbb\xbf";
+
 /// Why an upload is not a campaign file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct BadCsv(pub(crate) String);
@@ -25,6 +29,10 @@ pub(crate) struct BadCsv(pub(crate) String);
 /// Splits an upload into pieces of whole rows, after reading its header.
 pub(crate) struct Splitter {
     reader: Reader,
+    /// Whether the parser has had its first read. `csv_core` drops a byte order mark only when
+    /// its first read holds all of it, which depends on how the upload was framed; so the
+    /// splitter drops the file's mark itself and gives the parser one byte first.
+    started: bool,
     /// Bytes not yet in a piece (after the header).
     buf: Vec<u8>,
     /// How much of `buf` the parser has seen.
@@ -44,6 +52,9 @@ pub(crate) struct Splitter {
     seq: i64,
     first_row: i64,
     first_line: i64,
+    /// Whether what was cut off before `buf` ended with a `\r`: a line break unless `buf`
+    /// starts with the `\n` of a `\r\n` (the parser ends a record on its `\r`).
+    pending_cr: bool,
     scratch: Vec<u8>,
     scratch_ends: Vec<usize>,
 }
@@ -52,6 +63,7 @@ impl Splitter {
     pub(crate) fn new() -> Self {
         Splitter {
             reader: Reader::new(),
+            started: false,
             buf: Vec::new(),
             parsed: 0,
             cut: 0,
@@ -65,6 +77,7 @@ impl Splitter {
             seq: 0,
             first_row: 0,
             first_line: 1,
+            pending_cr: false,
             scratch: vec![0; 64 * 1024],
             scratch_ends: vec![0; 1024],
         }
@@ -101,10 +114,24 @@ impl Splitter {
     fn parse(&mut self, eof: bool) -> Result<Vec<CampaignChunk>, BadCsv> {
         let mut out = Vec::new();
         loop {
-            let input = &self.buf[self.parsed..];
+            let mut input = &self.buf[self.parsed..];
             let at_end = input.is_empty();
             if at_end && !eof {
                 break;
+            }
+            let first = !self.started;
+            if first {
+                if !eof && self.buf.len() <= BOM.len() && BOM.starts_with(&self.buf) {
+                    // Perhaps a mark: wait for its other bytes, and for one after it (the
+                    // parser takes an empty read for the end of the file).
+                    break;
+                }
+                if self.buf.starts_with(BOM) {
+                    self.parsed = BOM.len();
+                }
+                input = &self.buf[self.parsed..];
+                input = &input[..input.len().min(1)];
+                self.started = true;
             }
             let (result, nin) = match self.header {
                 None => {
@@ -131,12 +158,12 @@ impl Splitter {
                 let start = row_start(&self.buf, self.cut);
                 return Err(BadCsv(format!(
                     "the row starting on line {} is longer than {MAX_ROW_BYTES} bytes",
-                    self.first_line + count_lines(&self.buf[..start])
+                    self.line_at(start)
                 )));
             }
             match result {
                 ReadRecordResult::InputEmpty => {
-                    if !eof || at_end {
+                    if (!eof || at_end) && !first {
                         break;
                     }
                 }
@@ -191,7 +218,7 @@ impl Splitter {
         for &end in &self.header_ends[..self.header_fields] {
             let name = std::str::from_utf8(&self.header_out[start..end])
                 .map_err(|_| BadCsv("the header row is not UTF-8".into()))?;
-            // A byte order mark split across frames is not stripped by the parser.
+            // A second byte order mark, or one before another column, is dropped too.
             columns.push(name.trim_start_matches('\u{feff}').trim().to_string());
             start = end;
         }
@@ -199,23 +226,37 @@ impl Splitter {
         self.header = Some(columns);
         let header = self.buf.drain(..self.parsed);
         self.first_line += count_lines(header.as_slice());
+        self.pending_cr = header.as_slice().ends_with(b"\r");
         drop(header);
         self.parsed = 0;
         Ok(())
     }
 
+    /// The line of byte `at` of `buf`, where a row starts.
+    fn line_at(&self, at: usize) -> i64 {
+        let end = (at + 1).min(self.buf.len());
+        self.first_line + self.lone_cr_before() + count_lines(&self.buf[..end])
+    }
+
+    /// 1 if the `\r` that ended what was cut off before `buf` is a line break of its own.
+    fn lone_cr_before(&self) -> i64 {
+        i64::from(self.pending_cr && self.buf.first() != Some(&b'\n'))
+    }
+
     /// The rows up to `cut` as the next piece.
     fn take_piece(&mut self) -> CampaignChunk {
+        let first_line = self.first_line + self.lone_cr_before();
         let data: Vec<u8> = self.buf.drain(..self.cut).collect();
         let piece = CampaignChunk {
             seq: self.seq,
             first_row: self.first_row,
-            first_line: self.first_line,
+            first_line,
             data,
         };
         self.seq += 1;
         self.first_row = self.rows_at_cut;
-        self.first_line += count_lines(&piece.data);
+        self.first_line = first_line + count_lines(&piece.data);
+        self.pending_cr = piece.data.ends_with(b"\r");
         self.parsed -= self.cut;
         self.cut = 0;
         piece
@@ -252,8 +293,15 @@ fn row_start(data: &[u8], mut from: usize) -> usize {
     from
 }
 
+/// The line breaks in `bytes`: each `\n`, and each `\r` not followed by a `\n`. A `\r` at
+/// the end is not counted: what follows it decides.
 fn count_lines(bytes: &[u8]) -> i64 {
-    bytes.iter().filter(|&&b| b == b'\n').count() as i64
+    let lf = bytes.iter().filter(|&&b| b == b'\n').count();
+    let lone_cr = bytes
+        .windows(2)
+        .filter(|w| w[0] == b'\r' && w[1] != b'\n')
+        .count();
+    (lf + lone_cr) as i64
 }
 
 /// One row of a stored piece.
@@ -273,16 +321,37 @@ pub(crate) fn rows(chunk: &CampaignChunk) -> impl Iterator<Item = Result<Row, St
     csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
-        .from_reader(data)
+        .from_reader(OneByteFirst { data, first: true })
         .into_byte_records()
         .map(move |r| {
             let fields = r.map_err(|e| format!("the stored file does not parse: {e}"))?;
             let ended = fields.position().map_or(seen, |p| p.byte() as usize);
             let start = row_start(data, ended.max(seen));
-            line += count_lines(&data[seen..start]);
+            // With the row's first byte, which tells whether a `\r` just before it ends a line.
+            line += count_lines(&data[seen..(start + 1).min(data.len())]);
             seen = start;
             Ok(Row { line, fields })
         })
+}
+
+/// A piece's bytes for the `csv` crate, the first read one byte long. The parser drops a byte
+/// order mark at the start of its first read, and a piece holds only data rows (a file's own
+/// mark is before its header): a row that starts with one keeps it, as it does when the row is
+/// not the first of its piece, and as the upload's parser saw it.
+struct OneByteFirst<'a> {
+    data: &'a [u8],
+    first: bool,
+}
+
+impl std::io::Read for OneByteFirst<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = if std::mem::take(&mut self.first) {
+            buf.len().min(1)
+        } else {
+            buf.len()
+        };
+        self.data.read(&mut buf[..n])
+    }
 }
 
 #[cfg(test)]
@@ -342,18 +411,76 @@ mod tests {
     }
 
     #[test]
+    fn a_carriage_return_alone_ends_a_line() {
+        // Old Mac files: `\r` alone; mixed with `\r\n` and `\n`; one in a quoted field.
+        let file = "receiver,name\ralice,A\r\rbob,\"B\rC\"\rcarol,x\r\n\rdave,y\n\r\reve,z\r";
+        for step in [1, 2, 3, 1000] {
+            let (_, rows) = through_pieces(file.as_bytes(), step);
+            let lines: Vec<(i64, &str)> = rows
+                .iter()
+                .map(|(line, fields)| (*line, fields[0].as_str()))
+                .collect();
+            assert_eq!(
+                lines,
+                [
+                    (2, "alice"),
+                    (4, "bob"),
+                    (6, "carol"),
+                    (8, "dave"),
+                    (11, "eve")
+                ],
+                "step {step}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_byte_order_mark_before_a_quoted_header_is_dropped_in_every_framing() {
+        // Found by fuzzing: in one-byte frames the parser kept the mark, and the quotes with it.
+        let file = "\u{feff}\"receiver\",name\nu1,x\n";
+        for step in [1, 2, 3, 4, 1000] {
+            let (header, rows) = through_pieces(file.as_bytes(), step);
+            assert_eq!(header, ["receiver", "name"], "step {step}");
+            assert_eq!(rows, vec![(2, strings(&["u1", "x"]))], "step {step}");
+        }
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_dropped_before_the_header_only() {
+        let file = "\u{feff}receiver,name\n\u{feff}u1,x\n\"u2\",\u{feff}\n";
+        for step in [1, 2, 1000] {
+            let (header, rows) = through_pieces(file.as_bytes(), step);
+            assert_eq!(header, ["receiver", "name"], "step {step}");
+            assert_eq!(
+                rows,
+                vec![
+                    (2, strings(&["\u{feff}u1", "x"])),
+                    (3, strings(&["u2", "\u{feff}"])),
+                ],
+                "step {step}"
+            );
+        }
+    }
+
+    #[test]
     fn large_files_are_cut_on_row_boundaries() {
-        // CRLF line ends, some rows over two lines, some blank lines.
-        let mut file = String::from("receiver,name\r\n");
+        for end in ["\r\n", "\r", "\n"] {
+            large_file_cut_on_row_boundaries(end);
+        }
+    }
+
+    /// Some rows over two lines, some blank lines, every line ending in `end`.
+    fn large_file_cut_on_row_boundaries(end: &str) {
+        let mut file = format!("receiver,name{end}");
         let n = 100_000;
         for i in 0..n {
             if i % 1000 == 7 {
-                file.push_str(&format!("user{i},\"multi\r\nline {i}\"\r\n"));
+                file.push_str(&format!("user{i},\"multi{end}line {i}\"{end}"));
             } else {
-                file.push_str(&format!("user{i},name {i}\r\n"));
+                file.push_str(&format!("user{i},name {i}{end}"));
             }
             if i % 5000 == 3 {
-                file.push_str("\r\n");
+                file.push_str(end);
             }
         }
         let mut s = Splitter::new();
@@ -374,7 +501,7 @@ mod tests {
             for r in rows(p) {
                 let r = r.unwrap();
                 let i = count;
-                assert_eq!(r.line, line, "row {i}");
+                assert_eq!(r.line, line, "row {i}, {end:?}");
                 assert_eq!(&r.fields[0], format!("user{i}").as_bytes());
                 line += if i % 1000 == 7 { 2 } else { 1 };
                 line += i64::from(i % 5000 == 3);
