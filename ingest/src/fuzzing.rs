@@ -167,9 +167,9 @@ pub fn campaign_file(data: &[u8]) -> Outcome {
 }
 
 /// A campaign file's header and rows (line, fields), uploaded in `step`-byte frames.
-type SplitFile = (Vec<String>, Vec<(i64, Vec<Vec<u8>>)>);
+pub(crate) type SplitFile = (Vec<String>, Vec<(i64, Vec<Vec<u8>>)>);
 
-fn split_campaign_file(file: &[u8], step: usize) -> Result<SplitFile, BadCsv> {
+pub(crate) fn split_campaign_file(file: &[u8], step: usize) -> Result<SplitFile, BadCsv> {
     let mut splitter = Splitter::new();
     let mut pieces = Vec::new();
     for frame in file.chunks(step) {

@@ -9,10 +9,21 @@ use std::time::{Duration, Instant};
 
 /// Uploads `csv` as a campaign with `query` (after `template_id`); returns status and answer.
 async fn upload(app: &TestApp, template: i64, query: &str, csv: String) -> (u16, Value) {
+    upload_as(app, &app.key, template, query, csv).await
+}
+
+/// [`upload`] with `key`.
+pub(crate) async fn upload_as(
+    app: &TestApp,
+    key: &str,
+    template: i64,
+    query: &str,
+    csv: String,
+) -> (u16, Value) {
     let resp = app
         .http
         .post(app.url(&format!("/v1/campaigns?template_id={template}{query}")))
-        .bearer_auth(&app.key)
+        .bearer_auth(key)
         .header("content-type", "text/csv")
         .body(csv)
         .send()

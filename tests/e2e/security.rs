@@ -41,19 +41,8 @@ async fn code(
 /// Uploads a one-row campaign of `template` that runs once a year, with `key`; returns the
 /// status and the answer.
 async fn upload_yearly_campaign(app: &TestApp, key: &str, template: i64) -> (u16, Value) {
-    let resp = app
-        .http
-        .post(app.url(&format!(
-            "/v1/campaigns?template_id={template}&cron=0%200%200%201%201%20*"
-        )))
-        .bearer_auth(key)
-        .header("content-type", "text/csv")
-        .body("receiver,name\nbob,B\n")
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or_default())
+    let yearly = "&cron=0%200%200%201%201%20*";
+    crate::campaigns::upload_as(app, key, template, yearly, "receiver,name\nbob,B\n".into()).await
 }
 
 #[tokio::test]

@@ -359,32 +359,21 @@ mod tests {
     use super::*;
 
     /// Every row of `file` as (line, fields), split into pieces as an upload in `step`-byte
-    /// frames would be, then read back piece by piece.
+    /// frames would be, then read back piece by piece (the fuzz check's own splitting, which
+    /// also checks the pieces' order and row counts).
     fn through_pieces(file: &[u8], step: usize) -> (Vec<String>, Vec<(i64, Vec<String>)>) {
-        let mut s = Splitter::new();
-        let mut pieces = Vec::new();
-        for frame in file.chunks(step) {
-            pieces.extend(s.push(frame).unwrap());
-        }
-        pieces.extend(s.finish().unwrap());
-        let mut rows = Vec::new();
-        let mut next_row = 0;
-        for (i, p) in pieces.iter().enumerate() {
-            assert_eq!(p.seq, i as i64);
-            assert_eq!(p.first_row, next_row, "piece {i}");
-            for r in super::rows(p) {
-                let r = r.unwrap();
-                let fields = r
-                    .fields
+        let (header, rows) = crate::fuzzing::split_campaign_file(file, step).unwrap();
+        let rows = rows
+            .into_iter()
+            .map(|(line, fields)| {
+                let fields = fields
                     .iter()
                     .map(|f| String::from_utf8_lossy(f).into_owned())
                     .collect();
-                rows.push((r.line, fields));
-                next_row += 1;
-            }
-        }
-        assert_eq!(next_row, s.rows());
-        (s.header().unwrap().to_vec(), rows)
+                (line, fields)
+            })
+            .collect();
+        (header, rows)
     }
 
     fn strings(v: &[&str]) -> Vec<String> {
