@@ -377,9 +377,6 @@ impl Application {
 /// `http.sql_timeout`), so queries cannot take every core from the send path.
 const SQL_AT_ONCE: usize = 1;
 
-/// How many times `POST /v1/sql` runs a statement whose warehouse read failed.
-const SQL_ATTEMPTS: u32 = 3;
-
 /// The warehouse as `POST /v1/sql` and the tracing endpoints read it.
 struct WarehouseQueries {
     warehouse: Warehouse,
@@ -419,23 +416,10 @@ impl WarehouseSql for WarehouseQueries {
             e if e.is_query_fault() => SqlFailure::Invalid(e.to_string()),
             e => SqlFailure::Unavailable(e.to_string()),
         };
-        // The stats aggregator renames a new file over an hour's old one on every pass; a
-        // statement that read the listing before and the file after fails. It only reads, so
-        // it is run again.
-        let mut attempt = 1;
-        let batches = loop {
-            match query_limited(&self.warehouse, query.sql, &rows, query.max_rows)
-                .await
-                .map_err(failure)
-            {
-                Err(SqlFailure::Unavailable(error)) if attempt < SQL_ATTEMPTS => {
-                    tracing::debug!(%error, attempt, "reading the warehouse failed; again");
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                answer => break answer?,
-            }
-        };
+        // A statement whose read of the warehouse failed has run again (`query_limited`).
+        let batches = query_limited(&self.warehouse, query.sql, &rows, query.max_rows)
+            .await
+            .map_err(failure)?;
         encode(&batches, format).map_err(failure)
     }
 

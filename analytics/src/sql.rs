@@ -22,6 +22,7 @@ use futures::StreamExt;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub mod traces;
 
@@ -41,7 +42,9 @@ pub async fn query(warehouse_root: &Path, sql: &str) -> Result<Vec<RecordBatch>,
 /// yet; so do `delivery_stats_minute` (partitions `dt`, `hour`) and `delivery_stats_hour`
 /// (partition `dt`), with the columns of `sql/delivery_stats.sql` (see [`crate::stats`]);
 /// other tables get their schema and `key=value` partition columns from their files.
-/// DDL, DML (`INSERT`, `COPY`) and other statements (`SET`) are rejected.
+/// DDL, DML (`INSERT`, `COPY`) and other statements (`SET`) are rejected. A statement whose
+/// read of the warehouse fails (a file another process deleted or replaced meanwhile) runs up
+/// to three times.
 pub async fn query_warehouse(
     warehouse: &Warehouse,
     sql: &str,
@@ -49,9 +52,47 @@ pub async fn query_warehouse(
     collect(warehouse, sql, &Rows::All, Vec::new()).await
 }
 
+/// How many times a statement runs whose read of the warehouse failed: a file another process
+/// deleted (compaction) or replaced (the stats aggregator) between the statement's listing and
+/// its read.
+const ATTEMPTS: u32 = 3;
+/// The pause before a statement runs again.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// Runs `statement` until it succeeds, fails by a fault of the query itself
+/// ([`AnalyticsError::is_query_fault`]), or has run [`ATTEMPTS`] times.
+async fn again_after_read_faults<T, F>(
+    mut statement: impl FnMut() -> F,
+) -> Result<T, AnalyticsError>
+where
+    F: Future<Output = Result<T, AnalyticsError>>,
+{
+    let mut attempt = 1;
+    loop {
+        match statement().await {
+            Err(error) if !error.is_query_fault() && attempt < ATTEMPTS => {
+                tracing::debug!(%error, attempt, "reading the warehouse failed; again");
+                attempt += 1;
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+            answer => return answer,
+        }
+    }
+}
+
 /// Runs one read-only statement over `warehouse` as `rows` lets it see it, with `params` bound
-/// to `$1`, `$2`, ..., and collects the result.
+/// to `$1`, `$2`, ..., and collects the result (again after a failed read).
 async fn collect(
+    warehouse: &Warehouse,
+    sql: &str,
+    rows: &Rows,
+    params: Vec<ScalarValue>,
+) -> Result<Vec<RecordBatch>, AnalyticsError> {
+    again_after_read_faults(|| collect_once(warehouse, sql, rows, params.clone())).await
+}
+
+/// [`collect`], once.
+async fn collect_once(
     warehouse: &Warehouse,
     sql: &str,
     rows: &Rows,
@@ -88,6 +129,16 @@ pub enum Rows {
 /// `rows`, and fails with [`AnalyticsError::TooManyRows`] as soon as the result passes
 /// `max_rows` rows (the rest is never computed).
 pub async fn query_limited(
+    warehouse: &Warehouse,
+    sql: &str,
+    rows: &Rows,
+    max_rows: usize,
+) -> Result<Vec<RecordBatch>, AnalyticsError> {
+    again_after_read_faults(|| query_limited_once(warehouse, sql, rows, max_rows)).await
+}
+
+/// [`query_limited`], once.
+async fn query_limited_once(
     warehouse: &Warehouse,
     sql: &str,
     rows: &Rows,

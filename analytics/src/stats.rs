@@ -9,7 +9,11 @@
 //! change: `delivery_stats_minute/dt=YYYY-MM-DD/hour=HH/stats.parquet` (its sixty minutes) and
 //! `delivery_stats_hour/dt=YYYY-MM-DD/hour-HH.parquet`. A replacement is a staged file renamed
 //! over the old one (on an object store, a copy over it), so a reader sees the old file or the
-//! new one, never a mix; the two tables of one hour are replaced one after the other.
+//! new one, never a mix; the two tables of one hour are replaced one after the other. A query
+//! lists its files before it reads them, and a file replaced in between has another size than
+//! listed (DataFusion then fails to find its footer): queries in the aggregator's process hold
+//! off replacements ([`Warehouse::reading`]), and one in another process is run again
+//! ([`crate::sql`]).
 //!
 //! # Lateness and the watermark
 //!
@@ -303,7 +307,7 @@ impl Aggregator {
     pub async fn pass(&mut self) -> Result<usize, AnalyticsError> {
         // Compaction in this process waits: no file listed below disappears during the pass.
         let wh = self.wh.clone();
-        let _reading = wh.reading().await;
+        let _reading = wh.reading_events().await;
         // Read before listing: every flush up to this event time has its files in place.
         let event_time = self.sink.event_time();
         // Hours that ended by the last completed pass's watermark got no counted file since.
@@ -397,7 +401,10 @@ impl Aggregator {
             blocking(&self.wh, move |wh| {
                 let staged = format!("{STAGING}/{}.parquet", uuid::Uuid::now_v7());
                 wh.write_parquet(&staged, &batch)?;
+                // Queries in this process wait: none lists the old file and reads the new one.
+                let replacing = wh.replacing_stats();
                 wh.rename(&staged, &key)?;
+                drop(replacing);
                 match key.rsplit_once('/') {
                     Some((dir, _)) => wh.sync_dir(dir),
                     None => Ok(()),

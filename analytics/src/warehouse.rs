@@ -71,6 +71,9 @@ pub struct Warehouse {
     /// Held shared by the readers of this process and exclusively by compaction while it
     /// swaps files (see [`Warehouse::reading`]); clones share it.
     layout: Arc<tokio::sync::RwLock<()>>,
+    /// Held shared by the queries of this process and exclusively by the stats aggregator
+    /// while it moves a stats file over the old one (see [`Warehouse::replacing_stats`]).
+    stats_files: Arc<tokio::sync::RwLock<()>>,
 }
 
 #[derive(Debug, Clone)]
@@ -92,6 +95,12 @@ struct Remote {
     runtime: Handle,
 }
 
+/// A query's hold on the warehouse's layout ([`Warehouse::reading`]), released when dropped.
+pub(crate) struct ReadHold<'a> {
+    _events: tokio::sync::RwLockReadGuard<'a, ()>,
+    _stats: tokio::sync::RwLockReadGuard<'a, ()>,
+}
+
 /// The sink's hold on a warehouse, released when dropped: a locked file for a local warehouse,
 /// nothing for an object store (see the module docs).
 #[derive(Debug)]
@@ -106,6 +115,7 @@ impl Warehouse {
             backend: Backend::Local(root.into()),
             receivers: ReceiverPrivacy::Clear,
             layout: Arc::default(),
+            stats_files: Arc::default(),
         }
     }
 
@@ -172,6 +182,7 @@ impl Warehouse {
             }),
             receivers: ReceiverPrivacy::Clear,
             layout: Arc::default(),
+            stats_files: Arc::default(),
         })
     }
 
@@ -203,11 +214,29 @@ impl Warehouse {
         Ok(())
     }
 
-    /// A shared hold on the layout for a reader in this process: compaction does not swap
-    /// files while it is held, so a query never finds a file it listed deleted. Take it once
-    /// per task (a second hold waits behind a waiting compaction: a deadlock).
-    pub(crate) async fn reading(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+    /// A query's shared hold on the layout of this process's warehouse: compaction does not
+    /// swap files while it is held, so a query never finds a file it listed deleted, and the
+    /// stats aggregator does not replace a stats file, so a query never reads a file of
+    /// another size than it listed. Take it once per task (a second hold waits behind a
+    /// waiting compaction: a deadlock).
+    pub(crate) async fn reading(&self) -> ReadHold<'_> {
+        let events = self.layout.read().await;
+        ReadHold {
+            _events: events,
+            _stats: self.stats_files.read().await,
+        }
+    }
+
+    /// The stats aggregator's shared hold on the layout of `delivery_events` alone (see
+    /// [`Warehouse::reading`]): it replaces stats files while holding it.
+    pub(crate) async fn reading_events(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
         self.layout.read().await
+    }
+
+    /// The exclusive hold the stats aggregator takes while it moves a stats file into place
+    /// (see [`Warehouse::reading`]); blocks, so call it on a blocking thread.
+    pub(crate) fn replacing_stats(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.stats_files.blocking_write()
     }
 
     /// The exclusive hold compaction takes while it swaps files (see [`Warehouse::reading`]).

@@ -500,3 +500,25 @@ async fn incremental_passes_and_compaction_give_the_querys_tables() {
     agg.pass().await.unwrap();
     check("a round after compaction").await;
 }
+
+#[tokio::test]
+async fn a_query_in_the_process_holds_off_the_replacement_of_a_stats_file() {
+    let wh = TestWarehouse::local();
+    let wh = &wh.wh;
+    let events = golden_events();
+    on_blocking(wh, move |wh| write_events(wh, &events)).await;
+    let mut agg = aggregator(wh, Arc::default()).await;
+    let file = Width::Hour.file(t0());
+
+    let query = wh.reading().await;
+    let pass = tokio::spawn(async move { agg.pass().await });
+    // The pass computes the hours, then waits for the query before moving a file into place.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!pass.is_finished(), "the pass did not wait for the query");
+    let written = on_blocking(wh, move |wh| wh.exists(&file).unwrap()).await;
+    assert!(!written, "a stats file was replaced under a running query");
+
+    drop(query);
+    assert_eq!(pass.await.unwrap().unwrap(), 2);
+    assert!(!table(wh, Width::Hour).await.is_empty());
+}
