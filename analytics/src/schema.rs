@@ -7,6 +7,7 @@ use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, Int64Array, Int64Builder, RecordBatch, StringArray, StringBuilder,
     TimestampMicrosecondArray, TimestampMicrosecondBuilder,
 };
+use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{
     DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType,
 };
@@ -180,7 +181,7 @@ pub(crate) fn batch_to_events(batch: &RecordBatch) -> Result<Vec<DeliveryEvent>,
                 .parse::<MessageId>()
                 .map_err(|_| corrupt("message_id", message_id.value(i)))?,
             request_id: request_id.value(i).to_string(),
-            biz_id: string(biz_id, i),
+            biz_id: string(&biz_id, i),
             app: app.value(i).to_string(),
             template_id: template_id.value(i),
             channel: channel
@@ -196,13 +197,13 @@ pub(crate) fn batch_to_events(batch: &RecordBatch) -> Result<Vec<DeliveryEvent>,
                 .into_iter()
                 .find(|s| s.as_str() == state.value(i))
                 .ok_or_else(|| corrupt("state", state.value(i)))?,
-            vendor: string(vendor, i),
+            vendor: string(&vendor, i),
             account_id: int(account_id, i),
-            vendor_message_id: string(vendor_message_id, i),
+            vendor_message_id: string(&vendor_message_id, i),
             attempt: u32::try_from(attempt.value(i))
                 .map_err(|_| corrupt("attempt", attempt.value(i)))?,
-            error_code: string(error_code, i),
-            error_detail: string(error_detail, i),
+            error_code: string(&error_code, i),
+            error_detail: string(&error_detail, i),
             latency_ms: int(latency_ms, i)
                 .map(|v| u64::try_from(v).map_err(|_| corrupt("latency_ms", v)))
                 .transpose()?,
@@ -210,7 +211,7 @@ pub(crate) fn batch_to_events(batch: &RecordBatch) -> Result<Vec<DeliveryEvent>,
                 .map(|v| u32::try_from(v).map_err(|_| corrupt("billing_units", v)))
                 .transpose()?,
             cost_micros: int(cost_micros, i),
-            currency: string(currency, i),
+            currency: string(&currency, i),
             redelivered: false,
         });
     }
@@ -250,8 +251,14 @@ impl<'a> Columns<'a> {
         }
     }
 
-    fn utf8(&self, name: &str) -> Result<&'a StringArray, AnalyticsError> {
-        Ok(self.column(name, &DataType::Utf8)?.as_string::<i32>())
+    /// A string column, plain (`Utf8`, as herald writes it) or a view (`Utf8View`, as queries
+    /// read it), as plain strings.
+    fn utf8(&self, name: &str) -> Result<StringArray, AnalyticsError> {
+        let col = match self.batch.column_by_name(name) {
+            Some(col) if *col.data_type() == DataType::Utf8View => &cast(col, &DataType::Utf8)?,
+            _ => self.column(name, &DataType::Utf8)?,
+        };
+        Ok(col.as_string::<i32>().clone())
     }
 
     fn int64(&self, name: &str) -> Result<&'a Int64Array, AnalyticsError> {

@@ -80,8 +80,12 @@ async fn events_land_in_hourly_partitions_and_count_by_state() {
     }
     let mut counted = BTreeMap::new();
     for b in &batches {
-        let states = b
-            .column(0)
+        let states = datafusion::arrow::compute::cast(
+            b.column(0),
+            &datafusion::arrow::datatypes::DataType::Utf8,
+        )
+        .unwrap();
+        let states = states
             .as_any()
             .downcast_ref::<datafusion::arrow::array::StringArray>();
         let counts = b

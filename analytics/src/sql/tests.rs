@@ -215,7 +215,9 @@ async fn every_shipped_report_matches_its_golden_file() {
 
 /// Runs [`again_after_read_faults`] over answers given in turn; returns its result and how
 /// many times it ran the statement.
-async fn run_through(answers: Vec<Result<u32, AnalyticsError>>) -> (Result<u32, AnalyticsError>, usize) {
+async fn run_through(
+    answers: Vec<Result<u32, AnalyticsError>>,
+) -> (Result<u32, AnalyticsError>, usize) {
     let mut answers = answers.into_iter();
     let mut runs = 0;
     let result = again_after_read_faults(|| {
@@ -233,8 +235,12 @@ async fn a_failed_read_runs_the_statement_again_and_a_bad_query_does_not() {
     let (result, runs) = run_through(vec![Err(read_fault()), Err(read_fault()), Ok(7)]).await;
     assert_eq!((result.unwrap(), runs), (7, 3));
 
-    let (result, runs) =
-        run_through(vec![Err(read_fault()), Err(read_fault()), Err(read_fault())]).await;
+    let (result, runs) = run_through(vec![
+        Err(read_fault()),
+        Err(read_fault()),
+        Err(read_fault()),
+    ])
+    .await;
     assert!(matches!(result, Err(AnalyticsError::Corrupt(_))));
     assert_eq!(runs, ATTEMPTS as usize);
 
