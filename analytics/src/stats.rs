@@ -11,9 +11,9 @@
 //! over the old one (on an object store, a copy over it), so a reader sees the old file or the
 //! new one, never a mix; the two tables of one hour are replaced one after the other. A query
 //! lists its files before it reads them, and a file replaced in between has another size than
-//! listed (DataFusion then fails to find its footer): queries in the aggregator's process hold
-//! off replacements ([`Warehouse::reading`]), and one in another process is run again
-//! ([`crate::sql`]).
+//! listed (DataFusion reads it at the listed size and fails): queries in the aggregator's
+//! process hold off replacements ([`Warehouse::reading`]), and one in another process is run
+//! again ([`crate::sql`]).
 //!
 //! # Lateness and the watermark
 //!

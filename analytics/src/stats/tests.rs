@@ -83,13 +83,20 @@ async fn aggregator(wh: &Warehouse, sink: Arc<SinkStats>) -> Aggregator {
         .unwrap()
 }
 
+/// A local warehouse holding the [`golden_events`], and an aggregator of it that has not run
+/// a pass yet.
+async fn golden_warehouse() -> (TestWarehouse, Aggregator) {
+    let wh = TestWarehouse::local();
+    let events = golden_events();
+    on_blocking(&wh.wh, move |wh| write_events(wh, &events)).await;
+    let agg = aggregator(&wh.wh, Arc::default()).await;
+    (wh, agg)
+}
+
 #[tokio::test]
 async fn stats_match_the_golden_files_and_the_query_over_all_events() {
-    let wh = TestWarehouse::local();
+    let (wh, mut agg) = golden_warehouse().await;
     let wh = &wh.wh;
-    let events = golden_events();
-    on_blocking(wh, move |wh| write_events(wh, &events)).await;
-    let mut agg = aggregator(wh, Arc::default()).await;
     assert_eq!(agg.pass().await.unwrap(), 2, "hours 07 and 08");
 
     for (width, name) in [
@@ -503,11 +510,8 @@ async fn incremental_passes_and_compaction_give_the_querys_tables() {
 
 #[tokio::test]
 async fn a_query_in_the_process_holds_off_the_replacement_of_a_stats_file() {
-    let wh = TestWarehouse::local();
+    let (wh, mut agg) = golden_warehouse().await;
     let wh = &wh.wh;
-    let events = golden_events();
-    on_blocking(wh, move |wh| write_events(wh, &events)).await;
-    let mut agg = aggregator(wh, Arc::default()).await;
     let file = Width::Hour.file(t0());
 
     let query = wh.reading().await;
