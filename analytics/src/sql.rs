@@ -222,11 +222,40 @@ async fn app_views(all: &SessionContext, app: &str) -> Result<SessionContext, An
     Ok(scoped)
 }
 
-/// A DataFusion context with DataFusion's defaults, each overridden by its `DATAFUSION_*`
-/// environment variable (`DATAFUSION_EXECUTION_TARGET_PARTITIONS=4` sets
-/// `datafusion.execution.target_partitions`), so that operators can tune queries without `SET`.
+/// A DataFusion context with DataFusion's defaults and herald's [hive-aware
+/// settings](hive_aware), each overridden by its `DATAFUSION_*` environment variable
+/// (`DATAFUSION_EXECUTION_TARGET_PARTITIONS=4` sets `datafusion.execution.target_partitions`),
+/// so that operators can tune queries without `SET`.
 fn session() -> Result<SessionContext, AnalyticsError> {
-    Ok(SessionContext::new_with_config(SessionConfig::from_env()?))
+    let mut config = SessionConfig::from_env()?;
+    let options = config.options_mut();
+    for (key, value) in hive_aware(options.execution.target_partitions) {
+        let variable = key.to_uppercase().replace('.', "_");
+        if std::env::var_os(variable).is_none() {
+            options.set(key, &value.to_string())?;
+        }
+    }
+    Ok(SessionContext::new_with_config(config))
+}
+
+/// herald's settings over DataFusion's defaults, for `partitions` target partitions: when a
+/// table's files fall into at least as many `key=value` partitions as there are target
+/// partitions, each scan partition reads whole hive partitions (dealt out round-robin in
+/// partition order) and says so (hash-partitioned on the partition columns), and an aggregate
+/// whose `GROUP BY` includes those columns then runs in one phase per scan partition, without
+/// exchanging rows. DataFusion accepts that at four partitions and more; herald lowers the
+/// threshold to the number of target partitions below four. The hourly aggregate (`GROUP BY
+/// dt, hour, …`) skips its repartition and its partial states, which for `percentile_cont`
+/// are every value. The price: such a scan does not split a large file, and a few partitions
+/// of unequal size load the scan partitions unequally.
+fn hive_aware(partitions: usize) -> [(&'static str, usize); 2] {
+    [
+        ("datafusion.optimizer.preserve_file_partitions", partitions),
+        (
+            "datafusion.optimizer.subset_repartition_threshold",
+            partitions.min(4),
+        ),
+    ]
 }
 
 async fn register_tables(ctx: &SessionContext, wh: &Warehouse) -> Result<(), AnalyticsError> {

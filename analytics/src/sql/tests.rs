@@ -103,6 +103,42 @@ async fn a_filter_on_dt_skips_other_days_files() {
 }
 
 #[tokio::test]
+async fn an_aggregate_grouped_by_dt_and_hour_runs_in_one_phase_over_many_hour_partitions() {
+    // More hour partitions than target partitions (what `hive_aware` asks for): two events in
+    // each, on alternating apps.
+    let partitions = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let hours = 4 * partitions + 1;
+    let mut events = sample_events(2 * hours, 0);
+    for (i, event) in events.iter_mut().enumerate() {
+        event.ts = crate::testing::t0() + chrono::Duration::hours((i / 2) as i64);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write_table(dir.path(), &events);
+
+    let sql = "SELECT dt, hour, app, count(*) AS events, \
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) AS p50 \
+               FROM delivery_events GROUP BY dt, hour, app";
+    let plan = format(
+        &query(dir.path(), &format!("EXPLAIN {sql}")).await.unwrap(),
+        OutputFormat::Csv,
+    )
+    .unwrap();
+    assert!(plan.contains("mode=SinglePartitioned"), "{plan}");
+    assert!(!plan.contains("RepartitionExec"), "{plan}");
+
+    let rows = query(
+        dir.path(),
+        &format!("SELECT count(*) AS groups, sum(events) AS events FROM ({sql})"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        format(&rows, OutputFormat::Csv).unwrap(),
+        format!("groups,events\n{},{}\n", 2 * hours, 2 * hours)
+    );
+}
+
+#[tokio::test]
 async fn other_tables_are_registered_with_their_partitions() {
     let dir = tempfile::tempdir().unwrap();
     let batch = query(
