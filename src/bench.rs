@@ -52,6 +52,10 @@ pub struct BenchArgs {
     /// Sends in the month of the reconciliation figure, and lines of its bill.
     #[arg(long, default_value_t = 10_000_000)]
     pub reconcile_sends: usize,
+    /// Pairs of runs of the policies figure (every policy off, then on), run alternately; the
+    /// figure is the ratio of the two means.
+    #[arg(long, default_value_t = 3)]
+    pub policy_pairs: usize,
     /// Runs of the aggregate query in each engine; the fastest counts.
     #[arg(long, default_value_t = 3)]
     pub query_runs: usize,
@@ -566,27 +570,56 @@ impl Drop for Herald {
 }
 
 /// End to end to the inbox with every policy off, then with every policy on (limits too high to
-/// bind), in the same run.
+/// bind), `--policy-pairs` times alternately in the same run, each run on a fresh herald; the
+/// ratio is the mean rate on over the mean rate off, and the labels list every pair's rates.
 async fn policy_figures(args: &BenchArgs) -> anyhow::Result<Vec<Row>> {
-    let off = Herald::start("all").await?;
-    let (off_rate, _) = off.end_to_end(args.e2e_messages).await?;
-    drop(off);
-    let on = Herald::start("all").await?;
-    on.switch_on_every_policy().await?;
-    let (on_rate, _) = on.end_to_end(args.e2e_messages).await?;
+    let (mut off_rates, mut on_rates) = (Vec::new(), Vec::new());
+    for pair in 1..=args.policy_pairs.max(1) {
+        let off = Herald::start("all").await?;
+        off_rates.push(off.end_to_end(args.e2e_messages).await?.0);
+        drop(off);
+        let on = Herald::start("all").await?;
+        on.switch_on_every_policy().await?;
+        on_rates.push(on.end_to_end(args.e2e_messages).await?.0);
+        println!(
+            "policies: pair {pair}: off {:.0} msg/s, on {:.0} msg/s (ratio {:.2})",
+            off_rates[pair - 1],
+            on_rates[pair - 1],
+            on_rates[pair - 1] / off_rates[pair - 1]
+        );
+    }
+    let mean = |rates: &[f64]| rates.iter().sum::<f64>() / rates.len() as f64;
+    let list = |rates: &[f64]| {
+        rates
+            .iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    let (off_mean, on_mean) = (mean(&off_rates), mean(&on_rates));
     Ok(vec![
         Row::new(
-            "end to end to the inbox, every policy off (baseline for policies)",
-            off_rate,
+            format!(
+                "end to end to the inbox, every policy off (baseline for policies; mean of {} \
+                 runs: {} msg/s)",
+                off_rates.len(),
+                list(&off_rates)
+            ),
+            off_mean,
             "msg/s",
             1.0,
             None,
         ),
         Row::new(
-            "end to end to the inbox, every policy on, none binding",
-            on_rate,
+            format!(
+                "end to end to the inbox, every policy on, none binding (mean of {} runs \
+                 alternating with the above: {} msg/s)",
+                on_rates.len(),
+                list(&on_rates)
+            ),
+            on_mean,
             "msg/s",
-            on_rate / off_rate,
+            on_mean / off_mean,
             None,
         ),
     ])
