@@ -54,13 +54,12 @@ export RUSTC_WORKSPACE_WRAPPER
 export CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__"
 # CLIPPY_ARGS is clippy's own convention, not a documented interface: should a later clippy
 # read it differently, its lints would come out as warnings, so any warning fails the run too.
-BUILD_LOG="$(mktemp)"
+BUILD_LOG="$CARGO_TARGET_DIR/test-build.log"
 cargo nextest run --release --workspace --no-run 2>&1 | tee "$BUILD_LOG"
 if grep -q '^warning' "$BUILD_LOG"; then
-  echo "test.sh: the build printed warnings (above); clippy's lints must stay clean" >&2
+  echo "test.sh: the build printed warnings (above; $BUILD_LOG); clippy's lints must stay clean" >&2
   exit 1
 fi
-rm -f "$BUILD_LOG"
 if ! wait "$TANSU_INSTALL_PID"; then
   cat "$TANSU_INSTALL_LOG" >&2
   echo "test.sh: installing tansu failed (log: $TANSU_INSTALL_LOG)" >&2
