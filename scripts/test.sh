@@ -55,6 +55,7 @@ export CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__"
 # CLIPPY_ARGS is clippy's own convention, not a documented interface: should a later clippy
 # read it differently, its lints would come out as warnings, so any warning fails the run too.
 BUILD_LOG="$CARGO_TARGET_DIR/test-build.log"
+mkdir -p "$CARGO_TARGET_DIR" # a fresh machine has none yet, and tee would fail
 cargo nextest run --release --workspace --no-run 2>&1 | tee "$BUILD_LOG"
 if grep -q '^warning' "$BUILD_LOG"; then
   echo "test.sh: the build printed warnings (above; $BUILD_LOG); clippy's lints must stay clean" >&2
