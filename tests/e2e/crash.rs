@@ -2,9 +2,15 @@
 //! with SIGKILL midway, started again; every accepted message is sent exactly once and the
 //! warehouse holds exactly one `sent` event for each. And scheduled messages pending across a
 //! kill: each sent once, on time. And a campaign killed midway: resumed from its checkpoint,
-//! every row's message sent once.
+//! every row's message sent once. And records delivered twice in a row: each message sent once.
 
 use crate::support::{SmtpSink, create_app, post, serve};
+use axum::http::StatusCode;
+use herald::{Application, Roles};
+use herald_core::bus::Bus;
+use herald_core::bus::embedded::EmbeddedBus;
+use herald_core::store::Store;
+use herald_core::wire::REQUESTS_TOPIC;
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -547,4 +553,141 @@ async fn a_campaign_killed_midway_resumes_and_sends_every_row_once() {
     pool.close().await;
     herald.child.kill().unwrap();
     herald.child.wait().unwrap();
+}
+
+/// Each request record delivered twice in a row (a producer's retry, offsets lost before a
+/// rebalance), to a worker reading batches of one from one partition, so that every copy
+/// comes in the batch right after its first: the ledger absorbs each copy, none is sent again
+/// or counted as a possible duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_delivered_twice_in_a_row_is_sent_once() {
+    const N: usize = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = crate::support::test_config(dir.path());
+    config.dispatch.batch_size = 1;
+    config.bus.partitions = 1;
+    let store = Store::open(&config.store_url()).await.unwrap();
+    let (_, key) = store.create_app("twice").await.unwrap();
+    drop(store);
+    let (url, calls) = crate::support::webhook_receiver(|_| (StatusCode::OK, "0")).await;
+
+    // Ingest alone accepts the messages: their records wait in the bus.
+    let ingest = Running::start(config.clone(), Roles::INGEST).await;
+    let http = reqwest::Client::new();
+    let (s, account) = post(
+        &http,
+        &ingest.base,
+        &key,
+        "/v1/accounts",
+        json!({"name": "hook", "channel": "webhook", "config": {"url": url, "secret": "s"}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 201, "{account}");
+    let (s, template) = post(&http, &ingest.base, &key, "/v1/templates",
+        json!({"name": "t", "channel": "webhook", "msg_type": "notice", "account_id": account["id"], "content": {"n": "1"}})).await.unwrap();
+    assert_eq!(s, 201, "{template}");
+    let receivers: Vec<String> = (0..N).map(|k| format!("r-{k}")).collect();
+    let (s, answer) = post(
+        &http,
+        &ingest.base,
+        &key,
+        "/v1/send",
+        json!({"template_id": template["id"], "receivers": receivers}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 202, "{answer}");
+    let ids: HashSet<String> = crate::support::message_ids(&answer).into_iter().collect();
+    ingest.stop().await;
+
+    // The bus laid out again with each record twice in a row.
+    let bus_dir = config.bus_dir();
+    let records = {
+        let bus = EmbeddedBus::open(&bus_dir, config.bus.clone())
+            .await
+            .unwrap();
+        let mut consumer = bus.subscribe(REQUESTS_TOPIC, "e2e-copier").await.unwrap();
+        let mut records = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while records.len() < N {
+            assert!(
+                Instant::now() < deadline,
+                "{} records in the bus",
+                records.len()
+            );
+            records.extend(consumer.poll(N, Duration::from_millis(200)).await.unwrap());
+        }
+        records
+    };
+    std::fs::remove_dir_all(&bus_dir).unwrap();
+    {
+        let bus = EmbeddedBus::open(&bus_dir, config.bus.clone())
+            .await
+            .unwrap();
+        for d in &records {
+            bus.publish(REQUESTS_TOPIC, vec![d.record.clone(), d.record.clone()])
+                .await
+                .unwrap();
+        }
+    }
+
+    let dispatch = Running::start(config, Roles::DISPATCH).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let absorbed = dispatch.metric("herald_redelivery_absorbed_total").await;
+        if absorbed >= N as f64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{absorbed} copies absorbed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut per_id: HashMap<String, usize> = HashMap::new();
+    for (id, _) in calls.lock().unwrap().iter() {
+        *per_id.entry(id.clone()).or_default() += 1;
+    }
+    assert_eq!(per_id.keys().cloned().collect::<HashSet<_>>(), ids);
+    let twice: Vec<_> = per_id.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "sent more than once: {twice:?}");
+    assert_eq!(
+        dispatch.metric("herald_possible_duplicates_total").await,
+        0.0
+    );
+    assert_eq!(
+        dispatch.metric("herald_redelivery_absorbed_total").await,
+        N as f64
+    );
+    dispatch.stop().await;
+}
+
+/// An in-process herald with some of its roles, on a given config.
+struct Running {
+    base: String,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    async fn start(config: herald_core::config::Config, roles: Roles) -> Running {
+        let app = Application::build(config, roles).await.unwrap();
+        let base = format!("http://{}", app.address());
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(app.run(rx));
+        Running { base, stop, task }
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.base))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        crate::support::counter(&text, name)
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.task.await.unwrap().unwrap();
+    }
 }
