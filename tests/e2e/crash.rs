@@ -635,7 +635,8 @@ async fn a_record_delivered_twice_in_a_row_is_sent_once() {
     let dispatch = Running::start(config, Roles::DISPATCH).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let absorbed = dispatch.metric("herald_redelivery_absorbed_total").await;
+        let absorbed =
+            crate::support::counter_of(&dispatch.base, "herald_redelivery_absorbed_total").await;
         if absorbed >= N as f64 {
             break;
         }
@@ -650,11 +651,11 @@ async fn a_record_delivered_twice_in_a_row_is_sent_once() {
     let twice: Vec<_> = per_id.iter().filter(|(_, n)| **n != 1).collect();
     assert!(twice.is_empty(), "sent more than once: {twice:?}");
     assert_eq!(
-        dispatch.metric("herald_possible_duplicates_total").await,
+        crate::support::counter_of(&dispatch.base, "herald_possible_duplicates_total").await,
         0.0
     );
     assert_eq!(
-        dispatch.metric("herald_redelivery_absorbed_total").await,
+        crate::support::counter_of(&dispatch.base, "herald_redelivery_absorbed_total").await,
         N as f64
     );
     dispatch.stop().await;
@@ -674,16 +675,6 @@ impl Running {
         let (stop, rx) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(app.run(rx));
         Running { base, stop, task }
-    }
-
-    async fn metric(&self, name: &str) -> f64 {
-        let text = reqwest::get(format!("{}/metrics", self.base))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        crate::support::counter(&text, name)
     }
 
     async fn stop(self) {

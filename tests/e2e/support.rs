@@ -299,6 +299,17 @@ impl Drop for SmtpSink {
     }
 }
 
+/// The counter `name` (as printed, labels included) of the herald at `base`.
+pub async fn counter_of(base: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    counter(&text, name)
+}
+
 /// What the receiver answers: a status and a `Retry-After` in seconds.
 pub type Answer = (StatusCode, &'static str);
 

@@ -11,7 +11,7 @@ mod shutdown;
 mod store;
 mod vendor;
 
-use crate::support::post;
+use crate::support::{counter_of, post};
 use load::{Accepted, Answers};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -84,17 +84,6 @@ async fn ledger(store_url: &str) -> HashMap<String, String> {
         .unwrap_or_default();
     pool.close().await;
     rows.into_iter().collect()
-}
-
-/// The counter `name` (as printed, labels included) of the herald at `base`.
-async fn counter_of(base: &str, name: &str) -> f64 {
-    let text = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    crate::support::counter(&text, name)
 }
 
 /// Whether a ledger state is final: no further vendor call will be made for the message.
