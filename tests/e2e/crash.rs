@@ -4,9 +4,12 @@
 //! kill: each sent once, on time. And a campaign killed midway: resumed from its checkpoint,
 //! every row's message sent once. And records delivered twice in a row: each message sent once.
 
-use crate::support::{SmtpSink, create_app, post, serve};
+use crate::support::{
+    Running, SmtpSink, counter_of, create_app, message_ids, post, serve, test_config,
+    webhook_receiver,
+};
 use axum::http::StatusCode;
-use herald::{Application, Roles};
+use herald::Roles;
 use herald_core::bus::Bus;
 use herald_core::bus::embedded::EmbeddedBus;
 use herald_core::store::Store;
@@ -563,20 +566,20 @@ async fn a_campaign_killed_midway_resumes_and_sends_every_row_once() {
 async fn a_record_delivered_twice_in_a_row_is_sent_once() {
     const N: usize = 40;
     let dir = tempfile::tempdir().unwrap();
-    let mut config = crate::support::test_config(dir.path());
+    let mut config = test_config(dir.path());
     config.dispatch.batch_size = 1;
     config.bus.partitions = 1;
     let store = Store::open(&config.store_url()).await.unwrap();
     let (_, key) = store.create_app("twice").await.unwrap();
     drop(store);
-    let (url, calls) = crate::support::webhook_receiver(|_| (StatusCode::OK, "0")).await;
+    let (url, calls) = webhook_receiver(|_| (StatusCode::OK, "0")).await;
 
     // Ingest alone accepts the messages: their records wait in the bus.
     let ingest = Running::start(config.clone(), Roles::INGEST).await;
     let http = reqwest::Client::new();
     let (s, account) = post(
         &http,
-        &ingest.base,
+        &ingest.base(),
         &key,
         "/v1/accounts",
         json!({"name": "hook", "channel": "webhook", "config": {"url": url, "secret": "s"}}),
@@ -584,13 +587,13 @@ async fn a_record_delivered_twice_in_a_row_is_sent_once() {
     .await
     .unwrap();
     assert_eq!(s, 201, "{account}");
-    let (s, template) = post(&http, &ingest.base, &key, "/v1/templates",
+    let (s, template) = post(&http, &ingest.base(), &key, "/v1/templates",
         json!({"name": "t", "channel": "webhook", "msg_type": "notice", "account_id": account["id"], "content": {"n": "1"}})).await.unwrap();
     assert_eq!(s, 201, "{template}");
     let receivers: Vec<String> = (0..N).map(|k| format!("r-{k}")).collect();
     let (s, answer) = post(
         &http,
-        &ingest.base,
+        &ingest.base(),
         &key,
         "/v1/send",
         json!({"template_id": template["id"], "receivers": receivers}),
@@ -598,7 +601,7 @@ async fn a_record_delivered_twice_in_a_row_is_sent_once() {
     .await
     .unwrap();
     assert_eq!(s, 202, "{answer}");
-    let ids: HashSet<String> = crate::support::message_ids(&answer).into_iter().collect();
+    let ids: HashSet<String> = message_ids(&answer).into_iter().collect();
     ingest.stop().await;
 
     // The bus laid out again with each record twice in a row.
@@ -635,8 +638,7 @@ async fn a_record_delivered_twice_in_a_row_is_sent_once() {
     let dispatch = Running::start(config, Roles::DISPATCH).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let absorbed =
-            crate::support::counter_of(&dispatch.base, "herald_redelivery_absorbed_total").await;
+        let absorbed = counter_of(&dispatch.base(), "herald_redelivery_absorbed_total").await;
         if absorbed >= N as f64 {
             break;
         }
@@ -651,34 +653,12 @@ async fn a_record_delivered_twice_in_a_row_is_sent_once() {
     let twice: Vec<_> = per_id.iter().filter(|(_, n)| **n != 1).collect();
     assert!(twice.is_empty(), "sent more than once: {twice:?}");
     assert_eq!(
-        crate::support::counter_of(&dispatch.base, "herald_possible_duplicates_total").await,
+        counter_of(&dispatch.base(), "herald_possible_duplicates_total").await,
         0.0
     );
     assert_eq!(
-        crate::support::counter_of(&dispatch.base, "herald_redelivery_absorbed_total").await,
+        counter_of(&dispatch.base(), "herald_redelivery_absorbed_total").await,
         N as f64
     );
     dispatch.stop().await;
-}
-
-/// An in-process herald with some of its roles, on a given config.
-struct Running {
-    base: String,
-    stop: tokio::sync::watch::Sender<bool>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Running {
-    async fn start(config: herald_core::config::Config, roles: Roles) -> Running {
-        let app = Application::build(config, roles).await.unwrap();
-        let base = format!("http://{}", app.address());
-        let (stop, rx) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(app.run(rx));
-        Running { base, stop, task }
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        self.task.await.unwrap().unwrap();
-    }
 }

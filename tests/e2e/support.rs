@@ -17,8 +17,34 @@ pub struct TestApp {
     pub key: String,
     pub dir: tempfile::TempDir,
     pub http: reqwest::Client,
+    running: Running,
+}
+
+/// An in-process herald with some of its roles, on a given config; stopped by `stop`.
+pub struct Running {
+    pub addr: SocketAddr,
     stop: watch::Sender<bool>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    pub async fn start(config: Config, roles: Roles) -> Running {
+        let app = Application::build(config, roles).await.unwrap();
+        let addr = app.address();
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(app.run(rx));
+        Running { addr, stop, task }
+    }
+
+    /// `http://ADDR`, the base of its URLs.
+    pub fn base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.task.await.unwrap().unwrap();
+    }
 }
 
 /// The config every test starts from: a temp data dir, a free port, fast warehouse flushes
@@ -49,17 +75,13 @@ impl TestApp {
         tweak(&mut config);
         let store = Store::open(&config.store_url()).await.unwrap();
         let (_, key) = store.create_app("test-app").await.unwrap();
-        let app = Application::build(config, Roles::ALL).await.unwrap();
-        let addr = app.address();
-        let (stop, rx) = watch::channel(false);
-        let task = tokio::spawn(app.run(rx));
+        let running = Running::start(config, Roles::ALL).await;
         TestApp {
-            addr,
+            addr: running.addr,
             key,
             dir,
             http: reqwest::Client::new(),
-            stop,
-            task: Some(task),
+            running,
         }
     }
 
@@ -194,11 +216,8 @@ impl TestApp {
         counter(&self.metrics_text().await, name)
     }
 
-    pub async fn stop(mut self) {
-        let _ = self.stop.send(true);
-        if let Some(t) = self.task.take() {
-            t.await.unwrap().unwrap();
-        }
+    pub async fn stop(self) {
+        self.running.stop().await;
     }
 }
 
