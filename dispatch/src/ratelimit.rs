@@ -31,28 +31,44 @@ pub enum Acquired {
     Later { at: chrono::DateTime<chrono::Utc> },
 }
 
+/// A run of reserved slots: one every `interval_us`, the next at `next_us`.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    next_us: i64,
+    interval_us: i64,
+    left: u32,
+    /// When the store granted it (unix µs).
+    granted_us: i64,
+}
+
 /// Reserved slots of one account in this worker.
 #[derive(Default)]
 struct Slots {
-    /// Runs of slots: the next one's time (unix µs), the interval, how many are left.
-    runs: VecDeque<(i64, i64, u32)>,
+    runs: VecDeque<Run>,
 }
 
 impl Slots {
     fn left(&self) -> u64 {
-        self.runs.iter().map(|r| u64::from(r.2)).sum()
+        self.runs.iter().map(|r| u64::from(r.left)).sum()
     }
 
-    /// Forgets slots older than `oldest_us` (their time is gone; using them would burst).
-    fn drop_before(&mut self, oldest_us: i64) {
+    /// Forgets the slots of runs granted more than `burst_us` before `now_us` whose time is more
+    /// than `burst_us` past: kept unused that long, they would add to the next burst. A run
+    /// granted since keeps its slots, however old their time: the store hands out slots from
+    /// `burst_us` before the reservation, and judged by a clock read after the round trip
+    /// they would be stale at once when the limit is high (a run of a thousand slots at a
+    /// million a second spans a millisecond), and every caller would reserve again and again.
+    fn drop_stale(&mut self, now_us: i64, burst_us: i64) {
+        let oldest_us = now_us - burst_us;
         for run in &mut self.runs {
-            if run.0 < oldest_us && run.2 > 0 {
-                let stale = ((oldest_us - run.0) / run.1 + 1).min(i64::from(run.2));
-                run.0 += stale * run.1;
-                run.2 -= stale as u32;
+            if run.granted_us < oldest_us && run.next_us < oldest_us && run.left > 0 {
+                let stale =
+                    ((oldest_us - run.next_us) / run.interval_us + 1).min(i64::from(run.left));
+                run.next_us += stale * run.interval_us;
+                run.left -= stale as u32;
             }
         }
-        self.runs.retain(|r| r.2 > 0);
+        self.runs.retain(|r| r.left > 0);
     }
 
     /// Takes `n` slots (there must be as many); returns the time of the last.
@@ -60,12 +76,12 @@ impl Slots {
         let mut last = 0;
         while n > 0 {
             let run = self.runs.front_mut().expect("enough slots");
-            let k = n.min(run.2);
-            last = run.0 + i64::from(k - 1) * run.1;
-            run.0 += i64::from(k) * run.1;
-            run.2 -= k;
+            let k = n.min(run.left);
+            last = run.next_us + i64::from(k - 1) * run.interval_us;
+            run.next_us += i64::from(k) * run.interval_us;
+            run.left -= k;
             n -= k;
-            if run.2 == 0 {
+            if run.left == 0 {
                 self.runs.pop_front();
             }
         }
@@ -154,7 +170,7 @@ impl RateLimiter {
             let chunk = per_chunk.min(waiting as u32).max(n);
             let mut slots = state.slots.lock().await;
             let now_us = chrono::Utc::now().timestamp_micros();
-            slots.drop_before(now_us - BURST.as_micros() as i64);
+            slots.drop_stale(now_us, BURST.as_micros() as i64);
             if slots.left() >= u64::from(n) {
                 let at_us = slots.take(n);
                 drop(slots);
@@ -180,9 +196,12 @@ impl RateLimiter {
                 .await?;
             match reserved {
                 Reservation::Granted { first_us } => {
-                    slots
-                        .runs
-                        .push_back((first_us, interval_us, chunk.max(missing)));
+                    slots.runs.push_back(Run {
+                        next_us: first_us,
+                        interval_us,
+                        left: chunk.max(missing),
+                        granted_us: chrono::Utc::now().timestamp_micros(),
+                    });
                 }
                 Reservation::Busy { next_us } => {
                     drop(slots);
@@ -212,11 +231,20 @@ impl Drop for Dequeue<'_> {
 mod tests {
     use super::*;
 
+    fn run(next_us: i64, interval_us: i64, left: u32, granted_us: i64) -> Run {
+        Run {
+            next_us,
+            interval_us,
+            left,
+            granted_us,
+        }
+    }
+
     #[test]
     fn slots_are_taken_in_order_across_runs() {
         let mut s = Slots::default();
-        s.runs.push_back((1_000, 10, 3));
-        s.runs.push_back((5_000, 10, 2));
+        s.runs.push_back(run(1_000, 10, 3, 0));
+        s.runs.push_back(run(5_000, 10, 2, 0));
         assert_eq!(s.left(), 5);
         assert_eq!(s.take(2), 1_010);
         assert_eq!(s.take(2), 5_000);
@@ -226,14 +254,33 @@ mod tests {
     }
 
     #[test]
-    fn stale_slots_are_dropped() {
+    fn stale_slots_of_an_old_run_are_dropped() {
         let mut s = Slots::default();
-        s.runs.push_back((1_000, 10, 10));
-        s.drop_before(1_045);
+        s.runs.push_back(run(1_000, 10, 10, 0));
+        s.drop_stale(1_145, 100);
         // 1000..1040 are gone; 1050 is the next.
         assert_eq!(s.left(), 5);
         assert_eq!(s.take(1), 1_050);
-        s.drop_before(10_000);
+        s.drop_stale(10_000, 100);
+        assert_eq!(s.left(), 0);
+    }
+
+    #[test]
+    fn a_run_just_granted_keeps_slots_older_than_the_burst() {
+        // A million a second: a thousand slots from the start of the burst allowance, granted
+        // after a 5 ms round trip; all are older than the allowance by then.
+        let burst_us = 250_000;
+        let (asked_us, granted_us) = (10_000_000, 10_005_000);
+        let mut s = Slots::default();
+        s.runs
+            .push_back(run(asked_us - burst_us, 1, 1_000, granted_us));
+        s.drop_stale(granted_us + 1_000, burst_us);
+        assert_eq!(s.left(), 1_000);
+        assert_eq!(s.take(1_000), asked_us - burst_us + 999);
+        // Kept past the allowance, a run's stale slots go.
+        s.runs
+            .push_back(run(asked_us - burst_us, 1, 1_000, granted_us));
+        s.drop_stale(granted_us + burst_us + 1, burst_us);
         assert_eq!(s.left(), 0);
     }
 }

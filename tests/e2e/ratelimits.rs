@@ -104,6 +104,40 @@ async fn a_rate_limit_paces_sends_and_holds_the_rest_in_the_schedule() {
     app.stop().await;
 }
 
+/// A limit far above the traffic holds nothing. At a million a second a reservation's slots
+/// span microseconds; the worker used to judge them stale by its clock after the store's round
+/// trip, so every caller reserved again and again (a benchmark sent 83 messages a second, half
+/// of them `rate_limited`).
+#[tokio::test]
+async fn a_limit_far_above_the_traffic_holds_nothing() {
+    let (url, calls) = webhook_receiver(|_| (StatusCode::OK, "0")).await;
+    let app = TestApp::spawn().await;
+    let (account, templates) = limited(&app, &url, 1_000_000, &["notice"]).await;
+    let mut ids = Vec::new();
+    for batch in 0..4 {
+        ids.extend(
+            app.send_to_numbered(templates[0], &format!("r{batch}"), 500)
+                .await,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let called = calls.lock().unwrap().len();
+        if called >= ids.len() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{called} of 2000 calls in 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let held = app
+        .metric(&format!(
+            "herald_rate_limited_total{{account_id=\"{account}\"}}"
+        ))
+        .await;
+    assert!(held < 20.0, "{held} of 2000 messages waited for the limit");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn an_auth_code_overtakes_a_marketing_blast_on_a_shared_limit() {
     let (url, calls) = webhook_receiver(|_| (StatusCode::OK, "0")).await;
