@@ -42,8 +42,8 @@ use herald_core::config::DispatchConfig;
 use herald_core::policy::rate_limits::most_urgent;
 use herald_core::prices::PriceTable;
 use herald_core::store::{
-    Account, ClaimOutcome, LedgerState, MessageClaim, Reservation, ScheduleKind, ScheduledMessage,
-    SentInbox, Store, StoreError,
+    Account, ClaimOutcome, LedgerState, MessageClaim, ReceiverSlot, Reservation, ScheduleKind,
+    ScheduledMessage, SentInbox, Store, StoreError,
 };
 use herald_core::telemetry::{AccountLabel, ChannelLabel, ErrorCode, Metrics};
 use herald_core::wire::{DELIVERY_TOPIC, REQUESTS_DLQ_TOPIC, REQUESTS_TOPIC};
@@ -751,52 +751,72 @@ impl Dispatcher {
     /// its turn (`rate_limited`), or fails if that is past its age limit. The turn is the next
     /// free slot, or one interval after the last turn this worker gave on that timeline: k
     /// messages held together come back one by one, not together (which would hold all but
-    /// one again, about k²/2 round trips).
+    /// one again, about k²/2 round trips). The batch's slots are taken in one store transaction;
+    /// a message held by one of its limits has taken its slots on the others.
     async fn pace_receivers(&self, work: &mut [Work]) -> Result<(), DispatchError> {
         let now = chrono::Utc::now();
         self.receiver_turns
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|_, turn| *turn > now.timestamp_micros());
-        for w in work.iter_mut().filter(|w| w.to_send()) {
-            for (key, interval, burst) in self.policies.receiver_limits(&w.record).await? {
-                let reserved = self
-                    .store
-                    .reserve_receiver_slot(key, interval, now.timestamp_micros(), burst)
-                    .await?;
-                let Reservation::Busy { next_us } = reserved else {
-                    continue;
+        // Every slot the batch needs, in one store transaction: (message, slot) pairs.
+        let mut wanted: Vec<(usize, ReceiverSlot)> = Vec::new();
+        for (i, w) in work.iter().enumerate().filter(|(_, w)| w.to_send()) {
+            for (key, interval_us, burst_us) in self.policies.receiver_limits(&w.record).await? {
+                let slot = ReceiverSlot {
+                    key,
+                    interval_us,
+                    burst_us,
                 };
-                let turn_us = {
-                    let mut turns = self
-                        .receiver_turns
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner());
-                    let turn = turns.entry(key).or_insert(i64::MIN);
-                    *turn = next_us.max(turn.saturating_add(interval));
-                    *turn
-                };
-                let until = chrono::DateTime::from_timestamp_micros(turn_us).unwrap_or(now);
-                let deferred_until =
-                    Some(until).filter(|u| young_enough(&self.config, &w.record, u));
-                w.tries.push(Try {
-                    attempt: w.attempt,
-                    sending_at: now,
-                    done_at: now,
-                    latency_ms: 0,
-                    result: Err(SendError::Retryable {
-                        code: "receiver_rate_limited".into(),
-                        detail: "the receiver's rate limit has no free slot".into(),
-                        retry_after: None,
-                    }),
-                    retried: deferred_until.is_some(),
-                    deferred_until,
-                    account_id: None,
-                    no_call: Some(NoCall::RateLimited { until }),
-                    rate_waited: None,
-                });
-                break;
+                wanted.push((i, slot));
             }
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let slots: Vec<ReceiverSlot> = wanted.iter().map(|(_, slot)| *slot).collect();
+        let reserved = self
+            .store
+            .reserve_receiver_slots(&slots, now.timestamp_micros())
+            .await?;
+        // Each held message's turn: the latest of its busy timelines' next turns.
+        let mut turns: HashMap<usize, i64> = HashMap::new();
+        for ((i, slot), reservation) in wanted.iter().zip(reserved) {
+            let Reservation::Busy { next_us } = reservation else {
+                continue;
+            };
+            let turn_us = {
+                let mut given = self
+                    .receiver_turns
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                let turn = given.entry(slot.key).or_insert(i64::MIN);
+                *turn = next_us.max(turn.saturating_add(slot.interval_us));
+                *turn
+            };
+            let latest = turns.entry(*i).or_insert(turn_us);
+            *latest = (*latest).max(turn_us);
+        }
+        for (i, turn_us) in turns {
+            let w = &mut work[i];
+            let until = chrono::DateTime::from_timestamp_micros(turn_us).unwrap_or(now);
+            let deferred_until = Some(until).filter(|u| young_enough(&self.config, &w.record, u));
+            w.tries.push(Try {
+                attempt: w.attempt,
+                sending_at: now,
+                done_at: now,
+                latency_ms: 0,
+                result: Err(SendError::Retryable {
+                    code: "receiver_rate_limited".into(),
+                    detail: "the receiver's rate limit has no free slot".into(),
+                    retry_after: None,
+                }),
+                retried: deferred_until.is_some(),
+                deferred_until,
+                account_id: None,
+                no_call: Some(NoCall::RateLimited { until }),
+                rate_waited: None,
+            });
         }
         Ok(())
     }

@@ -41,7 +41,7 @@ pub use ledger::{LedgerState, SentInbox};
 pub use policy::{
     ClaimOutcome, Limit, ListName, MessageClaim, Redrive, ScheduleKind, ScheduledMessage,
 };
-pub use rates::Reservation;
+pub use rates::{ReceiverSlot, Reservation};
 pub use traces::{MessageSummary, TemplateStates};
 pub use vendors::PendingReceipt;
 

@@ -88,6 +88,7 @@ on_both!(
     the_apps_schedule_count_reads_its_index,
     recall_finds_sent_messages_and_marks_them_once,
     rate_reservations_tile_the_timeline,
+    receiver_slots_are_taken_together_in_order,
     campaign_upload_and_reads,
     campaign_runs_checkpoints_and_cancel,
     campaign_resumes_after_a_lost_lease,
@@ -113,7 +114,8 @@ mod policy;
 use policy::{
     claims_pass_limits_once, concurrent_claims_respect_a_cap, in_flight_guards_renew_and_end,
     policy_documents_and_lists, rate_reservations_tile_the_timeline,
-    schedule_lease_release_and_cancel, the_apps_schedule_count_reads_its_index,
+    receiver_slots_are_taken_together_in_order, schedule_lease_release_and_cancel,
+    the_apps_schedule_count_reads_its_index,
 };
 
 async fn processes_share_one_record_signing_key(store: Store) {

@@ -369,6 +369,58 @@ pub async fn rate_reservations_tile_the_timeline(store: Store) {
     );
 }
 
+/// A batch's receiver slots, taken in one transaction: each timeline starts with its burst,
+/// one timeline's slots go in the order asked, a timeline without a free slot answers when it
+/// has one, and the answers come in the order asked.
+pub(super) async fn receiver_slots_are_taken_together_in_order(store: Store) {
+    let now = 1_000_000_000i64;
+    // One message per millisecond after a burst of one more.
+    let slot = |key| ReceiverSlot {
+        key,
+        interval_us: 1_000,
+        burst_us: 1_000,
+    };
+    let answers = store
+        .reserve_receiver_slots(&[slot(9), slot(4), slot(9), slot(9)], now)
+        .await
+        .unwrap();
+    assert_eq!(
+        answers,
+        [
+            Reservation::Granted {
+                first_us: now - 1_000
+            },
+            Reservation::Granted {
+                first_us: now - 1_000
+            },
+            Reservation::Granted { first_us: now },
+            Reservation::Busy {
+                next_us: now + 1_000
+            },
+        ]
+    );
+    // A millisecond later the busy timeline has its next slot, the other its burst back.
+    let later = now + 1_000;
+    assert_eq!(
+        store
+            .reserve_receiver_slots(&[slot(9), slot(4), slot(4)], later)
+            .await
+            .unwrap(),
+        [
+            Reservation::Granted { first_us: later },
+            Reservation::Granted { first_us: now },
+            Reservation::Granted { first_us: later },
+        ]
+    );
+    assert!(
+        store
+            .reserve_receiver_slots(&[], now)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
 pub(super) async fn in_flight_guards_renew_and_end(store: Store) {
     let now = Utc::now();
     let entry = |r: &MessageRecord, kind| {
