@@ -59,8 +59,8 @@ pub struct BenchArgs {
     /// Runs of the aggregate query in each engine; the fastest counts.
     #[arg(long, default_value_t = 3)]
     pub query_runs: usize,
-    /// Only run these figures (comma-separated: accept, batch, e2e, policies, vendor, kafka,
-    /// ratelimit, sink, aggregate, stats, reconcile).
+    /// Only run these figures (comma-separated: accept, batch, e2e, policies,
+    /// policies_webhook, vendor, kafka, ratelimit, sink, aggregate, stats, reconcile).
     #[arg(long, default_value = FIGURES)]
     pub only: String,
     /// Internal: serve the bare baseline handler on this address and nothing else.
@@ -72,8 +72,10 @@ pub struct BenchArgs {
 }
 
 /// Every figure `--only` can name, in the order they run.
-const FIGURES: &str =
-    "accept,batch,e2e,policies,vendor,kafka,ratelimit,sink,aggregate,stats,reconcile";
+const FIGURES: &str = concat!(
+    "accept,batch,e2e,policies,policies_webhook,vendor,kafka,ratelimit,",
+    "sink,aggregate,stats,reconcile"
+);
 
 /// Runs the harness.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -186,7 +188,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         ));
     }
     if only.contains(&"policies") {
-        rows.extend(policy_figures(&args).await?);
+        rows.extend(policy_figures(&args, PolicyChannel::Inbox).await?);
+    }
+    if only.contains(&"policies_webhook") {
+        let vendor = Server::internal("--vendor-server")?;
+        rows.extend(policy_figures(&args, PolicyChannel::Webhook(vendor.addr)).await?);
     }
     if only.contains(&"vendor") {
         rows.extend(vendor::figures(&args).await?);
@@ -448,14 +454,7 @@ impl Herald {
         vendor: SocketAddr,
         content: serde_json::Value,
     ) -> anyhow::Result<(serde_json::Value, serde_json::Value)> {
-        let account = self
-            .post(
-                "/v1/accounts",
-                serde_json::json!({"name": "hook", "channel": "webhook",
-                    "config": {"url": format!("http://{vendor}/hook"), "secret": "bench-secret"}}),
-                201,
-            )
-            .await?;
+        let account = self.webhook_account("hook", vendor).await?;
         let template = self
             .post(
                 "/v1/templates",
@@ -465,6 +464,22 @@ impl Herald {
             )
             .await?;
         Ok((account, template))
+    }
+
+    /// A webhook account named `name` posting to the local vendor at `vendor`, as the API
+    /// answered it.
+    async fn webhook_account(
+        &self,
+        name: &str,
+        vendor: SocketAddr,
+    ) -> anyhow::Result<serde_json::Value> {
+        self.post(
+            "/v1/accounts",
+            serde_json::json!({"name": name, "channel": "webhook",
+                "config": {"url": format!("http://{vendor}/hook"), "secret": "bench-secret"}}),
+            201,
+        )
+        .await
     }
 
     fn send_body(&self, receivers: usize) -> Vec<u8> {
@@ -485,10 +500,26 @@ impl Herald {
         .into_bytes()
     }
 
+    /// Sends the bench's messages through webhooks to the local vendor at `vendor`: two
+    /// webhook accounts, and a notice template with the inbox template's content on the first;
+    /// returns both accounts' ids.
+    async fn send_through_webhooks(&mut self, vendor: SocketAddr) -> anyhow::Result<[i64; 2]> {
+        let content =
+            serde_json::json!({"title": "Hello {$name}", "content": "Your code is {$code}"});
+        let (first, template) = self.webhook_template(vendor, content).await?;
+        let second = self.webhook_account("hook-2", vendor).await?;
+        self.template_id = template["id"].as_i64().context("template id")?;
+        let id = |account: &serde_json::Value| account["id"].as_i64().context("account id");
+        Ok([id(&first)?, id(&second)?])
+    }
+
     /// Sets a policy with every stage on and nothing binding: quiet hours elsewhere in the day,
     /// content dedup (every message differs by receiver), a cap of a million a day, 1,000
-    /// sensitive words to mask (none occurs), and a blocklist of 10,000 other receivers.
-    async fn switch_on_every_policy(&self) -> anyhow::Result<()> {
+    /// sensitive words to mask (none occurs), and a blocklist of 10,000 other receivers, all
+    /// on `channel`. With `accounts` (the webhook's), also a route weighing them equally (a
+    /// draw and a failover order per message), a rate limit of a million a second on each, and
+    /// a limit of 100 a minute per receiver.
+    async fn switch_on_every_policy(&self, channel: &str, accounts: &[i64]) -> anyhow::Result<()> {
         let now = chrono::Utc::now();
         let hm = |h| {
             (now + chrono::Duration::hours(h))
@@ -496,13 +527,27 @@ impl Herald {
                 .to_string()
         };
         let words: Vec<String> = (0..1000).map(|i| format!("forbidden{i}")).collect();
-        let policy = serde_json::json!({
+        let mut policy = serde_json::json!({
             "quiet_hours": {"start": hm(6), "end": hm(7), "notice": "defer"},
             "content_dedup_secs": 3600,
-            "frequency_caps": [{"channel": "inbox", "max": 1_000_000, "period_secs": 86_400}],
+            "frequency_caps": [{"channel": channel, "max": 1_000_000, "period_secs": 86_400}],
             "sensitive_words": words,
             "templates": {self.template_id.to_string(): {"sensitive_words": "mask"}},
         });
+        if !accounts.is_empty() {
+            let weighted: Vec<_> = accounts
+                .iter()
+                .map(|id| serde_json::json!({"account_id": id, "weight": 1}))
+                .collect();
+            let limits: Vec<_> = accounts
+                .iter()
+                .map(|id| serde_json::json!({"account_id": id, "per_second": 1_000_000}))
+                .collect();
+            policy["routes"] = serde_json::json!([{"channel": channel, "accounts": weighted}]);
+            policy["rate_limits"] = serde_json::json!(limits);
+            policy["receiver_rate_limits"] =
+                serde_json::json!([{"channel": channel, "max": 100, "period_secs": 60}]);
+        }
         let client = setup_client::Client::new(self.server.addr);
         let (status, text) = client
             .send(
@@ -517,7 +562,7 @@ impl Herald {
         }
         let blocked: Vec<String> = (0..10_000).map(|i| format!("blocked-{i}")).collect();
         self.post(
-            "/v1/lists/block/inbox",
+            &format!("/v1/lists/block/{channel}"),
             serde_json::json!({"receivers": blocked}),
             200,
         )
@@ -525,7 +570,7 @@ impl Herald {
         Ok(())
     }
 
-    /// Sends `n` inbox messages in batches of 1,000 and waits until every `sent` event is in
+    /// Sends `n` messages of the bench's template in batches of 1,000 and waits until every `sent` event is in
     /// Parquet; returns messages/s and the server's peak RSS in MB.
     async fn end_to_end(&self, n: usize) -> anyhow::Result<(f64, f64)> {
         let started = Instant::now();
@@ -569,20 +614,51 @@ impl Drop for Herald {
     }
 }
 
-/// End to end to the inbox with every policy off, then with every policy on (limits too high to
-/// bind), `--policy-pairs` times alternately in the same run, each run on a fresh herald; the
-/// ratio is the mean rate on over the mean rate off, and the labels list every pair's rates.
-async fn policy_figures(args: &BenchArgs) -> anyhow::Result<Vec<Row>> {
+/// What the policies figures send through.
+#[derive(Debug, Clone, Copy)]
+enum PolicyChannel {
+    /// The inbox: no vendor call, so no route, breaker or rate limit is on the path.
+    Inbox,
+    /// Webhooks to the local vendor at this address, through two accounts: with every policy
+    /// on, also a route over both, a rate limit on each and a per-receiver limit.
+    Webhook(SocketAddr),
+}
+
+impl PolicyChannel {
+    fn name(self) -> &'static str {
+        match self {
+            PolicyChannel::Inbox => "inbox",
+            PolicyChannel::Webhook(_) => "webhook",
+        }
+    }
+
+    /// A fresh herald sending through this channel; the accounts it sends through.
+    async fn herald(self) -> anyhow::Result<(Herald, Vec<i64>)> {
+        let mut herald = Herald::start("all").await?;
+        let accounts = match self {
+            PolicyChannel::Inbox => Vec::new(),
+            PolicyChannel::Webhook(vendor) => herald.send_through_webhooks(vendor).await?.to_vec(),
+        };
+        Ok((herald, accounts))
+    }
+}
+
+/// End to end through `channel` with every policy off, then with every policy on (limits too
+/// high to bind), `--policy-pairs` times alternately in the same run, each run on a fresh
+/// herald; the ratio is the mean rate on over the mean rate off, and the labels list every
+/// pair's rates.
+async fn policy_figures(args: &BenchArgs, channel: PolicyChannel) -> anyhow::Result<Vec<Row>> {
+    let name = channel.name();
     let (mut off_rates, mut on_rates) = (Vec::new(), Vec::new());
     for pair in 1..=args.policy_pairs.max(1) {
-        let off = Herald::start("all").await?;
+        let (off, _) = channel.herald().await?;
         off_rates.push(off.end_to_end(args.e2e_messages).await?.0);
         drop(off);
-        let on = Herald::start("all").await?;
-        on.switch_on_every_policy().await?;
+        let (on, accounts) = channel.herald().await?;
+        on.switch_on_every_policy(name, &accounts).await?;
         on_rates.push(on.end_to_end(args.e2e_messages).await?.0);
         println!(
-            "policies: pair {pair}: off {:.0} msg/s, on {:.0} msg/s (ratio {:.2})",
+            "policies ({name}): pair {pair}: off {:.0} msg/s, on {:.0} msg/s (ratio {:.2})",
             off_rates[pair - 1],
             on_rates[pair - 1],
             on_rates[pair - 1] / off_rates[pair - 1]
@@ -596,11 +672,18 @@ async fn policy_figures(args: &BenchArgs) -> anyhow::Result<Vec<Row>> {
             .collect::<Vec<_>>()
             .join(" / ")
     };
+    let on_label = match channel {
+        PolicyChannel::Inbox => "every policy on, none binding",
+        PolicyChannel::Webhook(_) => {
+            "every policy on (with a route over two accounts, their rate limits and a \
+             per-receiver limit), none binding"
+        }
+    };
     let (off_mean, on_mean) = (mean(&off_rates), mean(&on_rates));
     Ok(vec![
         Row::new(
             format!(
-                "end to end to the inbox, every policy off (baseline for policies; mean of {} \
+                "end to end to the {name}, every policy off (baseline for policies; mean of {} \
                  runs: {} msg/s)",
                 off_rates.len(),
                 list(&off_rates)
@@ -612,8 +695,8 @@ async fn policy_figures(args: &BenchArgs) -> anyhow::Result<Vec<Row>> {
         ),
         Row::new(
             format!(
-                "end to end to the inbox, every policy on, none binding (mean of {} runs \
-                 alternating with the above: {} msg/s)",
+                "end to end to the {name}, {on_label} (mean of {} runs alternating with the \
+                 above: {} msg/s)",
                 on_rates.len(),
                 list(&on_rates)
             ),
