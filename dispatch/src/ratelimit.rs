@@ -163,6 +163,7 @@ impl RateLimiter {
             return Ok(state.later(n, interval_us, turn));
         }
         let per_chunk = (CHUNK.as_micros() as i64 / interval_us) as u32;
+        let mut yielded = false;
         loop {
             // No more than the messages waiting here for slots can use: slots nobody takes in
             // time are lost to every worker.
@@ -181,6 +182,15 @@ impl RateLimiter {
                 return Ok(Acquired::Now {
                     waited: started.elapsed(),
                 });
+            }
+            if !yielded {
+                // Before a store round trip, let the calls started beside this one queue up,
+                // so that one reservation serves them all (the first caller of a round would
+                // otherwise reserve for itself alone, and the rest would wait for a second).
+                yielded = true;
+                drop(slots);
+                tokio::task::yield_now().await;
+                continue;
             }
             let missing = n - slots.left() as u32;
             let reserved = self
