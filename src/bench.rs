@@ -570,8 +570,8 @@ impl Herald {
         Ok(())
     }
 
-    /// Sends `n` messages of the bench's template in batches of 1,000 and waits until every `sent` event is in
-    /// Parquet; returns messages/s and the server's peak RSS in MB.
+    /// Sends `n` messages of the bench's template in batches of 1,000 and waits until every
+    /// `sent` event is in Parquet; returns messages/s and the server's peak RSS in MB.
     async fn end_to_end(&self, n: usize) -> anyhow::Result<(f64, f64)> {
         let started = Instant::now();
         let client = setup_client::Client::new(self.server.addr);
