@@ -759,29 +759,28 @@ impl Dispatcher {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|_, turn| *turn > now.timestamp_micros());
-        // Every slot the batch needs, in one store transaction: (message, slot) pairs.
-        let mut wanted: Vec<(usize, ReceiverSlot)> = Vec::new();
+        // Every slot the batch needs, in one store transaction, and the message of each.
+        let (mut slots, mut owners) = (Vec::new(), Vec::new());
         for (i, w) in work.iter().enumerate().filter(|(_, w)| w.to_send()) {
             for (key, interval_us, burst_us) in self.policies.receiver_limits(&w.record).await? {
-                let slot = ReceiverSlot {
+                slots.push(ReceiverSlot {
                     key,
                     interval_us,
                     burst_us,
-                };
-                wanted.push((i, slot));
+                });
+                owners.push(i);
             }
         }
-        if wanted.is_empty() {
+        if slots.is_empty() {
             return Ok(());
         }
-        let slots: Vec<ReceiverSlot> = wanted.iter().map(|(_, slot)| *slot).collect();
         let reserved = self
             .store
             .reserve_receiver_slots(&slots, now.timestamp_micros())
             .await?;
         // Each held message's turn: the latest of its busy timelines' next turns.
         let mut turns: HashMap<usize, i64> = HashMap::new();
-        for ((i, slot), reservation) in wanted.iter().zip(reserved) {
+        for ((i, slot), reservation) in owners.iter().zip(&slots).zip(reserved) {
             let Reservation::Busy { next_us } = reservation else {
                 continue;
             };

@@ -13,7 +13,6 @@ use tokio::sync::watch;
 
 /// A running herald with one app.
 pub struct TestApp {
-    pub addr: SocketAddr,
     pub key: String,
     pub dir: tempfile::TempDir,
     pub http: reqwest::Client,
@@ -77,7 +76,6 @@ impl TestApp {
         let (_, key) = store.create_app("test-app").await.unwrap();
         let running = Running::start(config, Roles::ALL).await;
         TestApp {
-            addr: running.addr,
             key,
             dir,
             http: reqwest::Client::new(),
@@ -86,7 +84,7 @@ impl TestApp {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        format!("{}{}", self.running.base(), path)
     }
 
     pub fn warehouse(&self) -> PathBuf {
